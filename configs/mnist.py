@@ -1,0 +1,43 @@
+"""MNIST, the Flax example's MLP VAE (784-500-20 / 20-500-784), Bernoulli likelihood.
+
+Adam 1e-3, batch 128, 30 epochs, dynamically binarized training images, test
+images binarized once with a fixed seed.
+
+  python -m vae_jax.main --config=configs/mnist.py --workdir=runs/mnist
+
+``configs/mnist.py:smoke`` is a tiny, seconds-long version for checks. Offline,
+point ``--config.idx_dir`` (or ``$VAE_JAX_IDX_DIR``) at the four MNIST IDX files.
+"""
+
+from vae_jax.config_defaults import base_config
+
+
+def get_config(arg: str | None = None):
+  config = base_config()
+  config.dataset = "mnist"
+  config.binarization = "dynamic"
+  config.model.latents = 20
+  config.model.encoder_hidden = (500,)
+  config.model.activation = "relu"
+  config.model.likelihood = "bernoulli"
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 1e-3
+  config.batch_size = 128
+  config.num_epochs = 30
+  if arg == "smoke":
+    shrink_for_smoke(config)
+  elif arg:
+    raise ValueError(f"Unknown config argument {arg!r}; the only one is 'smoke'.")
+  return config
+
+
+def shrink_for_smoke(config):
+  """A tiny model and run: exercises every code path in seconds."""
+  config.model.latents = 2
+  config.model.encoder_hidden = (16,)
+  config.batch_size = 32
+  config.num_epochs = 2
+  config.steps_per_dispatch = 4
+  config.log_every_steps = 5
+  config.eval_batch_size = 64
+  config.num_image_samples = 16

@@ -1,0 +1,133 @@
+"""Orbax checkpoints of the train state: save every N steps, keep K, resume.
+
+This is the only module that imports Orbax. Checkpoints live in
+``<workdir>/checkpoints/<step>/`` and are written atomically by Orbax (a step
+directory appears only once complete), asynchronously so training goes on
+while the previous step is written.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used; the message says why and what to do."""
+
+
+def _path_name(path) -> str:
+  """``opt_state/0/mu/...`` whether the tree uses dicts, tuples or attributes."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+class Checkpointer:
+  """Saves and restores one pytree (the train state) under ``directory``."""
+
+  def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 3):
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree) -> None:
+    """Starts writing ``state`` as checkpoint ``step`` (returns once it is copied)."""
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def _check_compatible(self, step: int, target: PyTree) -> None:
+    try:
+      stored = self._manager.item_metadata(step)
+    except Exception:  # noqa: BLE001 - unreadable metadata is handled by restore's fallback.
+      return
+    if stored is None:
+      return
+    try:
+      stored_shapes = _shapes(stored)
+    except (AttributeError, TypeError):
+      return
+    wanted = _shapes(target)
+    diffs = [
+        f"  {path}: checkpoint {stored_shapes.get(path, 'missing')} vs this config {shape}"
+        for path, shape in wanted.items()
+        if stored_shapes.get(path) != shape
+    ]
+    if diffs:
+      raise CheckpointError(
+          f"Checkpoint {step} in {self.directory} does not match the model of this config:\n"
+          + "\n".join(diffs[:10])
+          + ("\n  ..." if len(diffs) > 10 else "")
+          + "\nUse a fresh --workdir for a different model, or the config that wrote it."
+      )
+
+  def restore_latest(self, target: PyTree) -> tuple[int, PyTree] | None:
+    """Restores the newest readable checkpoint into the structure of ``target``.
+
+    Args:
+      target: a pytree of arrays or ``jax.ShapeDtypeStruct`` with the expected
+        structure, shapes and dtypes (e.g. from ``jax.eval_shape``).
+
+    Returns:
+      ``(step, state)``, or ``None`` when the directory holds no checkpoint.
+
+    Raises:
+      CheckpointError: the checkpoints were written for other shapes, or none
+        of them can be read.
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None
+    self._check_compatible(steps[-1], target)
+    errors = []
+    for step in reversed(steps):
+      try:
+        state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        return step, state
+      except Exception as e:  # noqa: BLE001 - any failure: fall back to an older one.
+        logging.warning(
+            "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
+            step,
+            self.directory,
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
+        errors.append(f"  step {step}: {type(e).__name__}: {e}")
+    raise CheckpointError(
+        f"No checkpoint in {self.directory} could be restored:\n"
+        + "\n".join(errors)
+        + "\nMove the directory away to start afresh."
+    )

@@ -1,0 +1,385 @@
+"""Datasets: IDX files -> TFDS ArrayRecord -> numpy arrays -> batches on device.
+
+The path a dataset takes, with no TensorFlow needed anywhere:
+
+1. Find the four standard IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``):
+   a local directory (``config.idx_dir`` or ``$VAE_JAX_IDX_DIR``), a known system
+   location (Debian's ``dataset-fashion-mnist``), or a download from the
+   canonical mirror when the machine is online. Offline with none of these,
+   fail within seconds and say how to provide the files.
+2. Prepare them once as a TFDS dataset in ArrayRecord format with this
+   module's ``IdxImages`` builder (the catalog ``mnist`` builders import
+   TensorFlow to prepare, so they cannot be used here).
+3. Read each split back through TFDS's random-access data source and decode it
+   to a ``uint8`` numpy array once. MNIST-sized data then lives in device
+   memory, and shuffling and binarization happen there (``batch_images``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+# Pixels of the evaluation split are binarized once with this fixed seed
+# (independent of the run's seed), so likelihoods are comparable across runs.
+EVAL_BINARIZATION_SEED = 0
+
+BINARIZATIONS = ("none", "threshold", "dynamic")
+SPLITS = ("train", "test")
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_CONNECT_TIMEOUT_S = 5.0
+_DOWNLOAD_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str
+  description: str
+  url: str  # Base URL of the four IDX files.
+  system_dirs: tuple[str, ...] = ()  # Where an OS package installs them.
+  install_hint: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        description="MNIST handwritten digits (LeCun et al.), 60k/10k 28x28 grey.",
+        url="https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ),
+    "fashion_mnist": DatasetSpec(
+        name="fashion_mnist",
+        description="Fashion-MNIST (Xiao et al. 2017), 60k/10k 28x28 grey.",
+        url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+        install_hint="On Debian/Ubuntu: `apt-get install dataset-fashion-mnist`.",
+    ),
+}
+
+
+class DataError(RuntimeError):
+  """A dataset cannot be found, fetched or read; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split in host memory."""
+
+  images: np.ndarray  # [n, height, width, channels] uint8
+  labels: np.ndarray  # [n] int32
+
+  @property
+  def num_examples(self) -> int:
+    return self.images.shape[0]
+
+
+# --------------------------------------------------------------------------
+# IDX files.
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads a (gzipped) IDX file of uint8 values into a numpy array.
+
+  Raises:
+    DataError: the file is missing, truncated or not an IDX uint8 file.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f"IDX file {path} does not exist.")
+  try:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise DataError(f"Cannot read {path}: {e}. Replace it with an intact copy.") from e
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    raise DataError(f"{path} is not an IDX file (bad magic number). Replace it.")
+  dtype_code, ndim = raw[2], raw[3]
+  if dtype_code != 0x08:
+    raise DataError(f"{path} holds IDX type {dtype_code:#x}; only uint8 (0x08) is supported.")
+  header_len = 4 + 4 * ndim
+  if len(raw) < header_len:
+    raise DataError(f"{path} is truncated inside its header. Replace it.")
+  shape = struct.unpack(f">{ndim}I", raw[4:header_len])
+  expected = header_len + int(np.prod(shape))
+  if len(raw) != expected:
+    raise DataError(
+        f"{path} has {len(raw)} bytes but its header {shape} needs {expected}: the file "
+        "is truncated or corrupt. Replace it."
+    )
+  return np.frombuffer(raw, np.uint8, offset=header_len).reshape(shape)
+
+
+def read_idx_split(idx_dir: str | os.PathLike, split: str) -> Split:
+  """Reads one split's images and labels from a directory of IDX files."""
+  images_file, labels_file = (pathlib.Path(idx_dir) / f for f in _IDX_FILES[split])
+  images, labels = read_idx(images_file), read_idx(labels_file)
+  if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+    raise DataError(
+        f"{images_file} {images.shape} and {labels_file} {labels.shape} do not form a "
+        "dataset of [n, height, width] images with [n] labels."
+    )
+  return Split(images=images[..., None], labels=labels.astype(np.int32))
+
+
+def missing_idx_files(idx_dir: str | os.PathLike) -> list[str]:
+  return [
+      f for files in _IDX_FILES.values() for f in files if not (pathlib.Path(idx_dir) / f).is_file()
+  ]
+
+
+# --------------------------------------------------------------------------
+# The TFDS builder.
+
+
+class IdxImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Any of ``DATASETS`` prepared from its IDX files (found in ``manual_dir``)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name=spec.name, description=spec.description)
+      for spec in DATASETS.values()
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "A directory with the four standard IDX .gz files."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 1)),
+                "label": tfds.features.Scalar(np.int32),
+            }
+        ),
+        supervised_keys=("image", "label"),
+        # Keep the files' canonical order (test image i is the papers' test image i).
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    return {split: self._generate_examples(dl_manager.manual_dir, split) for split in SPLITS}
+
+  def _generate_examples(self, idx_dir, split):
+    data = read_idx_split(idx_dir, split)
+    for i in range(data.num_examples):
+      # TFDS encodes numpy images with TensorFlow but PIL images with Pillow.
+      image = Image.fromarray(data.images[i, :, :, 0], mode="L")
+      yield i, {"image": image, "label": data.labels[i]}
+
+
+# --------------------------------------------------------------------------
+# Finding and fetching the IDX files.
+
+
+def _default_data_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+
+
+def _online(url: str, timeout_s: float = _CONNECT_TIMEOUT_S) -> bool:
+  """Whether ``url``'s host accepts a TCP connection within ``timeout_s``.
+
+  Name resolution cannot be given a timeout, and on a machine without DNS it
+  retries for minutes; it runs in a daemon thread that is abandoned on time-out.
+  """
+  parsed = urllib.parse.urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  result = []
+
+  def probe():
+    try:
+      socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+      result.append(True)
+    except OSError:
+      pass
+
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  return bool(result)
+
+
+def _download(spec: DatasetSpec, url: str, dest: pathlib.Path) -> None:
+  if not _online(url):
+    raise DataError(_offline_message(spec, f"{url} cannot be reached"))
+  dest.mkdir(parents=True, exist_ok=True)
+  for files in _IDX_FILES.values():
+    for name in files:
+      target = dest / name
+      if target.is_file():
+        continue
+      logging.info("Downloading %s%s", url, name)
+      # Write to a temporary file and rename, so an interrupted download never
+      # leaves a truncated file that looks complete.
+      with tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
+        try:
+          with urllib.request.urlopen(url + name, timeout=_DOWNLOAD_TIMEOUT_S) as r:
+            shutil.copyfileobj(r, tmp)
+        except (urllib.error.URLError, OSError) as e:
+          os.unlink(tmp.name)
+          raise DataError(_offline_message(spec, f"downloading {url + name} failed: {e}")) from e
+      os.replace(tmp.name, target)
+      read_idx(target)  # Fail now, naming the file, if the download is not IDX.
+
+
+def _offline_message(spec: DatasetSpec, reason: str) -> str:
+  files = ", ".join(f for fs in _IDX_FILES.values() for f in fs)
+  hint = f"\n  {spec.install_hint}" if spec.install_hint else ""
+  return (
+      f"Dataset {spec.name!r} is not prepared and {reason}.\n"
+      f"Provide the four IDX files ({files}) in a directory, then either\n"
+      f"  pass --config.idx_dir=/path/to/dir, or\n"
+      f"  export VAE_JAX_IDX_DIR=/path/to/dir.{hint}\n"
+      f"They are published at {spec.url}."
+  )
+
+
+def _find_idx_dir(spec: DatasetSpec, idx_dir: str | None, download_dir: pathlib.Path) -> str:
+  """Returns a directory holding all four IDX files, downloading if needed."""
+  explicit = idx_dir or os.environ.get("VAE_JAX_IDX_DIR")
+  if explicit:
+    missing = missing_idx_files(explicit)
+    if missing:
+      raise DataError(
+          f"The IDX directory {explicit} (from "
+          f"{'config.idx_dir' if idx_dir else '$VAE_JAX_IDX_DIR'}) lacks {', '.join(missing)}. "
+          f"Put the four standard files of {spec.name!r} there."
+      )
+    return explicit
+  for candidate in (*spec.system_dirs, str(download_dir)):
+    if not missing_idx_files(candidate):
+      return candidate
+  _download(spec, spec.url, download_dir)
+  return str(download_dir)
+
+
+# --------------------------------------------------------------------------
+# Loading.
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | None = None,
+    idx_dir: str | None = None,
+) -> dict[str, Split]:
+  """Returns ``{"train": Split, "test": Split}`` for dataset ``name``.
+
+  Prepares the TFDS dataset on first use (from local IDX files, or from a
+  download when online) and reads it back through ``tfds`` data sources.
+
+  Args:
+    name: a key of ``DATASETS`` (``"mnist"``, ``"fashion_mnist"``).
+    data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or
+      ``~/tensorflow_datasets``).
+    idx_dir: directory of the four IDX files to prepare from (default:
+      ``$VAE_JAX_IDX_DIR``, then the dataset's system location, then a download).
+
+  Raises:
+    DataError: unknown name, missing or malformed files, or offline without data.
+  """
+  if name not in DATASETS:
+    raise DataError(f"Unknown dataset {name!r}. Choose one of {sorted(DATASETS)}.")
+  spec = DATASETS[name]
+  data_dir = pathlib.Path(data_dir).expanduser() if data_dir else _default_data_dir()
+  builder = IdxImages(config=name, data_dir=str(data_dir), file_format="array_record")
+  if not builder.is_prepared():
+    source = _find_idx_dir(spec, idx_dir, data_dir / "downloads" / "vae_jax" / name)
+    logging.info("Preparing %s from %s into %s", name, source, builder.data_dir)
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=source),
+    )
+  return {split: _load_split(builder, split) for split in SPLITS}
+
+
+def _load_split(builder: IdxImages, split: str) -> Split:
+  """Decodes a split through its TFDS data source, caching the arrays.
+
+  PNG decoding runs at a few thousand images/s, so the decoded arrays are
+  kept as ``.npz`` beside the prepared files and reused while they match the
+  split's size. Delete the file to force a fresh decode.
+  """
+  cache = pathlib.Path(builder.data_dir) / f"decoded-{split}.npz"
+  num_examples = builder.info.splits[split].num_examples
+  if cache.is_file():
+    try:
+      with np.load(cache) as f:
+        data = Split(images=f["images"], labels=f["labels"])
+      if data.num_examples == num_examples == data.labels.shape[0]:
+        return data
+    except (OSError, ValueError, KeyError, EOFError):
+      pass
+    logging.warning("Ignoring unreadable or stale cache %s; decoding again.", cache)
+  data = _decode_all(builder.as_data_source(split))
+  with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as tmp:
+    np.savez(tmp, images=data.images, labels=data.labels)
+  os.replace(tmp.name, cache)
+  return data
+
+
+def _decode_all(source) -> Split:
+  n = len(source)
+  images, labels = None, np.empty(n, np.int32)
+  chunk = 1024
+  for start in range(0, n, chunk):
+    records = source.__getitems__(range(start, min(start + chunk, n)))
+    for i, record in enumerate(records, start):
+      if images is None:
+        images = np.empty((n, *record["image"].shape), np.uint8)
+      images[i] = record["image"]
+      labels[i] = record["label"]
+  return Split(images=images, labels=labels)
+
+
+# --------------------------------------------------------------------------
+# Preprocessing (pure JAX; runs on device inside the jitted train step).
+
+
+def check_binarization(binarization: str) -> None:
+  if binarization not in BINARIZATIONS:
+    raise ValueError(f"binarization must be one of {BINARIZATIONS}, got {binarization!r}.")
+
+
+def preprocess(images: jax.Array, binarization: str, key: jax.Array | None = None) -> jax.Array:
+  """uint8 pixels ``[batch, h, w, c]`` -> float32 in [0, 1], binarized as asked.
+
+  Args:
+    images: uint8 pixels.
+    binarization: ``"none"`` (grey levels in [0, 1]), ``"threshold"``
+      (pixel > 127.5, i.e. grey level > 0.5) or ``"dynamic"`` (a Bernoulli draw
+      with the grey level as probability, fresh for every ``key``).
+    key: PRNG key, required for ``"dynamic"``.
+  """
+  check_binarization(binarization)
+  x = images.astype(jnp.float32) / 255.0
+  if binarization == "threshold":
+    return (x > 0.5).astype(jnp.float32)
+  if binarization == "dynamic":
+    if key is None:
+      raise ValueError("dynamic binarization needs a PRNG key.")
+    return jax.random.bernoulli(key, x).astype(jnp.float32)
+  return x
+
+
+def eval_images(images: np.ndarray, binarization: str) -> jax.Array:
+  """The evaluation split, preprocessed once (fixed binarization for ``dynamic``)."""
+  key = jax.random.key(EVAL_BINARIZATION_SEED)
+  return preprocess(jnp.asarray(images), binarization, key)

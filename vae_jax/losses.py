@@ -1,0 +1,406 @@
+"""The VAE objective as small pure functions on arrays.
+
+Everything here imports only ``jax`` and works unchanged under ``jax.jit``,
+``jax.vmap`` and ``jax.grad``. Conventions shared by every function:
+
+* Units are nats. Log-likelihoods and KL terms are **summed over event
+  dimensions** and **not reduced over the batch**: each function returns one
+  value per example, and the caller chooses how to average.
+* ``x: [batch, *event_shape]``; latents are ``[batch, latent]``; with several
+  Monte Carlo samples a leading sample axis is added: ``[samples, batch, ...]``.
+* Shapes are checked at trace time: arrays that would otherwise broadcast
+  silently raise ``ValueError``.
+* Inputs may be float32, bfloat16 or float64. Reductions are carried out in at
+  least float32 (bfloat16 inputs are upcast), so a bfloat16 model still gets a
+  float32 loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# Maps decoder outputs (logits or means) and data of the same shape
+# [batch, *event_shape] to per-example log-likelihoods [batch].
+LogLikelihoodFn = Callable[[Array, Array], Array]
+# Maps latents [n, latent] to decoder outputs [n, *event_shape].
+DecodeFn = Callable[[Array], Array]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------
+# Checks and dtype handling.
+
+
+def _check_float(name: str, a: Array) -> None:
+  if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must be a floating-point array, got dtype {jnp.asarray(a).dtype}. "
+        f"Convert it first, e.g. {name}.astype(jnp.float32) (images: divide uint8 "
+        "pixels by 255)."
+    )
+
+
+def _check_same_shape(name_a: str, a: Array, name_b: str, b: Array) -> None:
+  if jnp.shape(a) != jnp.shape(b):
+    raise ValueError(
+        f"{name_a} and {name_b} must have the same shape, got {jnp.shape(a)} and "
+        f"{jnp.shape(b)}. vae_jax.losses never broadcasts these silently; "
+        "reshape or add the sample axis explicitly."
+    )
+
+
+def _check_event_ndims(name: str, a: Array, event_ndims: int) -> None:
+  if not 0 <= event_ndims <= jnp.ndim(a):
+    raise ValueError(
+        f"event_ndims={event_ndims} is out of range for {name} of shape "
+        f"{jnp.shape(a)}: it must be between 0 and {jnp.ndim(a)}."
+    )
+
+
+def _compute_dtype(*arrays: Array) -> jnp.dtype:
+  """The dtype in which reductions run: the inputs' type, at least float32."""
+  return jnp.result_type(jnp.float32, *(jnp.asarray(a).dtype for a in arrays))
+
+
+def _sum_event(a: Array, event_ndims: int) -> Array:
+  if event_ndims == 0:
+    return a
+  return jnp.sum(a, axis=tuple(range(a.ndim - event_ndims, a.ndim)))
+
+
+# --------------------------------------------------------------------------
+# Sampling.
+
+
+def reparameterize(
+    key: Array,
+    mean: Array,
+    logvar: Array,
+    num_samples: int | None = None,
+) -> Array:
+  """Draws ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``.
+
+  Args:
+    key: PRNG key for ``eps``; the only source of randomness.
+    mean: ``[..., latent]`` posterior means.
+    logvar: ``[..., latent]`` posterior log-variances (same shape as ``mean``).
+    num_samples: ``None`` for one sample of ``mean``'s shape; an integer ``S``
+      for ``S`` samples stacked on a new leading axis.
+
+  Returns:
+    ``z`` of shape ``mean.shape`` (``num_samples=None``) or
+    ``[num_samples, *mean.shape]``, in ``mean``'s dtype.
+  """
+  _check_float("mean", mean)
+  _check_float("logvar", logvar)
+  _check_same_shape("mean", mean, "logvar", logvar)
+  if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+    raise ValueError(f"num_samples must be None or a positive int, got {num_samples!r}.")
+  shape = mean.shape if num_samples is None else (num_samples, *mean.shape)
+  eps = jax.random.normal(key, shape, dtype=mean.dtype)
+  if num_samples is not None:  # Explicit sample axis: no implicit rank promotion.
+    mean, logvar = mean[None], logvar[None]
+  return mean + jnp.exp(0.5 * logvar) * eps
+
+
+# --------------------------------------------------------------------------
+# Densities and divergences.
+
+
+def kl_divergence_per_dim(mean: Array, logvar: Array) -> Array:
+  """KL( N(mean, exp(logvar)) || N(0, 1) ) for each latent dimension, in nats.
+
+  ``0.5 * (exp(logvar) + mean**2 - 1 - logvar)``, elementwise.
+
+  Args:
+    mean: ``[..., latent]``.
+    logvar: ``[..., latent]``.
+
+  Returns:
+    ``[..., latent]`` non-negative KL terms (the "rate" per dimension).
+  """
+  _check_float("mean", mean)
+  _check_float("logvar", logvar)
+  _check_same_shape("mean", mean, "logvar", logvar)
+  dtype = _compute_dtype(mean, logvar)
+  mean, logvar = mean.astype(dtype), logvar.astype(dtype)
+  # expm1(logvar) - logvar is exp(logvar) - 1 - logvar without cancellation
+  # near logvar = 0, where a trained model puts its inactive units.
+  return 0.5 * (jnp.square(mean) + jnp.expm1(logvar) - logvar)
+
+
+def kl_divergence(mean: Array, logvar: Array) -> Array:
+  """KL( N(mean, diag(exp(logvar))) || N(0, I) ) summed over the last axis.
+
+  Args:
+    mean: ``[..., latent]``.
+    logvar: ``[..., latent]``.
+
+  Returns:
+    ``[...]``: one KL value (nats) per example.
+  """
+  return jnp.sum(kl_divergence_per_dim(mean, logvar), axis=-1)
+
+
+def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> Array:
+  """log Bernoulli(x | sigmoid(logits)), summed over the last ``event_ndims`` axes.
+
+  Uses ``-(x * softplus(-logits) + (1 - x) * softplus(logits))``, which is
+  exact for any finite logit (no ``log(sigmoid)`` underflow) and valid for
+  targets anywhere in [0, 1] (the usual cross-entropy for grey levels).
+
+  Args:
+    logits: ``[..., *event_shape]`` decoder logits.
+    x: targets of the same shape, in [0, 1].
+    event_ndims: how many trailing axes form one example.
+
+  Returns:
+    ``logits.shape[:-event_ndims]`` log-likelihoods in nats (``<= 0`` for
+    binary targets).
+  """
+  _check_float("logits", logits)
+  _check_float("x", x)
+  _check_same_shape("logits", logits, "x", x)
+  _check_event_ndims("logits", logits, event_ndims)
+  dtype = _compute_dtype(logits, x)
+  logits, x = logits.astype(dtype), x.astype(dtype)
+  log_p = -(x * jax.nn.softplus(-logits) + (1.0 - x) * jax.nn.softplus(logits))
+  return _sum_event(log_p, event_ndims)
+
+
+def gaussian_log_likelihood(
+    mean: Array,
+    x: Array,
+    variance: float | Array = 1.0,
+    event_ndims: int = 1,
+) -> Array:
+  """log N(x | mean, variance * I), constants included, summed over events.
+
+  ``-0.5 * sum((x - mean)**2 / variance) - d/2 * log(2 pi variance)`` where
+  ``d`` is the number of event elements: a true log-density in nats.
+
+  Args:
+    mean: ``[..., *event_shape]`` decoder means.
+    x: data of the same shape.
+    variance: the fixed observation variance ``c > 0``: a scalar, or an array
+      broadcastable to ``x`` (e.g. a learned per-pixel variance).
+    event_ndims: how many trailing axes form one example.
+
+  Returns:
+    ``mean.shape[:-event_ndims]`` log-densities in nats.
+  """
+  _check_float("mean", mean)
+  _check_float("x", x)
+  _check_same_shape("mean", mean, "x", x)
+  _check_event_ndims("mean", mean, event_ndims)
+  dtype = _compute_dtype(mean, x, jnp.asarray(variance))
+  mean, x = mean.astype(dtype), x.astype(dtype)
+  variance = jnp.broadcast_to(jnp.asarray(variance, dtype), x.shape)
+  log_p = -0.5 * (jnp.square(x - mean) / variance + jnp.log(variance) + _LOG_2PI)
+  return _sum_event(log_p, event_ndims)
+
+
+def diag_gaussian_log_prob(z: Array, mean: Array, logvar: Array) -> Array:
+  """log N(z | mean, diag(exp(logvar))) summed over the last axis.
+
+  Args:
+    z: ``[..., latent]`` points.
+    mean: ``[..., latent]`` (same shape as ``z``).
+    logvar: ``[..., latent]`` (same shape as ``z``).
+
+  Returns:
+    ``[...]`` log-densities in nats.
+  """
+  _check_float("z", z)
+  _check_same_shape("z", z, "mean", mean)
+  _check_same_shape("z", z, "logvar", logvar)
+  dtype = _compute_dtype(z, mean, logvar)
+  z, mean, logvar = z.astype(dtype), mean.astype(dtype), logvar.astype(dtype)
+  log_p = -0.5 * (jnp.square(z - mean) * jnp.exp(-logvar) + logvar + _LOG_2PI)
+  return jnp.sum(log_p, axis=-1)
+
+
+def standard_normal_log_prob(z: Array) -> Array:
+  """log N(z | 0, I) summed over the last axis: ``[..., latent] -> [...]``."""
+  _check_float("z", z)
+  z = z.astype(_compute_dtype(z))
+  return jnp.sum(-0.5 * (jnp.square(z) + _LOG_2PI), axis=-1)
+
+
+# --------------------------------------------------------------------------
+# Objectives.
+
+
+class ElboOutput(NamedTuple):
+  """Per-example parts of the (beta-)ELBO, all ``[batch]`` in nats.
+
+  Attributes:
+    elbo: ``reconstruction - beta * kl``: the objective to maximize.
+    reconstruction: Monte Carlo estimate of ``E_q[log p(x | z)]`` (the
+      negative distortion), averaged over samples.
+    kl: closed-form ``KL(q(z | x) || p(z))`` (the rate).
+  """
+
+  elbo: Array
+  reconstruction: Array
+  kl: Array
+
+
+def _check_latents(x: Array, mean: Array, logvar: Array) -> None:
+  _check_same_shape("mean", mean, "logvar", logvar)
+  if mean.ndim != 2:
+    raise ValueError(f"mean and logvar must be [batch, latent], got shape {mean.shape}.")
+  if jnp.ndim(x) < 1 or x.shape[0] != mean.shape[0]:
+    raise ValueError(
+        f"x is {jnp.shape(x)} but mean is {mean.shape}: x must be [batch, *event_shape] "
+        "with the same batch size as the posterior."
+    )
+
+
+def _decode_samples(decode_fn: DecodeFn, z: Array, x: Array) -> Array:
+  """Decodes ``z: [S, B, latent]`` in one call; returns ``[S, B, *event_shape]``."""
+  num_samples, batch = z.shape[:2]
+  out = decode_fn(z.reshape(num_samples * batch, z.shape[-1]))
+  expected = (num_samples * batch, *x.shape[1:])
+  if out.shape != expected:
+    raise ValueError(
+        f"decode_fn returned shape {out.shape} for {num_samples * batch} latents, "
+        f"expected {expected} to match x of shape {x.shape}."
+    )
+  return out.reshape(num_samples, *x.shape)
+
+
+def _sample_log_likelihoods(
+    log_likelihood_fn: LogLikelihoodFn, decoded: Array, x: Array
+) -> Array:
+  """``decoded: [S, B, *event]``, ``x: [B, *event]`` -> ``[S, B]``."""
+  return jax.vmap(log_likelihood_fn, in_axes=(0, None))(decoded, x)
+
+
+def elbo(
+    key: Array,
+    x: Array,
+    mean: Array,
+    logvar: Array,
+    decode_fn: DecodeFn,
+    log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
+    *,
+    beta: float | Array = 1.0,
+    num_samples: int = 1,
+) -> ElboOutput:
+  """The beta-ELBO ``E_q[log p(x|z)] - beta * KL(q(z|x) || N(0, I))`` per example.
+
+  The expectation is estimated with ``num_samples`` reparameterized samples per
+  example (decoded in one batched call); the KL is exact. ``beta=1`` is the
+  plain VAE bound on ``log p(x)``; ``beta=0`` leaves only the reconstruction
+  term.
+
+  Args:
+    key: PRNG key for the samples' ``eps``.
+    x: ``[batch, *event_shape]`` data.
+    mean: ``[batch, latent]`` posterior means from the encoder.
+    logvar: ``[batch, latent]`` posterior log-variances.
+    decode_fn: ``[n, latent] -> [n, *event_shape]`` decoder outputs.
+    log_likelihood_fn: ``(decoded, x) -> [batch]``, e.g.
+      ``bernoulli_log_likelihood`` (the default, for logits) or
+      ``functools.partial(gaussian_log_likelihood, variance=c)``. It must sum
+      over all event axes.
+    beta: weight of the KL term (Python float or traced scalar).
+    num_samples: Monte Carlo samples per example (static).
+
+  Returns:
+    ``ElboOutput`` of ``[batch]`` arrays in nats.
+  """
+  _check_latents(x, mean, logvar)
+  z = reparameterize(key, mean, logvar, num_samples)
+  decoded = _decode_samples(decode_fn, z, x)
+  log_px = _sample_log_likelihoods(log_likelihood_fn, decoded, x)
+  if log_px.shape != (num_samples, x.shape[0]):
+    raise ValueError(
+        f"log_likelihood_fn returned shape {log_px.shape[1:]} per sample, expected "
+        f"({x.shape[0]},): it must sum over every event axis of x {x.shape}."
+    )
+  reconstruction = jnp.mean(log_px, axis=0)
+  kl = kl_divergence(mean, logvar)
+  return ElboOutput(elbo=reconstruction - beta * kl, reconstruction=reconstruction, kl=kl)
+
+
+def iw_log_weights(
+    key: Array,
+    x: Array,
+    mean: Array,
+    logvar: Array,
+    decode_fn: DecodeFn,
+    log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
+    *,
+    num_samples: int,
+) -> Array:
+  """Log importance weights ``log p(x, z_k) - log q(z_k | x)`` with ``z_k ~ q``.
+
+  Args: as for ``elbo``.
+
+  Returns:
+    ``[num_samples, batch]`` log-weights in nats. Their mean over samples is an
+    ELBO estimate; their ``logsumexp - log K`` is the importance-weighted bound.
+  """
+  _check_latents(x, mean, logvar)
+  z = reparameterize(key, mean, logvar, num_samples)
+  decoded = _decode_samples(decode_fn, z, x)
+  log_px = _sample_log_likelihoods(log_likelihood_fn, decoded, x)
+  log_pz = standard_normal_log_prob(z)
+  log_qz = diag_gaussian_log_prob(
+      z, jnp.broadcast_to(mean, z.shape), jnp.broadcast_to(logvar, z.shape)
+  )
+  return log_px + log_pz - log_qz
+
+
+def iw_bound_from_log_weights(log_weights: Array, axis: int = 0) -> Array:
+  """``logsumexp_k(log_w_k) - log K`` over ``axis``: the importance-weighted bound.
+
+  Args:
+    log_weights: log importance weights with ``K`` samples along ``axis``.
+    axis: the sample axis.
+
+  Returns:
+    ``log_weights`` reduced over ``axis``, in nats.
+  """
+  _check_float("log_weights", log_weights)
+  num_samples = log_weights.shape[axis]
+  log_weights = log_weights.astype(_compute_dtype(log_weights))
+  return jax.nn.logsumexp(log_weights, axis=axis) - math.log(num_samples)
+
+
+def iw_bound(
+    key: Array,
+    x: Array,
+    mean: Array,
+    logvar: Array,
+    decode_fn: DecodeFn,
+    log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
+    *,
+    num_samples: int,
+) -> Array:
+  """The importance-weighted bound ``log (1/K) sum_k p(x, z_k) / q(z_k | x)``.
+
+  With ``K = num_samples`` samples from the encoder's ``q(z | x)`` and prior
+  ``N(0, I)``. ``K = 1`` gives an unbiased single-sample ELBO estimate; the
+  bound tightens towards ``log p(x)`` as ``K`` grows (Burda et al., 2015), which
+  makes it the standard log-likelihood estimator (K = 5000). Computed with
+  ``logsumexp``, so it is stable for log-weights of any magnitude.
+
+  Args: as for ``elbo``; ``num_samples`` is ``K``.
+
+  Returns:
+    ``[batch]`` bound values in nats.
+  """
+  log_w = iw_log_weights(
+      key, x, mean, logvar, decode_fn, log_likelihood_fn, num_samples=num_samples
+  )
+  return iw_bound_from_log_weights(log_w, axis=0)

@@ -1,0 +1,416 @@
+"""Training: the jitted train step, the loop, evaluation, checkpoints and outputs.
+
+Design, in short:
+
+* The train state is a plain pytree ``TrainState(step, params, opt_state)``.
+* ``train_step(state, batch, key)`` is pure; the eps key of step ``s`` is
+  ``fold_in(key, s)``, so a resumed run draws exactly the noise an
+  uninterrupted one would, with no RNG state to checkpoint.
+* The whole training split sits in device memory as uint8. One jitted call
+  (``make_train_chunk``) runs up to ``steps_per_dispatch`` steps with
+  ``lax.scan``, gathering each batch from that epoch's permutation and
+  binarizing it on device. Batches depend only on ``(seed, step)``, so resume
+  sees the same batches too.
+* Metrics stay on device until a log, eval or checkpoint boundary; there the
+  loop checks them for non-finite values *before* anything is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+
+from vae_jax import checkpointing, config_defaults, evaluate, input_pipeline, losses, writers
+from vae_jax.models import Model, Params, make_model
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+# Purposes of the keys folded out of jax.random.key(config.seed). Fixed tags
+# (not a split into N) keep every stream unchanged when a purpose is added.
+KEY_INIT, KEY_EPS, KEY_BINARIZE, KEY_SHUFFLE, KEY_EVAL, KEY_SAMPLES = range(6)
+
+
+class TrainState(NamedTuple):
+  step: Array  # int32 scalar: the number of updates applied so far.
+  params: Params
+  opt_state: optax.OptState
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient became NaN or infinite; nothing of it was checkpointed."""
+
+
+# --------------------------------------------------------------------------
+# Building blocks.
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  if o.name == "adam":
+    opt = optax.adam(o.learning_rate)
+  elif o.name == "adamw":
+    opt = optax.adamw(o.learning_rate, weight_decay=o.weight_decay)
+  elif o.name == "sgd":
+    opt = optax.sgd(o.learning_rate, momentum=o.momentum or None)
+  elif o.name == "rmsprop":
+    opt = optax.rmsprop(o.learning_rate)
+  else:
+    raise ValueError(
+        f"Unknown config.optimizer.name {o.name!r}; choose adam, adamw, sgd or rmsprop."
+    )
+  if o.grad_clip_norm is not None:
+    opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
+  return opt
+
+
+def make_log_likelihood_fn(
+    config: ml_collections.ConfigDict, event_ndims: int
+) -> losses.LogLikelihoodFn:
+  m = config.model
+  if m.likelihood == "bernoulli":
+    return functools.partial(losses.bernoulli_log_likelihood, event_ndims=event_ndims)
+  if m.likelihood == "gaussian":
+    if m.gaussian_variance <= 0:
+      raise ValueError(f"config.model.gaussian_variance must be > 0, got {m.gaussian_variance}.")
+    return functools.partial(
+        losses.gaussian_log_likelihood, variance=m.gaussian_variance, event_ndims=event_ndims
+    )
+  raise ValueError(f"Unknown config.model.likelihood {m.likelihood!r}; use bernoulli or gaussian.")
+
+
+def make_loss_fn(
+    model: Model,
+    log_likelihood_fn: losses.LogLikelihoodFn,
+    beta: float,
+    num_samples: int,
+) -> Callable[[Params, Array, Array], tuple[Array, Metrics]]:
+  """``loss_fn(params, x, key) -> (loss, metrics)``: the negative beta-ELBO, batch mean."""
+
+  def loss_fn(params: Params, x: Array, key: Array) -> tuple[Array, Metrics]:
+    mean, logvar = model.encode(params, x)
+    out = losses.elbo(
+        key,
+        x,
+        mean,
+        logvar,
+        functools.partial(model.decode, params),
+        log_likelihood_fn,
+        beta=beta,
+        num_samples=num_samples,
+    )
+    loss = -jnp.mean(out.elbo)
+    metrics = {
+        "loss": loss,
+        "elbo": jnp.mean(out.reconstruction - out.kl),  # The beta=1 bound, for comparison.
+        "reconstruction": jnp.mean(out.reconstruction),
+        "kl": jnp.mean(out.kl),
+    }
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(
+    loss_fn: Callable[[Params, Array, Array], tuple[Array, Metrics]],
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]]:
+  """Returns the pure ``train_step(state, batch, key) -> (state, metrics)``.
+
+  ``batch: [batch, *event_shape]`` preprocessed data. ``key`` is the run's eps
+  key; the step folds in its own step number. Jit it with
+  ``jax.jit(train_step, donate_argnums=0)``.
+  """
+
+  def train_step(state: TrainState, batch: Array, key: Array) -> tuple[TrainState, Metrics]:
+    step_key = jax.random.fold_in(key, state.step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def epoch_permutation(shuffle_key: Array, epoch: int | Array, num_examples: int) -> Array:
+  """The example order of ``epoch``: a function of the seed and epoch alone."""
+  return jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_examples)
+
+
+def make_train_chunk(
+    train_step: Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]],
+    *,
+    chunk_len: int,
+    batch_size: int,
+    steps_per_epoch: int,
+    binarization: str,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+  """One jitted call that runs up to ``chunk_len`` train steps on device.
+
+  Returns ``chunk(state, images, perms, first_epoch, num_active, eps_key,
+  bin_key) -> (state, metrics)``, where ``images: [n, h, w, c]`` uint8 is the
+  whole training split, ``perms: [2, n]`` the permutations of epochs
+  ``first_epoch`` and ``first_epoch + 1`` (a chunk spans at most two, since
+  ``chunk_len <= steps_per_epoch``), and only the first ``num_active`` steps
+  run; the rest pass the state through, so any number of steps up to
+  ``chunk_len`` reuses one compiled program. ``metrics`` are ``[chunk_len]``
+  arrays; entries past ``num_active`` are zeros.
+  """
+  if not 1 <= chunk_len <= steps_per_epoch:
+    raise ValueError(f"chunk_len must be in [1, {steps_per_epoch}], got {chunk_len}.")
+
+  def chunk(state, images, perms, first_epoch, num_active, eps_key, bin_key):
+    def run(state):
+      step = state.step
+      order = perms[step // steps_per_epoch - first_epoch]
+      idx = jax.lax.dynamic_slice(order, ((step % steps_per_epoch) * batch_size,), (batch_size,))
+      batch = input_pipeline.preprocess(
+          images[idx], binarization, jax.random.fold_in(bin_key, step)
+      )
+      return train_step(state, batch, eps_key)
+
+    metrics_shape = jax.eval_shape(run, state)[1]
+
+    def body(state, i):
+      def skip(state):
+        return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+
+      return jax.lax.cond(i < num_active, run, skip, state)
+
+    return jax.lax.scan(body, state, jnp.arange(chunk_len))
+
+  return jax.jit(chunk, donate_argnums=0)
+
+
+# --------------------------------------------------------------------------
+# Config checks and the workdir's record of it.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError with what to change for values the loop cannot use."""
+  input_pipeline.check_binarization(config.binarization)
+  for name in ("batch_size", "num_epochs", "steps_per_dispatch", "eval_batch_size",
+               "keep_checkpoints", "num_samples", "log_every_steps"):
+    if config[name] < 1:
+      raise ValueError(f"config.{name} must be a positive integer, got {config[name]}.")
+  for name in ("eval_every_steps", "checkpoint_every_steps", "num_image_samples"):
+    if config[name] < 0:
+      raise ValueError(f"config.{name} must be >= 0 (0: once per epoch), got {config[name]}.")
+  if config.beta < 0:
+    raise ValueError(f"config.beta must be >= 0, got {config.beta}.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Writes ``config.json``; refuses a workdir that holds a run of another config."""
+  path = workdir / "config.json"
+  current = json.loads(config.to_json())
+  if path.exists() and (workdir / "checkpoints").exists():
+    previous = _flatten(json.loads(path.read_text()))
+    now = _flatten(current)
+    diffs = sorted(
+        k
+        for k in set(previous) | set(now)
+        if previous.get(k) != now.get(k) and k not in config_defaults.RESUMABLE_CHANGES
+    )
+    if diffs:
+      lines = [f"  {k}: workdir has {previous.get(k)!r}, now {now.get(k)!r}" for k in diffs]
+      raise ValueError(
+          f"{workdir} holds a run with a different config:\n" + "\n".join(lines) + "\n"
+          "Resuming would mix two experiments. Use a new --workdir, or the same config."
+      )
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+  tmp.replace(path)
+
+
+# --------------------------------------------------------------------------
+# The loop.
+
+
+def _next_multiple(step: int, every: int) -> int:
+  return (step // every + 1) * every
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) the VAE of ``config`` in ``workdir``; returns the final state."""
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  record_config(config, workdir)
+
+  data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
+  train_images = jax.device_put(data["train"].images)
+  test_x = input_pipeline.eval_images(data["test"].images, config.binarization)
+  num_train, *event_shape = train_images.shape
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} exceeds the {num_train} training examples."
+    )
+  total_steps = config.num_epochs * steps_per_epoch
+  eval_every = config.eval_every_steps or steps_per_epoch
+  ckpt_every = config.checkpoint_every_steps or steps_per_epoch
+  chunk_len = min(config.steps_per_dispatch, steps_per_epoch)
+
+  model = make_model(config, event_shape)
+  ll_fn = make_log_likelihood_fn(config, len(event_shape))
+  optimizer = make_optimizer(config)
+  loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples)
+  train_step = make_train_step(loss_fn, optimizer)
+  train_chunk = make_train_chunk(
+      train_step,
+      chunk_len=chunk_len,
+      batch_size=config.batch_size,
+      steps_per_epoch=steps_per_epoch,
+      binarization=config.binarization,
+  )
+  eval_fn = evaluate.make_eval_fn(model, ll_fn, config.eval_batch_size)
+
+  root = jax.random.key(config.seed)
+  keys = {tag: jax.random.fold_in(root, tag) for tag in range(6)}
+
+  def init_state() -> TrainState:
+    params = model.init(keys[KEY_INIT], jnp.zeros((1, *event_shape), jnp.float32))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+  writer = writers.MetricWriter(workdir)
+  restored = checkpointer.restore_latest(jax.eval_shape(init_state))
+  if restored is None:
+    state = init_state()
+    writer.truncate_after(-1)
+    logging.info("Starting a new run in %s", workdir)
+  else:
+    step, state = restored
+    writer.truncate_after(step)
+    logging.info("Resumed from checkpoint %d in %s", step, workdir)
+
+  perm_fn = jax.jit(epoch_permutation, static_argnums=2)
+  perms_cache: dict[int, Array] = {}
+
+  def perms_from(epoch: int) -> Array:
+    for e in list(perms_cache):
+      if e < epoch:
+        del perms_cache[e]
+    for e in (epoch, epoch + 1):
+      if e not in perms_cache:
+        perms_cache[e] = perm_fn(keys[KEY_SHUFFLE], e, num_train)
+    return jnp.stack([perms_cache[epoch], perms_cache[epoch + 1]])
+
+  step = int(state.step)
+  pending: list[tuple[int, int, Metrics]] = []  # (first step, num steps, device metrics)
+  bar = tqdm.tqdm(
+      total=total_steps, initial=step, disable=not config.progress_bar, unit="step",
+      dynamic_ncols=True,
+  )
+  window: list[dict[str, np.ndarray]] = []  # Host metrics since the last log row.
+  window_seconds = 0.0  # Training time in the window, without evaluation or saving.
+  clock = time.perf_counter()
+  try:
+    while step < total_steps:
+      boundary = min(
+          _next_multiple(step, config.log_every_steps),
+          _next_multiple(step, eval_every),
+          _next_multiple(step, ckpt_every),
+          total_steps,
+      )
+      while step < boundary:
+        n = min(boundary - step, chunk_len)
+        epoch = step // steps_per_epoch
+        state, metrics = train_chunk(
+            state, train_images, perms_from(epoch), epoch, n, keys[KEY_EPS], keys[KEY_BINARIZE]
+        )
+        pending.append((step, n, metrics))
+        step += n
+
+      # Boundary: metrics come to the host, and are checked before any save.
+      rows = _pull_and_check(pending, checkpointer.latest_step())
+      pending.clear()
+      window.append(rows)
+      window_seconds += time.perf_counter() - clock
+      bar.update(len(rows["loss"]))
+      if step % config.log_every_steps == 0 or step == total_steps:
+        scalars = {k: float(np.mean(np.concatenate([w[k] for w in window]))) for k in rows}
+        num_steps = sum(len(w["loss"]) for w in window)
+        scalars["examples_per_sec"] = num_steps * config.batch_size / window_seconds
+        scalars["epoch"] = step / steps_per_epoch
+        writer.write_scalars(step, "train", scalars)
+        bar.set_postfix(
+            loss=f"{scalars['loss']:.2f}", ex_per_s=f"{scalars['examples_per_sec']:.0f}"
+        )
+        window.clear()
+        window_seconds = 0.0
+
+      if step % eval_every == 0 or step == total_steps:
+        _evaluate_and_write(config, model, state.params, eval_fn, test_x, keys, writer, step)
+      if step % ckpt_every == 0 or step == total_steps:
+        checkpointer.save(step, state)
+      clock = time.perf_counter()
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  return state
+
+
+def _pull_and_check(
+    pending: list[tuple[int, int, Metrics]], latest_checkpoint: int | None
+) -> dict[str, np.ndarray]:
+  """Brings the metrics of finished chunks to the host; stops on non-finite values."""
+  host = [(s, n, jax.device_get(m)) for s, n, m in pending]
+  rows = {k: np.concatenate([m[k][:n] for _, n, m in host]) for k in host[0][2]}
+  bad = ~(np.isfinite(rows["loss"]) & np.isfinite(rows["grad_norm"]))
+  if bad.any():
+    first = host[0][0] + int(np.argmax(bad))
+    raise NonFiniteError(
+        f"Non-finite loss or gradient at step {first} (loss={rows['loss'][bad][0]}, "
+        f"grad_norm={rows['grad_norm'][bad][0]}). The run stopped before saving it; the "
+        f"latest checkpoint is step {latest_checkpoint}. Lower config.optimizer.learning_rate "
+        "or set config.optimizer.grad_clip_norm, then run the same command to resume."
+    )
+  return rows
+
+
+def _evaluate_and_write(config, model, params, eval_fn, test_x, keys, writer, step) -> None:
+  scalars = jax.device_get(eval_fn(params, test_x, keys[KEY_EVAL]))
+  scalars = {k: float(v) for k, v in scalars.items()}
+  scalars["neg_elbo"] = -scalars["elbo"]
+  writer.write_scalars(step, "test", scalars)
+  logging.info(
+      "step %d: test ELBO %.3f (reconstruction %.3f, KL %.3f) nats",
+      step, scalars["elbo"], scalars["reconstruction"], scalars["kl"],
+  )
+  n = config.num_image_samples
+  if n:
+    likelihood = config.model.likelihood
+    samples = evaluate.prior_samples(model, params, keys[KEY_SAMPLES], n, likelihood)
+    writer.write_image(step, "prior_samples", writers.image_grid(np.asarray(samples)))
+    originals = test_x[: max(n // 2, 1)]
+    recs = evaluate.reconstructions(model, params, originals, likelihood)
+    pairs = evaluate.interleave(originals, recs)
+    columns = 2 * max(1, int(np.sqrt(n // 2)))
+    writer.write_image(step, "reconstructions", writers.image_grid(pairs, columns=columns))
+  writer.flush()

@@ -1,0 +1,112 @@
+"""What a run leaves in its workdir for people: metrics, TensorBoard, images.
+
+* ``metrics.jsonl``: one JSON object per line, ``{"step": ..., "split": ...,
+  <metric>: ...}``; read it with ``pandas.read_json(path, lines=True)``.
+* ``tensorboard/``: the same scalars and the image grids for
+  ``tensorboard --logdir <workdir>``.
+* ``images/<name>_<step>.png``: image grids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image
+from tensorboardX import SummaryWriter
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
+  """Tiles ``[n, h, w, c]`` images in [0, 1] into one ``[H, W, c]`` uint8 image."""
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4:
+    raise ValueError(f"image_grid expects [n, h, w, c], got shape {images.shape}.")
+  n, h, w, c = images.shape
+  columns = columns or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / columns)
+  grid = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.float32)
+  for i in range(n):
+    r, col = divmod(i, columns)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top : top + h, left : left + w] = images[i]
+  return np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  """Writes a ``[H, W, 1 or 3]`` uint8 image as PNG (atomically)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  tmp = path.with_suffix(".tmp.png")
+  pil.save(tmp)
+  os.replace(tmp, path)
+
+
+class MetricWriter:
+  """Writes scalars to ``metrics.jsonl`` and TensorBoard, images to PNG and TensorBoard.
+
+  Only the host that owns the workdir should create one.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.metrics_path = self.workdir / "metrics.jsonl"
+    self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close().
+    self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops logged rows later than ``step`` (a resumed run writes them again).
+
+    Rows survive only up to the restored checkpoint, so the file has neither
+    gaps nor duplicated steps after a resume.
+    """
+    self._jsonl.close()
+    rows = read_metrics(self.metrics_path)
+    kept = [r for r in rows if r["step"] <= step]
+    tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, self.metrics_path)
+    self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115
+
+  def write_scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+    row = {"step": int(step), "split": split}
+    row.update({k: float(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+  def write_image(self, step: int, name: str, grid: np.ndarray) -> pathlib.Path:
+    """Saves a uint8 ``[H, W, c]`` grid as ``images/<name>_<step>.png`` and in TensorBoard."""
+    path = self.workdir / "images" / f"{name}_{step:08d}.png"
+    save_png(path, grid)
+    self._tb.add_image(name, grid, int(step), dataformats="HWC")
+    return path
+
+  def flush(self) -> None:
+    self._jsonl.flush()
+    self._tb.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+  """Reads ``metrics.jsonl``; a torn last line (a kill mid-write) is dropped."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
