@@ -4,3 +4,35 @@ import jax
 
 # A wrong shape that would broadcast across ranks raises instead of passing.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import pathlib
+
+import pytest
+
+FIXTURE_IDX_DIR = pathlib.Path(__file__).parent / "fixtures" / "mnist_tiny"
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> str:
+  """A TFDS data directory with the tiny real-MNIST fixture prepared once."""
+  from vae_jax import input_pipeline
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(FIXTURE_IDX_DIR))
+  return str(data_dir)
+
+
+@pytest.fixture
+def smoke_config(tfds_dir):
+  """configs/mnist.py:smoke reading the prepared fixture (400 train, 100 test digits)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+      "mnist_config", pathlib.Path(__file__).parents[1] / "configs" / "mnist.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.data_dir = tfds_dir
+  config.progress_bar = False
+  return config

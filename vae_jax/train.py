@@ -139,7 +139,7 @@ def make_train_step(
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step

@@ -1,0 +1,166 @@
+"""The data path users take: IDX files -> TFDS ArrayRecord -> arrays -> batches."""
+
+import functools
+import gzip
+import http.server
+import shutil
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURE_IDX_DIR
+
+from vae_jax import input_pipeline
+
+
+def test_read_idx_fixture_is_real_mnist():
+  split = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "train")
+  assert split.images.shape == (400, 28, 28, 1)
+  assert split.images.dtype == np.uint8
+  np.testing.assert_array_equal(np.bincount(split.labels), [40] * 10)
+  # Real digits: dark background, bright strokes, mean grey level near MNIST's 0.13.
+  assert 0.08 < split.images.mean() / 255 < 0.2
+  assert split.images.max() == 255
+
+
+def test_tfds_read_path_returns_the_idx_contents(tfds_dir):
+  data = input_pipeline.load_dataset("mnist", data_dir=tfds_dir)
+  for name in ("train", "test"):
+    raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, name)
+    np.testing.assert_array_equal(data[name].images, raw.images)
+    np.testing.assert_array_equal(data[name].labels, raw.labels)
+
+
+def test_decoded_cache_is_rebuilt_when_corrupt(tfds_dir, tmp_path):
+  data_dir = tmp_path / "tfds"
+  shutil.copytree(tfds_dir, data_dir)
+  (cache,) = data_dir.glob("idx_images/mnist/*/decoded-train.npz")
+  cache.write_bytes(b"not an npz")
+  data = input_pipeline.load_dataset("mnist", data_dir=str(data_dir))
+  raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "train")
+  np.testing.assert_array_equal(data["train"].images, raw.images)
+
+
+def _copy_fixture(dst):
+  shutil.copytree(FIXTURE_IDX_DIR, dst)
+  return dst
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "truncated or corrupt"),
+        ("magic", "not an IDX file"),
+        ("not_gzip", "Cannot read"),
+        ("missing", "lacks t10k-labels-idx1-ubyte.gz"),
+    ],
+)
+def test_malformed_idx_dir_gives_one_clear_error(tmp_path, damage, message):
+  idx_dir = _copy_fixture(tmp_path / "idx")
+  target = idx_dir / "t10k-labels-idx1-ubyte.gz"
+  raw = gzip.decompress(target.read_bytes())
+  if damage == "truncate":
+    target.write_bytes(gzip.compress(raw[:-7]))
+  elif damage == "magic":
+    target.write_bytes(gzip.compress(b"\x01\x02" + raw[2:]))
+  elif damage == "not_gzip":
+    target.write_bytes(b"garbage")
+  else:
+    target.unlink()
+  with pytest.raises(input_pipeline.DataError, match=message):
+    input_pipeline.load_dataset("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(idx_dir))
+
+
+def test_unknown_dataset_names_the_choices(tmp_path):
+  with pytest.raises(input_pipeline.DataError, match=r"Unknown dataset 'cifar'.*fashion_mnist"):
+    input_pipeline.load_dataset("cifar", data_dir=str(tmp_path))
+
+
+def test_offline_without_data_fails_fast_with_instructions(tmp_path, monkeypatch):
+  monkeypatch.delenv("VAE_JAX_IDX_DIR", raising=False)
+  # A port on loopback that nothing listens on: the mirror cannot be reached.
+  spec = input_pipeline.DATASETS["mnist"]
+  monkeypatch.setitem(
+      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", "http://127.0.0.1:9/")
+  )
+  start = time.monotonic()
+  with pytest.raises(input_pipeline.DataError, match=r"--config.idx_dir=/path/to/dir"):
+    input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
+  assert time.monotonic() - start < 10
+  assert spec.url.startswith("https://")
+
+
+def test_download_when_online_prepares_from_the_mirror(tmp_path, monkeypatch):
+  """Serves the fixture over HTTP on loopback and lets the download path fetch it."""
+  monkeypatch.delenv("VAE_JAX_IDX_DIR", raising=False)
+  handler = functools.partial(
+      http.server.SimpleHTTPRequestHandler, directory=str(FIXTURE_IDX_DIR)
+  )
+  handler.log_message = lambda *a: None
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    monkeypatch.setitem(
+        input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url)
+    )
+    data = input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
+  finally:
+    server.shutdown()
+  raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "test")
+  np.testing.assert_array_equal(data["test"].images, raw.images)
+  assert sorted(p.name for p in (tmp_path / "downloads" / "vae_jax" / "mnist").iterdir()) == sorted(
+      f for fs in input_pipeline._IDX_FILES.values() for f in fs
+  )
+
+
+def test_idx_dir_from_environment(tmp_path, monkeypatch):
+  monkeypatch.setenv("VAE_JAX_IDX_DIR", str(FIXTURE_IDX_DIR))
+  data = input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
+  assert data["train"].num_examples == 400
+
+
+# --------------------------------------------------------------------------
+# Preprocessing.
+
+_PIXELS = jnp.array([[0, 1, 127, 128, 200, 255]], jnp.uint8).reshape(1, 1, 6, 1)
+
+
+def test_none_scales_to_unit_interval():
+  x = input_pipeline.preprocess(_PIXELS, "none")
+  np.testing.assert_allclose(np.ravel(x), np.array([0, 1, 127, 128, 200, 255]) / 255, rtol=1e-6)
+
+
+def test_threshold_at_half():
+  x = input_pipeline.preprocess(_PIXELS, "threshold")
+  np.testing.assert_array_equal(np.ravel(x), [0, 0, 0, 1, 1, 1])
+
+
+def test_dynamic_binarization_is_bernoulli_of_grey_level():
+  images = jnp.broadcast_to(_PIXELS, (20000, 1, 6, 1))
+  x = input_pipeline.preprocess(images, "dynamic", jax.random.key(1))
+  assert set(np.unique(np.asarray(x))) <= {0.0, 1.0}
+  p = np.array([0, 1, 127, 128, 200, 255]) / 255
+  freq = np.asarray(x).mean(axis=0).ravel()
+  # 5 standard errors of a frequency over 20000 draws (plus slack at p in {0, 1}).
+  np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / 20000) + 1e-9)
+  again = input_pipeline.preprocess(images, "dynamic", jax.random.key(1))
+  other = input_pipeline.preprocess(images, "dynamic", jax.random.key(2))
+  np.testing.assert_array_equal(x, again)
+  assert not np.array_equal(x, other)
+
+
+def test_eval_binarization_is_fixed_across_calls():
+  images = np.asarray(jnp.broadcast_to(_PIXELS, (50, 1, 6, 1)))
+  a = input_pipeline.eval_images(images, "dynamic")
+  b = input_pipeline.eval_images(images, "dynamic")
+  np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_binarization():
+  with pytest.raises(ValueError, match="binarization must be one of"):
+    input_pipeline.preprocess(_PIXELS, "otsu")

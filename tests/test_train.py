@@ -1,0 +1,211 @@
+"""Training: one compile, chunk == steps, end-to-end outputs, exact resume, NaN stop."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from vae_jax import checkpointing, losses, models, train, writers
+from vae_jax.input_pipeline import preprocess
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def _tiny_parts(batch_size=8, seed=0):
+  model = models.make_mlp_vae(event_shape=(28, 28, 1), latents=2, encoder_hidden=(8,))
+  optimizer = optax.adam(1e-3)
+  loss_fn = train.make_loss_fn(
+      model, lambda l, x: losses.bernoulli_log_likelihood(l, x, event_ndims=3), 1.0, 1
+  )
+  params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  return model, optimizer, loss_fn, state
+
+
+def _batches(n, batch_size=8):
+  return jax.random.bernoulli(jax.random.key(7), 0.3, (n, batch_size, 28, 28, 1)).astype(
+      jnp.float32
+  )
+
+
+def test_train_step_compiles_once_and_donates_state():
+  _, optimizer, loss_fn, state = _tiny_parts()
+  step_fn = jax.jit(
+      chex.assert_max_traces(train.make_train_step(loss_fn, optimizer), n=1), donate_argnums=0
+  )
+  key = jax.random.key(3)
+  for batch in _batches(5):
+    old = state
+    state, metrics = step_fn(state, batch, key)
+  assert int(state.step) == 5
+  assert np.isfinite(float(metrics["loss"]))
+  assert old.params["encoder"]["mean"]["kernel"].is_deleted()  # Donated, not copied.
+
+
+def test_eps_key_is_folded_with_the_step():
+  """Same state, batch and key but another step number -> other noise -> other loss."""
+  _, optimizer, loss_fn, state = _tiny_parts()
+  step_fn = jax.jit(train.make_train_step(loss_fn, optimizer))
+  batch, key = _batches(1)[0], jax.random.key(0)
+  _, m0 = step_fn(state, batch, key)
+  _, m0_again = step_fn(state, batch, key)
+  _, m5 = step_fn(state._replace(step=jnp.int32(5)), batch, key)
+  assert float(m0["loss"]) == float(m0_again["loss"])
+  assert float(m0["loss"]) != float(m5["loss"])
+
+
+def test_chunk_equals_single_steps_and_compiles_once():
+  _, optimizer, loss_fn, state = _tiny_parts()
+  step = train.make_train_step(loss_fn, optimizer)
+  images = jax.random.randint(jax.random.key(1), (40, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  steps_per_epoch = 40 // 8
+  chunk = train.make_train_chunk(
+      step, chunk_len=4, batch_size=8, steps_per_epoch=steps_per_epoch, binarization="dynamic"
+  )
+  shuffle_key, eps_key, bin_key = jax.random.key(2), jax.random.key(3), jax.random.key(4)
+  perms = [train.epoch_permutation(shuffle_key, e, 40) for e in range(3)]
+
+  # Reference: one jitted step at a time, batches built the documented way.
+  ref = jax.tree.map(jnp.copy, state)
+  ref_step = jax.jit(step)
+  ref_losses = []
+  for s in range(11):
+    idx = perms[s // steps_per_epoch][(s % steps_per_epoch) * 8 : (s % steps_per_epoch + 1) * 8]
+    batch = preprocess(images[idx], "dynamic", jax.random.fold_in(bin_key, s))
+    ref, m = ref_step(ref, batch, eps_key)
+    ref_losses.append(float(m["loss"]))
+
+  # Chunks of 4, 1, 4, 2 steps: crossing epoch boundaries, partial chunks.
+  got_losses, s = [], 0
+  for n in (4, 1, 4, 2):
+    e = s // steps_per_epoch
+    state, m = chunk(state, images, jnp.stack([perms[e], perms[e + 1]]), e, n, eps_key, bin_key)
+    got_losses.extend(np.asarray(m["loss"][:n]).tolist())
+    assert np.all(np.asarray(m["loss"][n:]) == 0)
+    s += n
+  assert int(state.step) == 11
+  np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
+  chex.assert_trees_all_close(state.params, ref.params, rtol=1e-5, atol=1e-6)
+  assert chunk._cache_size() == 1
+
+
+def _checkpoint_steps(workdir):
+  ckpt = checkpointing.Checkpointer(pathlib.Path(workdir) / "checkpoints")
+  steps = ckpt.all_steps()
+  ckpt.close()
+  return steps
+
+
+def test_train_and_evaluate_writes_everything(smoke_config, tmp_path):
+  workdir = tmp_path / "run"
+  state = train.train_and_evaluate(smoke_config, str(workdir))
+  steps_per_epoch = 400 // smoke_config.batch_size
+  assert int(state.step) == 2 * steps_per_epoch
+
+  assert _checkpoint_steps(workdir) == [steps_per_epoch, 2 * steps_per_epoch]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["latents"] == 2 and saved["batch_size"] == 32
+
+  rows = writers.read_metrics(workdir / "metrics.jsonl")
+  test_rows = [r for r in rows if r["split"] == "test"]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in test_rows] == [steps_per_epoch, 2 * steps_per_epoch]
+  assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 24]
+  for r in test_rows:
+    assert r["elbo"] == pytest.approx(r["reconstruction"] - r["kl"], rel=1e-5)
+    assert r["kl"] >= 0 and r["neg_elbo"] == -r["elbo"]
+  assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # It learns.
+  assert all(r["examples_per_sec"] > 0 for r in train_rows)
+
+  for name in ("prior_samples", "reconstructions"):
+    png = workdir / "images" / f"{name}_{2 * steps_per_epoch:08d}.png"
+    image = np.asarray(Image.open(png))
+    assert image.ndim == 2 and image.shape[0] > 28 and image.shape[1] > 28
+    assert image.std() > 0
+
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("test/elbo")] == [steps_per_epoch, 2 * steps_per_epoch]
+  assert acc.Scalars("test/elbo")[-1].value == pytest.approx(test_rows[-1]["elbo"], rel=1e-6)
+  assert "prior_samples" in acc.Tags()["images"]
+
+
+def test_resume_is_bit_exact(smoke_config, tmp_path):
+  full = train.train_and_evaluate(smoke_config, str(tmp_path / "full"))
+
+  half_config = smoke_config.copy_and_resolve_references()
+  half_config.num_epochs = 1
+  half = train.train_and_evaluate(half_config, str(tmp_path / "resumed"))
+  assert int(half.step) == 12
+  resumed = train.train_and_evaluate(smoke_config, str(tmp_path / "resumed"))
+
+  assert int(resumed.step) == int(full.step)
+  chex.assert_trees_all_equal(resumed.params, full.params)
+  chex.assert_trees_all_equal(resumed.opt_state, full.opt_state)
+
+  full_rows = writers.read_metrics(tmp_path / "full" / "metrics.jsonl")
+  resumed_rows = writers.read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+  keys = [(r["step"], r["split"]) for r in resumed_rows]
+  assert len(keys) == len(set(keys)), "a step was logged twice"
+  assert keys == sorted(keys, key=lambda k: (k[0], k[1] == "test"))
+  # Evaluations are identical; the interrupted run adds a train row at its end.
+  assert [r for r in resumed_rows if r["split"] == "test"] == [
+      r for r in full_rows if r["split"] == "test"
+  ]
+  assert {(r["step"], r["split"]) for r in full_rows} <= set(keys)
+  assert (12, "train") in keys
+
+
+def test_non_finite_loss_stops_before_checkpointing(smoke_config, tmp_path):
+  config = smoke_config
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 1e30  # Diverges to inf/NaN within a few steps.
+  config.checkpoint_every_steps = 1
+  config.log_every_steps = 1
+  with pytest.raises(train.NonFiniteError, match=r"Non-finite loss or gradient at step (\d+)") as e:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  bad_step = int(e.value.args[0].split("at step ")[1].split(" ")[0])
+  steps = _checkpoint_steps(tmp_path / "run")
+  # Checkpoints stop before the bad step, and every one of them is finite.
+  assert steps == list(range(1, bad_step + 1))[: len(steps)]
+  assert all(s <= bad_step for s in steps)
+  for step in steps:
+    restored = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / str(step) / "default")
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored))
+
+
+def test_workdir_with_another_config_is_refused(smoke_config, tmp_path):
+  config = smoke_config
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  other = config.copy_and_resolve_references()
+  other.beta = 4.0
+  with pytest.raises(ValueError, match=r"beta: workdir has 1.0, now 4.0"):
+    train.train_and_evaluate(other, str(tmp_path / "run"))
+
+
+def test_bad_config_values_are_clear_errors(smoke_config, tmp_path):
+  smoke_config.batch_size = 0
+  with pytest.raises(ValueError, match="config.batch_size must be a positive integer"):
+    train.train_and_evaluate(smoke_config, str(tmp_path / "run"))
+
+
+def test_cli_rejects_unknown_config_field(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "vae_jax.main", "--config=configs/mnist.py:smoke",
+       f"--workdir={tmp_path}", "--config.not_a_field=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+  assert result.returncode != 0
+  assert "not_a_field" in result.stderr
