@@ -1,13 +1,12 @@
 """Test-wide JAX settings: broadcasting and dtype bugs fail loudly."""
 
+import pathlib
+
 import jax
+import pytest
 
 # A wrong shape that would broadcast across ranks raises instead of passing.
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-import pathlib
-
-import pytest
 
 FIXTURE_IDX_DIR = pathlib.Path(__file__).parent / "fixtures" / "mnist_tiny"
 
@@ -28,7 +27,7 @@ def smoke_config(tfds_dir):
   import importlib.util
 
   spec = importlib.util.spec_from_file_location(
-      "mnist_config", pathlib.Path(__file__).parents[1] / "configs" / "mnist.py"
+    "mnist_config", pathlib.Path(__file__).parents[1] / "configs" / "mnist.py"
   )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -50,13 +50,13 @@ def _copy_fixture(dst):
 
 
 @pytest.mark.parametrize(
-    "damage, message",
-    [
-        ("truncate", "truncated or corrupt"),
-        ("magic", "not an IDX file"),
-        ("not_gzip", "Cannot read"),
-        ("missing", "lacks t10k-labels-idx1-ubyte.gz"),
-    ],
+  "damage, message",
+  [
+    ("truncate", "truncated or corrupt"),
+    ("magic", "not an IDX file"),
+    ("not_gzip", "Cannot read"),
+    ("missing", "lacks t10k-labels-idx1-ubyte.gz"),
+  ],
 )
 def test_malformed_idx_dir_gives_one_clear_error(tmp_path, damage, message):
   idx_dir = _copy_fixture(tmp_path / "idx")
@@ -84,7 +84,7 @@ def test_offline_without_data_fails_fast_with_instructions(tmp_path, monkeypatch
   # A port on loopback that nothing listens on: the mirror cannot be reached.
   spec = input_pipeline.DATASETS["mnist"]
   monkeypatch.setitem(
-      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", "http://127.0.0.1:9/")
+    input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", "http://127.0.0.1:9/")
   )
   start = time.monotonic()
   with pytest.raises(input_pipeline.DataError, match=r"--config.idx_dir=/path/to/dir"):
@@ -96,9 +96,7 @@ def test_offline_without_data_fails_fast_with_instructions(tmp_path, monkeypatch
 def test_download_when_online_prepares_from_the_mirror(tmp_path, monkeypatch):
   """Serves the fixture over HTTP on loopback and lets the download path fetch it."""
   monkeypatch.delenv("VAE_JAX_IDX_DIR", raising=False)
-  handler = functools.partial(
-      http.server.SimpleHTTPRequestHandler, directory=str(FIXTURE_IDX_DIR)
-  )
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(FIXTURE_IDX_DIR))
   handler.log_message = lambda *a: None
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -106,7 +104,7 @@ def test_download_when_online_prepares_from_the_mirror(tmp_path, monkeypatch):
   try:
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     monkeypatch.setitem(
-        input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url)
+      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url)
     )
     data = input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
   finally:
@@ -114,7 +112,7 @@ def test_download_when_online_prepares_from_the_mirror(tmp_path, monkeypatch):
   raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "test")
   np.testing.assert_array_equal(data["test"].images, raw.images)
   assert sorted(p.name for p in (tmp_path / "downloads" / "vae_jax" / "mnist").iterdir()) == sorted(
-      f for fs in input_pipeline._IDX_FILES.values() for f in fs
+    f for fs in input_pipeline._IDX_FILES.values() for f in fs
   )
 
 

@@ -18,7 +18,9 @@ def test_default_is_the_flax_example_architecture():
   assert shapes["decoder"]["hidden_0"]["kernel"] == (20, 500)
   assert shapes["decoder"]["output"]["kernel"] == (500, 784)
   num_params = sum(p.size for p in jax.tree.leaves(params))
-  assert num_params == (784 * 500 + 500) + 2 * (500 * 20 + 20) + (20 * 500 + 500) + (500 * 784 + 784)
+  assert num_params == (784 * 500 + 500) + 2 * (500 * 20 + 20) + (20 * 500 + 500) + (
+    500 * 784 + 784
+  )
 
 
 def test_encode_decode_shapes_and_purity():

@@ -24,7 +24,7 @@ def _tiny_parts(batch_size=8, seed=0):
   model = models.make_mlp_vae(event_shape=(28, 28, 1), latents=2, encoder_hidden=(8,))
   optimizer = optax.adam(1e-3)
   loss_fn = train.make_loss_fn(
-      model, lambda l, x: losses.bernoulli_log_likelihood(l, x, event_ndims=3), 1.0, 1
+    model, lambda logits, x: losses.bernoulli_log_likelihood(logits, x, event_ndims=3), 1.0, 1
   )
   params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
   state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
@@ -33,14 +33,14 @@ def _tiny_parts(batch_size=8, seed=0):
 
 def _batches(n, batch_size=8):
   return jax.random.bernoulli(jax.random.key(7), 0.3, (n, batch_size, 28, 28, 1)).astype(
-      jnp.float32
+    jnp.float32
   )
 
 
 def test_train_step_compiles_once_and_donates_state():
   _, optimizer, loss_fn, state = _tiny_parts()
   step_fn = jax.jit(
-      chex.assert_max_traces(train.make_train_step(loss_fn, optimizer), n=1), donate_argnums=0
+    chex.assert_max_traces(train.make_train_step(loss_fn, optimizer), n=1), donate_argnums=0
   )
   key = jax.random.key(3)
   for batch in _batches(5):
@@ -69,7 +69,7 @@ def test_chunk_equals_single_steps_and_compiles_once():
   images = jax.random.randint(jax.random.key(1), (40, 28, 28, 1), 0, 256).astype(jnp.uint8)
   steps_per_epoch = 40 // 8
   chunk = train.make_train_chunk(
-      step, chunk_len=4, batch_size=8, steps_per_epoch=steps_per_epoch, binarization="dynamic"
+    step, chunk_len=4, batch_size=8, steps_per_epoch=steps_per_epoch, binarization="dynamic"
   )
   shuffle_key, eps_key, bin_key = jax.random.key(2), jax.random.key(3), jax.random.key(4)
   perms = [train.epoch_permutation(shuffle_key, e, 40) for e in range(3)]
@@ -161,7 +161,7 @@ def test_resume_is_bit_exact(smoke_config, tmp_path):
   assert keys == sorted(keys, key=lambda k: (k[0], k[1] == "test"))
   # Evaluations are identical; the interrupted run adds a train row at its end.
   assert [r for r in resumed_rows if r["split"] == "test"] == [
-      r for r in full_rows if r["split"] == "test"
+    r for r in full_rows if r["split"] == "test"
   ]
   assert {(r["step"], r["split"]) for r in full_rows} <= set(keys)
   assert (12, "train") in keys
@@ -181,7 +181,9 @@ def test_non_finite_loss_stops_before_checkpointing(smoke_config, tmp_path):
   assert steps == list(range(1, bad_step + 1))[: len(steps)]
   assert all(s <= bad_step for s in steps)
   for step in steps:
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / str(step) / "default")
+    restored = ocp.StandardCheckpointer().restore(
+      tmp_path / "run" / "checkpoints" / str(step) / "default"
+    )
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored))
 
 
@@ -203,9 +205,18 @@ def test_bad_config_values_are_clear_errors(smoke_config, tmp_path):
 
 def test_cli_rejects_unknown_config_field(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "vae_jax.main", "--config=configs/mnist.py:smoke",
-       f"--workdir={tmp_path}", "--config.not_a_field=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+    [
+      sys.executable,
+      "-m",
+      "vae_jax.main",
+      "--config=configs/mnist.py:smoke",
+      f"--workdir={tmp_path}",
+      "--config.not_a_field=1",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert result.returncode != 0
   assert "not_a_field" in result.stderr

@@ -46,9 +46,9 @@ class Checkpointer:
   def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 3):
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      self.directory,
+      item_handlers=ocp.StandardCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
     )
 
   def all_steps(self) -> list[int]:
@@ -82,16 +82,16 @@ class Checkpointer:
       return
     wanted = _shapes(target)
     diffs = [
-        f"  {path}: checkpoint {stored_shapes.get(path, 'missing')} vs this config {shape}"
-        for path, shape in wanted.items()
-        if stored_shapes.get(path) != shape
+      f"  {path}: checkpoint {stored_shapes.get(path, 'missing')} vs this config {shape}"
+      for path, shape in wanted.items()
+      if stored_shapes.get(path) != shape
     ]
     if diffs:
       raise CheckpointError(
-          f"Checkpoint {step} in {self.directory} does not match the model of this config:\n"
-          + "\n".join(diffs[:10])
-          + ("\n  ..." if len(diffs) > 10 else "")
-          + "\nUse a fresh --workdir for a different model, or the config that wrote it."
+        f"Checkpoint {step} in {self.directory} does not match the model of this config:\n"
+        + "\n".join(diffs[:10])
+        + ("\n  ..." if len(diffs) > 10 else "")
+        + "\nUse a fresh --workdir for a different model, or the config that wrote it."
       )
 
   def restore_latest(self, target: PyTree) -> tuple[int, PyTree] | None:
@@ -119,15 +119,15 @@ class Checkpointer:
         return step, state
       except Exception as e:  # noqa: BLE001 - any failure: fall back to an older one.
         logging.warning(
-            "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
-            step,
-            self.directory,
-            type(e).__name__,
-            str(e).splitlines()[0] if str(e) else "",
+          "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
+          step,
+          self.directory,
+          type(e).__name__,
+          str(e).splitlines()[0] if str(e) else "",
         )
         errors.append(f"  step {step}: {type(e).__name__}: {e}")
     raise CheckpointError(
-        f"No checkpoint in {self.directory} could be restored:\n"
-        + "\n".join(errors)
-        + "\nMove the directory away to start afresh."
+      f"No checkpoint in {self.directory} could be restored:\n"
+      + "\n".join(errors)
+      + "\nMove the directory away to start afresh."
     )

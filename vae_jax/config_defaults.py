@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 # Fields that may change when a run resumes from its workdir: they change how
 # long or how visibly it runs, not what it computes.
-RESUMABLE_CHANGES = frozenset({
+RESUMABLE_CHANGES = frozenset(
+  {
     "num_epochs",
     "log_every_steps",
     "eval_every_steps",
@@ -69,4 +70,5 @@ RESUMABLE_CHANGES = frozenset({
     "progress_bar",
     "data_dir",
     "idx_dir",
-})
+  }
+)

@@ -28,9 +28,9 @@ def decoder_mean(decoded: Array, likelihood: str) -> Array:
 
 
 def make_eval_fn(
-    model: Model,
-    log_likelihood_fn: losses.LogLikelihoodFn,
-    batch_size: int,
+  model: Model,
+  log_likelihood_fn: losses.LogLikelihoodFn,
+  batch_size: int,
 ) -> Callable[[Params, Array, Array], dict[str, Array]]:
   """Returns ``evaluate(params, x, key) -> {"elbo", "reconstruction", "kl"}``.
 
@@ -53,21 +53,21 @@ def make_eval_fn(
       i, batch, m = inputs
       mean, logvar = model.encode(params, batch)
       out = losses.elbo(
-          jax.random.fold_in(key, i),
-          batch,
-          mean,
-          logvar,
-          functools.partial(model.decode, params),
-          log_likelihood_fn,
+        jax.random.fold_in(key, i),
+        batch,
+        mean,
+        logvar,
+        functools.partial(model.decode, params),
+        log_likelihood_fn,
       )
       sums = {k: jnp.sum(getattr(out, k) * m) for k in totals}
       return {k: totals[k] + sums[k] for k in totals}, None
 
     zero = jnp.zeros((), jnp.float32)
     totals, _ = jax.lax.scan(
-        body,
-        {"elbo": zero, "reconstruction": zero, "kl": zero},
-        (jnp.arange(num_batches), xb, mask),
+      body,
+      {"elbo": zero, "reconstruction": zero, "kl": zero},
+      (jnp.arange(num_batches), xb, mask),
     )
     return {k: v / n for k, v in totals.items()}
 

@@ -44,8 +44,8 @@ EVAL_BINARIZATION_SEED = 0
 BINARIZATIONS = ("none", "threshold", "dynamic")
 SPLITS = ("train", "test")
 _IDX_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+  "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _CONNECT_TIMEOUT_S = 5.0
 _DOWNLOAD_TIMEOUT_S = 60.0
@@ -61,18 +61,18 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        name="mnist",
-        description="MNIST handwritten digits (LeCun et al.), 60k/10k 28x28 grey.",
-        url="https://storage.googleapis.com/cvdf-datasets/mnist/",
-    ),
-    "fashion_mnist": DatasetSpec(
-        name="fashion_mnist",
-        description="Fashion-MNIST (Xiao et al. 2017), 60k/10k 28x28 grey.",
-        url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        system_dirs=("/usr/share/datasets/fashion-mnist",),
-        install_hint="On Debian/Ubuntu: `apt-get install dataset-fashion-mnist`.",
-    ),
+  "mnist": DatasetSpec(
+    name="mnist",
+    description="MNIST handwritten digits (LeCun et al.), 60k/10k 28x28 grey.",
+    url="https://storage.googleapis.com/cvdf-datasets/mnist/",
+  ),
+  "fashion_mnist": DatasetSpec(
+    name="fashion_mnist",
+    description="Fashion-MNIST (Xiao et al. 2017), 60k/10k 28x28 grey.",
+    url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    system_dirs=("/usr/share/datasets/fashion-mnist",),
+    install_hint="On Debian/Ubuntu: `apt-get install dataset-fashion-mnist`.",
+  ),
 }
 
 
@@ -123,8 +123,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   expected = header_len + int(np.prod(shape))
   if len(raw) != expected:
     raise DataError(
-        f"{path} has {len(raw)} bytes but its header {shape} needs {expected}: the file "
-        "is truncated or corrupt. Replace it."
+      f"{path} has {len(raw)} bytes but its header {shape} needs {expected}: the file "
+      "is truncated or corrupt. Replace it."
     )
   return np.frombuffer(raw, np.uint8, offset=header_len).reshape(shape)
 
@@ -135,15 +135,15 @@ def read_idx_split(idx_dir: str | os.PathLike, split: str) -> Split:
   images, labels = read_idx(images_file), read_idx(labels_file)
   if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
     raise DataError(
-        f"{images_file} {images.shape} and {labels_file} {labels.shape} do not form a "
-        "dataset of [n, height, width] images with [n] labels."
+      f"{images_file} {images.shape} and {labels_file} {labels.shape} do not form a "
+      "dataset of [n, height, width] images with [n] labels."
     )
   return Split(images=images[..., None], labels=labels.astype(np.int32))
 
 
 def missing_idx_files(idx_dir: str | os.PathLike) -> list[str]:
   return [
-      f for files in _IDX_FILES.values() for f in files if not (pathlib.Path(idx_dir) / f).is_file()
+    f for files in _IDX_FILES.values() for f in files if not (pathlib.Path(idx_dir) / f).is_file()
   ]
 
 
@@ -157,22 +157,22 @@ class IdxImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name=spec.name, description=spec.description)
-      for spec in DATASETS.values()
+    tfds.core.BuilderConfig(name=spec.name, description=spec.description)
+    for spec in DATASETS.values()
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = "A directory with the four standard IDX .gz files."
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(
-            {
-                "image": tfds.features.Image(shape=(None, None, 1)),
-                "label": tfds.features.Scalar(np.int32),
-            }
-        ),
-        supervised_keys=("image", "label"),
-        # Keep the files' canonical order (test image i is the papers' test image i).
-        disable_shuffling=True,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 1)),
+          "label": tfds.features.Scalar(np.int32),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      # Keep the files' canonical order (test image i is the papers' test image i).
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -244,11 +244,11 @@ def _offline_message(spec: DatasetSpec, reason: str) -> str:
   files = ", ".join(f for fs in _IDX_FILES.values() for f in fs)
   hint = f"\n  {spec.install_hint}" if spec.install_hint else ""
   return (
-      f"Dataset {spec.name!r} is not prepared and {reason}.\n"
-      f"Provide the four IDX files ({files}) in a directory, then either\n"
-      f"  pass --config.idx_dir=/path/to/dir, or\n"
-      f"  export VAE_JAX_IDX_DIR=/path/to/dir.{hint}\n"
-      f"They are published at {spec.url}."
+    f"Dataset {spec.name!r} is not prepared and {reason}.\n"
+    f"Provide the four IDX files ({files}) in a directory, then either\n"
+    f"  pass --config.idx_dir=/path/to/dir, or\n"
+    f"  export VAE_JAX_IDX_DIR=/path/to/dir.{hint}\n"
+    f"They are published at {spec.url}."
   )
 
 
@@ -259,9 +259,9 @@ def _find_idx_dir(spec: DatasetSpec, idx_dir: str | None, download_dir: pathlib.
     missing = missing_idx_files(explicit)
     if missing:
       raise DataError(
-          f"The IDX directory {explicit} (from "
-          f"{'config.idx_dir' if idx_dir else '$VAE_JAX_IDX_DIR'}) lacks {', '.join(missing)}. "
-          f"Put the four standard files of {spec.name!r} there."
+        f"The IDX directory {explicit} (from "
+        f"{'config.idx_dir' if idx_dir else '$VAE_JAX_IDX_DIR'}) lacks {', '.join(missing)}. "
+        f"Put the four standard files of {spec.name!r} there."
       )
     return explicit
   for candidate in (*spec.system_dirs, str(download_dir)):
@@ -276,9 +276,9 @@ def _find_idx_dir(spec: DatasetSpec, idx_dir: str | None, download_dir: pathlib.
 
 
 def load_dataset(
-    name: str,
-    data_dir: str | None = None,
-    idx_dir: str | None = None,
+  name: str,
+  data_dir: str | None = None,
+  idx_dir: str | None = None,
 ) -> dict[str, Split]:
   """Returns ``{"train": Split, "test": Split}`` for dataset ``name``.
 
@@ -304,8 +304,8 @@ def load_dataset(
     source = _find_idx_dir(spec, idx_dir, data_dir / "downloads" / "vae_jax" / name)
     logging.info("Preparing %s from %s into %s", name, source, builder.data_dir)
     builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=source),
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(manual_dir=source),
     )
   return {split: _load_split(builder, split) for split in SPLITS}
 

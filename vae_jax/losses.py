@@ -18,6 +18,7 @@ Everything here imports only ``jax`` and works unchanged under ``jax.jit``,
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,26 +42,26 @@ _LOG_2PI = math.log(2.0 * math.pi)
 def _check_float(name: str, a: Array) -> None:
   if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
     raise TypeError(
-        f"{name} must be a floating-point array, got dtype {jnp.asarray(a).dtype}. "
-        f"Convert it first, e.g. {name}.astype(jnp.float32) (images: divide uint8 "
-        "pixels by 255)."
+      f"{name} must be a floating-point array, got dtype {jnp.asarray(a).dtype}. "
+      f"Convert it first, e.g. {name}.astype(jnp.float32) (images: divide uint8 "
+      "pixels by 255)."
     )
 
 
 def _check_same_shape(name_a: str, a: Array, name_b: str, b: Array) -> None:
   if jnp.shape(a) != jnp.shape(b):
     raise ValueError(
-        f"{name_a} and {name_b} must have the same shape, got {jnp.shape(a)} and "
-        f"{jnp.shape(b)}. vae_jax.losses never broadcasts these silently; "
-        "reshape or add the sample axis explicitly."
+      f"{name_a} and {name_b} must have the same shape, got {jnp.shape(a)} and "
+      f"{jnp.shape(b)}. vae_jax.losses never broadcasts these silently; "
+      "reshape or add the sample axis explicitly."
     )
 
 
 def _check_event_ndims(name: str, a: Array, event_ndims: int) -> None:
   if not 0 <= event_ndims <= jnp.ndim(a):
     raise ValueError(
-        f"event_ndims={event_ndims} is out of range for {name} of shape "
-        f"{jnp.shape(a)}: it must be between 0 and {jnp.ndim(a)}."
+      f"event_ndims={event_ndims} is out of range for {name} of shape "
+      f"{jnp.shape(a)}: it must be between 0 and {jnp.ndim(a)}."
     )
 
 
@@ -80,10 +81,10 @@ def _sum_event(a: Array, event_ndims: int) -> Array:
 
 
 def reparameterize(
-    key: Array,
-    mean: Array,
-    logvar: Array,
-    num_samples: int | None = None,
+  key: Array,
+  mean: Array,
+  logvar: Array,
+  num_samples: int | None = None,
 ) -> Array:
   """Draws ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``.
 
@@ -101,8 +102,14 @@ def reparameterize(
   _check_float("mean", mean)
   _check_float("logvar", logvar)
   _check_same_shape("mean", mean, "logvar", logvar)
-  if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-    raise ValueError(f"num_samples must be None or a positive int, got {num_samples!r}.")
+  if num_samples is not None:
+    try:  # Python and numpy integers; not floats, not bools.
+      count = None if isinstance(num_samples, bool) else operator.index(num_samples)
+    except TypeError:
+      count = None
+    if count is None or count < 1:
+      raise ValueError(f"num_samples must be None or a positive int, got {num_samples!r}.")
+    num_samples = count
   shape = mean.shape if num_samples is None else (num_samples, *mean.shape)
   eps = jax.random.normal(key, shape, dtype=mean.dtype)
   if num_samples is not None:  # Explicit sample axis: no implicit rank promotion.
@@ -162,8 +169,8 @@ def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> A
     event_ndims: how many trailing axes form one example.
 
   Returns:
-    ``logits.shape[:-event_ndims]`` log-likelihoods in nats (``<= 0`` for
-    binary targets).
+    ``logits`` without its last ``event_ndims`` axes: log-likelihoods in nats
+    (``<= 0`` for binary targets).
   """
   _check_float("logits", logits)
   _check_float("x", x)
@@ -176,10 +183,10 @@ def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> A
 
 
 def gaussian_log_likelihood(
-    mean: Array,
-    x: Array,
-    variance: float | Array = 1.0,
-    event_ndims: int = 1,
+  mean: Array,
+  x: Array,
+  variance: float | Array = 1.0,
+  event_ndims: int = 1,
 ) -> Array:
   """log N(x | mean, variance * I), constants included, summed over events.
 
@@ -194,7 +201,7 @@ def gaussian_log_likelihood(
     event_ndims: how many trailing axes form one example.
 
   Returns:
-    ``mean.shape[:-event_ndims]`` log-densities in nats.
+    ``mean`` without its last ``event_ndims`` axes: log-densities in nats.
   """
   _check_float("mean", mean)
   _check_float("x", x)
@@ -219,6 +226,8 @@ def diag_gaussian_log_prob(z: Array, mean: Array, logvar: Array) -> Array:
     ``[...]`` log-densities in nats.
   """
   _check_float("z", z)
+  _check_float("mean", mean)
+  _check_float("logvar", logvar)
   _check_same_shape("z", z, "mean", mean)
   _check_same_shape("z", z, "logvar", logvar)
   dtype = _compute_dtype(z, mean, logvar)
@@ -259,8 +268,8 @@ def _check_latents(x: Array, mean: Array, logvar: Array) -> None:
     raise ValueError(f"mean and logvar must be [batch, latent], got shape {mean.shape}.")
   if jnp.ndim(x) < 1 or x.shape[0] != mean.shape[0]:
     raise ValueError(
-        f"x is {jnp.shape(x)} but mean is {mean.shape}: x must be [batch, *event_shape] "
-        "with the same batch size as the posterior."
+      f"x is {jnp.shape(x)} but mean is {mean.shape}: x must be [batch, *event_shape] "
+      "with the same batch size as the posterior."
     )
 
 
@@ -271,29 +280,35 @@ def _decode_samples(decode_fn: DecodeFn, z: Array, x: Array) -> Array:
   expected = (num_samples * batch, *x.shape[1:])
   if out.shape != expected:
     raise ValueError(
-        f"decode_fn returned shape {out.shape} for {num_samples * batch} latents, "
-        f"expected {expected} to match x of shape {x.shape}."
+      f"decode_fn returned shape {out.shape} for {num_samples * batch} latents, "
+      f"expected {expected} to match x of shape {x.shape}."
     )
   return out.reshape(num_samples, *x.shape)
 
 
-def _sample_log_likelihoods(
-    log_likelihood_fn: LogLikelihoodFn, decoded: Array, x: Array
-) -> Array:
+def _sample_log_likelihoods(log_likelihood_fn: LogLikelihoodFn, decoded: Array, x: Array) -> Array:
   """``decoded: [S, B, *event]``, ``x: [B, *event]`` -> ``[S, B]``."""
-  return jax.vmap(log_likelihood_fn, in_axes=(0, None))(decoded, x)
+  log_px = jax.vmap(log_likelihood_fn, in_axes=(0, None))(decoded, x)
+  # Checked here so that iw_log_weights, not only elbo, rejects a per-sample
+  # result that would broadcast against log p(z) (e.g. [B, H, W] for images).
+  if log_px.shape != decoded.shape[:2]:
+    raise ValueError(
+      f"log_likelihood_fn returned shape {log_px.shape[1:]} per sample, expected "
+      f"({x.shape[0]},): it must sum over every event axis of x {x.shape}."
+    )
+  return log_px
 
 
 def elbo(
-    key: Array,
-    x: Array,
-    mean: Array,
-    logvar: Array,
-    decode_fn: DecodeFn,
-    log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
-    *,
-    beta: float | Array = 1.0,
-    num_samples: int = 1,
+  key: Array,
+  x: Array,
+  mean: Array,
+  logvar: Array,
+  decode_fn: DecodeFn,
+  log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
+  *,
+  beta: float | Array = 1.0,
+  num_samples: int = 1,
 ) -> ElboOutput:
   """The beta-ELBO ``E_q[log p(x|z)] - beta * KL(q(z|x) || N(0, I))`` per example.
 
@@ -322,25 +337,20 @@ def elbo(
   z = reparameterize(key, mean, logvar, num_samples)
   decoded = _decode_samples(decode_fn, z, x)
   log_px = _sample_log_likelihoods(log_likelihood_fn, decoded, x)
-  if log_px.shape != (num_samples, x.shape[0]):
-    raise ValueError(
-        f"log_likelihood_fn returned shape {log_px.shape[1:]} per sample, expected "
-        f"({x.shape[0]},): it must sum over every event axis of x {x.shape}."
-    )
   reconstruction = jnp.mean(log_px, axis=0)
   kl = kl_divergence(mean, logvar)
   return ElboOutput(elbo=reconstruction - beta * kl, reconstruction=reconstruction, kl=kl)
 
 
 def iw_log_weights(
-    key: Array,
-    x: Array,
-    mean: Array,
-    logvar: Array,
-    decode_fn: DecodeFn,
-    log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
-    *,
-    num_samples: int,
+  key: Array,
+  x: Array,
+  mean: Array,
+  logvar: Array,
+  decode_fn: DecodeFn,
+  log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
+  *,
+  num_samples: int,
 ) -> Array:
   """Log importance weights ``log p(x, z_k) - log q(z_k | x)`` with ``z_k ~ q``.
 
@@ -356,7 +366,7 @@ def iw_log_weights(
   log_px = _sample_log_likelihoods(log_likelihood_fn, decoded, x)
   log_pz = standard_normal_log_prob(z)
   log_qz = diag_gaussian_log_prob(
-      z, jnp.broadcast_to(mean, z.shape), jnp.broadcast_to(logvar, z.shape)
+    z, jnp.broadcast_to(mean, z.shape), jnp.broadcast_to(logvar, z.shape)
   )
   return log_px + log_pz - log_qz
 
@@ -378,14 +388,14 @@ def iw_bound_from_log_weights(log_weights: Array, axis: int = 0) -> Array:
 
 
 def iw_bound(
-    key: Array,
-    x: Array,
-    mean: Array,
-    logvar: Array,
-    decode_fn: DecodeFn,
-    log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
-    *,
-    num_samples: int,
+  key: Array,
+  x: Array,
+  mean: Array,
+  logvar: Array,
+  decode_fn: DecodeFn,
+  log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
+  *,
+  num_samples: int,
 ) -> Array:
   """The importance-weighted bound ``log (1/K) sum_k p(x, z_k) / q(z_k | x)``.
 
@@ -401,6 +411,6 @@ def iw_bound(
     ``[batch]`` bound values in nats.
   """
   log_w = iw_log_weights(
-      key, x, mean, logvar, decode_fn, log_likelihood_fn, num_samples=num_samples
+    key, x, mean, logvar, decode_fn, log_likelihood_fn, num_samples=num_samples
   )
   return iw_bound_from_log_weights(log_w, axis=0)

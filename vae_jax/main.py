@@ -16,7 +16,7 @@ from vae_jax import train
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file, e.g. configs/mnist.py[:smoke].", lock_config=True
+  "config", None, "Path to a config file, e.g. configs/mnist.py[:smoke].", lock_config=True
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,7 +26,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Orbax reports every save step at INFO; keep its warnings, drop the chatter.
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
+    lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
   )
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)

@@ -19,12 +19,12 @@ Array = jax.Array
 Params = Any
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
-    "elu": jax.nn.elu,
-    "softplus": jax.nn.softplus,
-    "swish": jax.nn.swish,
+  "relu": jax.nn.relu,
+  "tanh": jnp.tanh,
+  "gelu": jax.nn.gelu,
+  "elu": jax.nn.elu,
+  "softplus": jax.nn.softplus,
+  "swish": jax.nn.swish,
 }
 
 
@@ -102,12 +102,12 @@ class Model(NamedTuple):
 
 
 def make_mlp_vae(
-    event_shape: Sequence[int],
-    latents: int,
-    encoder_hidden: Sequence[int] = (500,),
-    decoder_hidden: Sequence[int] | None = None,
-    activation: str = "relu",
-    logvar_bound: float | None = 30.0,
+  event_shape: Sequence[int],
+  latents: int,
+  encoder_hidden: Sequence[int] = (500,),
+  decoder_hidden: Sequence[int] | None = None,
+  activation: str = "relu",
+  logvar_bound: float | None = 30.0,
 ) -> Model:
   """An MLP VAE; the defaults are the Flax example's 784-500-20 / 20-500-784.
 
@@ -136,15 +136,15 @@ def make_mlp_vae(
     enc_key, dec_key = jax.random.split(key)
     z = jnp.zeros((x.shape[0], latents), x.dtype)
     return {
-        "encoder": encoder.init(enc_key, x)["params"],
-        "decoder": decoder.init(dec_key, z)["params"],
+      "encoder": encoder.init(enc_key, x)["params"],
+      "decoder": decoder.init(dec_key, z)["params"],
     }
 
   def encode(params: Params, x: Array) -> tuple[Array, Array]:
     if tuple(x.shape[1:]) != event_shape:
       raise ValueError(
-          f"encode got x of shape {x.shape}, but the model was built for examples of shape "
-          f"{event_shape}. Check the dataset and config.model fields."
+        f"encode got x of shape {x.shape}, but the model was built for examples of shape "
+        f"{event_shape}. Check the dataset and config.model fields."
       )
     return encoder.apply({"params": params["encoder"]}, x)
 
@@ -162,10 +162,10 @@ def make_model(config: ml_collections.ConfigDict, event_shape: Sequence[int]) ->
   if m.kind != "mlp":
     raise ValueError(f"Unknown config.model.kind {m.kind!r}; available: 'mlp'.")
   return make_mlp_vae(
-      event_shape=event_shape,
-      latents=m.latents,
-      encoder_hidden=tuple(m.encoder_hidden),
-      decoder_hidden=tuple(m.decoder_hidden) if m.decoder_hidden is not None else None,
-      activation=m.activation,
-      logvar_bound=m.logvar_bound,
+    event_shape=event_shape,
+    latents=m.latents,
+    encoder_hidden=tuple(m.encoder_hidden),
+    decoder_hidden=tuple(m.decoder_hidden) if m.decoder_hidden is not None else None,
+    activation=m.activation,
+    logvar_bound=m.logvar_bound,
   )

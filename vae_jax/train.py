@@ -69,7 +69,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     opt = optax.rmsprop(o.learning_rate)
   else:
     raise ValueError(
-        f"Unknown config.optimizer.name {o.name!r}; choose adam, adamw, sgd or rmsprop."
+      f"Unknown config.optimizer.name {o.name!r}; choose adam, adamw, sgd or rmsprop."
     )
   if o.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
@@ -77,7 +77,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def make_log_likelihood_fn(
-    config: ml_collections.ConfigDict, event_ndims: int
+  config: ml_collections.ConfigDict, event_ndims: int
 ) -> losses.LogLikelihoodFn:
   m = config.model
   if m.likelihood == "bernoulli":
@@ -86,37 +86,37 @@ def make_log_likelihood_fn(
     if m.gaussian_variance <= 0:
       raise ValueError(f"config.model.gaussian_variance must be > 0, got {m.gaussian_variance}.")
     return functools.partial(
-        losses.gaussian_log_likelihood, variance=m.gaussian_variance, event_ndims=event_ndims
+      losses.gaussian_log_likelihood, variance=m.gaussian_variance, event_ndims=event_ndims
     )
   raise ValueError(f"Unknown config.model.likelihood {m.likelihood!r}; use bernoulli or gaussian.")
 
 
 def make_loss_fn(
-    model: Model,
-    log_likelihood_fn: losses.LogLikelihoodFn,
-    beta: float,
-    num_samples: int,
+  model: Model,
+  log_likelihood_fn: losses.LogLikelihoodFn,
+  beta: float,
+  num_samples: int,
 ) -> Callable[[Params, Array, Array], tuple[Array, Metrics]]:
   """``loss_fn(params, x, key) -> (loss, metrics)``: the negative beta-ELBO, batch mean."""
 
   def loss_fn(params: Params, x: Array, key: Array) -> tuple[Array, Metrics]:
     mean, logvar = model.encode(params, x)
     out = losses.elbo(
-        key,
-        x,
-        mean,
-        logvar,
-        functools.partial(model.decode, params),
-        log_likelihood_fn,
-        beta=beta,
-        num_samples=num_samples,
+      key,
+      x,
+      mean,
+      logvar,
+      functools.partial(model.decode, params),
+      log_likelihood_fn,
+      beta=beta,
+      num_samples=num_samples,
     )
     loss = -jnp.mean(out.elbo)
     metrics = {
-        "loss": loss,
-        "elbo": jnp.mean(out.reconstruction - out.kl),  # The beta=1 bound, for comparison.
-        "reconstruction": jnp.mean(out.reconstruction),
-        "kl": jnp.mean(out.kl),
+      "loss": loss,
+      "elbo": jnp.mean(out.reconstruction - out.kl),  # The beta=1 bound, for comparison.
+      "reconstruction": jnp.mean(out.reconstruction),
+      "kl": jnp.mean(out.kl),
     }
     return loss, metrics
 
@@ -124,8 +124,8 @@ def make_loss_fn(
 
 
 def make_train_step(
-    loss_fn: Callable[[Params, Array, Array], tuple[Array, Metrics]],
-    optimizer: optax.GradientTransformation,
+  loss_fn: Callable[[Params, Array, Array], tuple[Array, Metrics]],
+  optimizer: optax.GradientTransformation,
 ) -> Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]]:
   """Returns the pure ``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -151,12 +151,12 @@ def epoch_permutation(shuffle_key: Array, epoch: int | Array, num_examples: int)
 
 
 def make_train_chunk(
-    train_step: Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]],
-    *,
-    chunk_len: int,
-    batch_size: int,
-    steps_per_epoch: int,
-    binarization: str,
+  train_step: Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]],
+  *,
+  chunk_len: int,
+  batch_size: int,
+  steps_per_epoch: int,
+  binarization: str,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
   """One jitted call that runs up to ``chunk_len`` train steps on device.
 
@@ -178,7 +178,7 @@ def make_train_chunk(
       order = perms[step // steps_per_epoch - first_epoch]
       idx = jax.lax.dynamic_slice(order, ((step % steps_per_epoch) * batch_size,), (batch_size,))
       batch = input_pipeline.preprocess(
-          images[idx], binarization, jax.random.fold_in(bin_key, step)
+        images[idx], binarization, jax.random.fold_in(bin_key, step)
       )
       return train_step(state, batch, eps_key)
 
@@ -202,8 +202,15 @@ def make_train_chunk(
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError with what to change for values the loop cannot use."""
   input_pipeline.check_binarization(config.binarization)
-  for name in ("batch_size", "num_epochs", "steps_per_dispatch", "eval_batch_size",
-               "keep_checkpoints", "num_samples", "log_every_steps"):
+  for name in (
+    "batch_size",
+    "num_epochs",
+    "steps_per_dispatch",
+    "eval_batch_size",
+    "keep_checkpoints",
+    "num_samples",
+    "log_every_steps",
+  ):
     if config[name] < 1:
       raise ValueError(f"config.{name} must be a positive integer, got {config[name]}.")
   for name in ("eval_every_steps", "checkpoint_every_steps", "num_image_samples"):
@@ -231,15 +238,15 @@ def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> N
     previous = _flatten(json.loads(path.read_text()))
     now = _flatten(current)
     diffs = sorted(
-        k
-        for k in set(previous) | set(now)
-        if previous.get(k) != now.get(k) and k not in config_defaults.RESUMABLE_CHANGES
+      k
+      for k in set(previous) | set(now)
+      if previous.get(k) != now.get(k) and k not in config_defaults.RESUMABLE_CHANGES
     )
     if diffs:
       lines = [f"  {k}: workdir has {previous.get(k)!r}, now {now.get(k)!r}" for k in diffs]
       raise ValueError(
-          f"{workdir} holds a run with a different config:\n" + "\n".join(lines) + "\n"
-          "Resuming would mix two experiments. Use a new --workdir, or the same config."
+        f"{workdir} holds a run with a different config:\n" + "\n".join(lines) + "\n"
+        "Resuming would mix two experiments. Use a new --workdir, or the same config."
       )
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
@@ -268,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(
-        f"config.batch_size={config.batch_size} exceeds the {num_train} training examples."
+      f"config.batch_size={config.batch_size} exceeds the {num_train} training examples."
     )
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
@@ -281,11 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples)
   train_step = make_train_step(loss_fn, optimizer)
   train_chunk = make_train_chunk(
-      train_step,
-      chunk_len=chunk_len,
-      batch_size=config.batch_size,
-      steps_per_epoch=steps_per_epoch,
-      binarization=config.binarization,
+    train_step,
+    chunk_len=chunk_len,
+    batch_size=config.batch_size,
+    steps_per_epoch=steps_per_epoch,
+    binarization=config.binarization,
   )
   eval_fn = evaluate.make_eval_fn(model, ll_fn, config.eval_batch_size)
 
@@ -323,8 +330,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step = int(state.step)
   pending: list[tuple[int, int, Metrics]] = []  # (first step, num steps, device metrics)
   bar = tqdm.tqdm(
-      total=total_steps, initial=step, disable=not config.progress_bar, unit="step",
-      dynamic_ncols=True,
+    total=total_steps,
+    initial=step,
+    disable=not config.progress_bar,
+    unit="step",
+    dynamic_ncols=True,
   )
   window: list[dict[str, np.ndarray]] = []  # Host metrics since the last log row.
   window_seconds = 0.0  # Training time in the window, without evaluation or saving.
@@ -332,16 +342,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   try:
     while step < total_steps:
       boundary = min(
-          _next_multiple(step, config.log_every_steps),
-          _next_multiple(step, eval_every),
-          _next_multiple(step, ckpt_every),
-          total_steps,
+        _next_multiple(step, config.log_every_steps),
+        _next_multiple(step, eval_every),
+        _next_multiple(step, ckpt_every),
+        total_steps,
       )
       while step < boundary:
         n = min(boundary - step, chunk_len)
         epoch = step // steps_per_epoch
         state, metrics = train_chunk(
-            state, train_images, perms_from(epoch), epoch, n, keys[KEY_EPS], keys[KEY_BINARIZE]
+          state, train_images, perms_from(epoch), epoch, n, keys[KEY_EPS], keys[KEY_BINARIZE]
         )
         pending.append((step, n, metrics))
         step += n
@@ -359,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         scalars["epoch"] = step / steps_per_epoch
         writer.write_scalars(step, "train", scalars)
         bar.set_postfix(
-            loss=f"{scalars['loss']:.2f}", ex_per_s=f"{scalars['examples_per_sec']:.0f}"
+          loss=f"{scalars['loss']:.2f}", ex_per_s=f"{scalars['examples_per_sec']:.0f}"
         )
         window.clear()
         window_seconds = 0.0
@@ -377,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _pull_and_check(
-    pending: list[tuple[int, int, Metrics]], latest_checkpoint: int | None
+  pending: list[tuple[int, int, Metrics]], latest_checkpoint: int | None
 ) -> dict[str, np.ndarray]:
   """Brings the metrics of finished chunks to the host; stops on non-finite values."""
   host = [(s, n, jax.device_get(m)) for s, n, m in pending]
@@ -386,10 +396,10 @@ def _pull_and_check(
   if bad.any():
     first = host[0][0] + int(np.argmax(bad))
     raise NonFiniteError(
-        f"Non-finite loss or gradient at step {first} (loss={rows['loss'][bad][0]}, "
-        f"grad_norm={rows['grad_norm'][bad][0]}). The run stopped before saving it; the "
-        f"latest checkpoint is step {latest_checkpoint}. Lower config.optimizer.learning_rate "
-        "or set config.optimizer.grad_clip_norm, then run the same command to resume."
+      f"Non-finite loss or gradient at step {first} (loss={rows['loss'][bad][0]}, "
+      f"grad_norm={rows['grad_norm'][bad][0]}). The run stopped before saving it; the "
+      f"latest checkpoint is step {latest_checkpoint}. Lower config.optimizer.learning_rate "
+      "or set config.optimizer.grad_clip_norm, then run the same command to resume."
     )
   return rows
 
@@ -400,8 +410,11 @@ def _evaluate_and_write(config, model, params, eval_fn, test_x, keys, writer, st
   scalars["neg_elbo"] = -scalars["elbo"]
   writer.write_scalars(step, "test", scalars)
   logging.info(
-      "step %d: test ELBO %.3f (reconstruction %.3f, KL %.3f) nats",
-      step, scalars["elbo"], scalars["reconstruction"], scalars["kl"],
+    "step %d: test ELBO %.3f (reconstruction %.3f, KL %.3f) nats",
+    step,
+    scalars["elbo"],
+    scalars["reconstruction"],
+    scalars["kl"],
   )
   n = config.num_image_samples
   if n:
