@@ -31,12 +31,14 @@ def make_eval_fn(
   model: Model,
   log_likelihood_fn: losses.LogLikelihoodFn,
   batch_size: int,
+  deterministic: bool = False,
 ) -> Callable[[Params, Array, Array], dict[str, Array]]:
   """Returns ``evaluate(params, x, key) -> {"elbo", "reconstruction", "kl"}``.
 
   ``x: [n, *event_shape]`` is the whole preprocessed split; the results are
   means over its ``n`` examples in nats (ELBO with ``beta=1``, one sample of z
-  per example drawn from ``key``).
+  per example drawn from ``key``). ``deterministic=True`` (the autoencoder
+  baseline) decodes the posterior mean and reports ``kl = 0``.
   """
 
   @jax.jit
@@ -52,14 +54,18 @@ def make_eval_fn(
     def body(totals, inputs):
       i, batch, m = inputs
       mean, logvar = model.encode(params, batch)
-      out = losses.elbo(
-        jax.random.fold_in(key, i),
-        batch,
-        mean,
-        logvar,
-        functools.partial(model.decode, params),
-        log_likelihood_fn,
-      )
+      if deterministic:
+        rec = log_likelihood_fn(model.decode(params, mean), batch)
+        out = losses.ElboOutput(elbo=rec, reconstruction=rec, kl=jnp.zeros_like(rec))
+      else:
+        out = losses.elbo(
+          jax.random.fold_in(key, i),
+          batch,
+          mean,
+          logvar,
+          functools.partial(model.decode, params),
+          log_likelihood_fn,
+        )
       sums = {k: jnp.sum(getattr(out, k) * m) for k in totals}
       return {k: totals[k] + sums[k] for k in totals}, None
 

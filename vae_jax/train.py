@@ -96,27 +96,43 @@ def make_loss_fn(
   log_likelihood_fn: losses.LogLikelihoodFn,
   beta: float,
   num_samples: int,
+  objective: str = "elbo",
 ) -> Callable[[Params, Array, Array], tuple[Array, Metrics]]:
-  """``loss_fn(params, x, key) -> (loss, metrics)``: the negative beta-ELBO, batch mean."""
+  """``loss_fn(params, x, key) -> (loss, metrics)``: batch means, in nats.
+
+  ``objective="elbo"``: the negative beta-ELBO with ``num_samples`` samples.
+  ``objective="autoencoder"``: the deterministic autoencoder baseline, decoding
+  the encoder's mean with no noise and no KL; its loss is the negative
+  reconstruction log-likelihood (``kl`` is reported as 0 and ``elbo`` is not a
+  bound, only the reconstruction term).
+  """
+  if objective not in ("elbo", "autoencoder"):
+    raise ValueError(f"Unknown config.objective {objective!r}; use 'elbo' or 'autoencoder'.")
 
   def loss_fn(params: Params, x: Array, key: Array) -> tuple[Array, Metrics]:
     mean, logvar = model.encode(params, x)
-    out = losses.elbo(
-      key,
-      x,
-      mean,
-      logvar,
-      functools.partial(model.decode, params),
-      log_likelihood_fn,
-      beta=beta,
-      num_samples=num_samples,
-    )
-    loss = -jnp.mean(out.elbo)
+    if objective == "autoencoder":
+      reconstruction = log_likelihood_fn(model.decode(params, mean), x)
+      kl = jnp.zeros_like(reconstruction)
+      objective_value = reconstruction
+    else:
+      out = losses.elbo(
+        key,
+        x,
+        mean,
+        logvar,
+        functools.partial(model.decode, params),
+        log_likelihood_fn,
+        beta=beta,
+        num_samples=num_samples,
+      )
+      reconstruction, kl, objective_value = out.reconstruction, out.kl, out.elbo
+    loss = -jnp.mean(objective_value)
     metrics = {
       "loss": loss,
-      "elbo": jnp.mean(out.reconstruction - out.kl),  # The beta=1 bound, for comparison.
-      "reconstruction": jnp.mean(out.reconstruction),
-      "kl": jnp.mean(out.kl),
+      "elbo": jnp.mean(reconstruction - kl),  # The beta=1 bound, for comparison.
+      "reconstruction": jnp.mean(reconstruction),
+      "kl": jnp.mean(kl),
     }
     return loss, metrics
 
@@ -285,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   model = make_model(config, event_shape)
   ll_fn = make_log_likelihood_fn(config, len(event_shape))
   optimizer = make_optimizer(config)
-  loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples)
+  loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples, config.objective)
   train_step = make_train_step(loss_fn, optimizer)
   train_chunk = make_train_chunk(
     train_step,
@@ -294,7 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     steps_per_epoch=steps_per_epoch,
     binarization=config.binarization,
   )
-  eval_fn = evaluate.make_eval_fn(model, ll_fn, config.eval_batch_size)
+  eval_fn = evaluate.make_eval_fn(
+    model, ll_fn, config.eval_batch_size, deterministic=config.objective == "autoencoder"
+  )
 
   root = jax.random.key(config.seed)
   keys = {tag: jax.random.fold_in(root, tag) for tag in range(6)}
