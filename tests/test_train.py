@@ -26,8 +26,7 @@ def _tiny_parts(batch_size=8, seed=0):
   loss_fn = train.make_loss_fn(
     model, lambda logits, x: losses.bernoulli_log_likelihood(logits, x, event_ndims=3), 1.0, 1
   )
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
-  state = train.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  state = train.initial_state(model, optimizer, jax.random.key(seed), (28, 28, 1))
   return model, optimizer, loss_fn, state
 
 

@@ -9,6 +9,8 @@ while the previous step is written.
 from __future__ import annotations
 
 import pathlib
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -48,7 +50,13 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory,
       item_handlers=ocp.StandardCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        # A save killed half-way leaves a *.orbax-checkpoint-tmp* directory that
+        # was never committed; remove it when the run starts again.
+        cleanup_tmp_directories=True,
+      ),
     )
 
   def all_steps(self) -> list[int]:
@@ -68,6 +76,17 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def _unreadable_dir(self) -> pathlib.Path:
+    return self.directory.with_name(self.directory.name + "_unreadable")
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    """Moves an unreadable checkpoint out of the way (kept for inspection, not deleted),
+    so that the run can write that step again."""
+    target = self._unreadable_dir() / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.directory / str(step)), str(target))
+    return target
 
   def _check_compatible(self, step: int, target: PyTree) -> None:
     try:
@@ -116,18 +135,26 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-        return step, state
       except Exception as e:  # noqa: BLE001 - any failure: fall back to an older one.
+        errors.append(f"  step {step}: {type(e).__name__}: {e}")
+        moved = self._set_aside(step)
         logging.warning(
-          "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
+          "Checkpoint %d in %s cannot be restored (%s: %s); moved it to %s and trying the "
+          "previous one.",
           step,
           self.directory,
           type(e).__name__,
           str(e).splitlines()[0] if str(e) else "",
+          moved,
         )
-        errors.append(f"  step {step}: {type(e).__name__}: {e}")
+        continue
+      if errors:
+        self._manager.reload()
+      return step, state
+    self._manager.reload()
     raise CheckpointError(
-      f"No checkpoint in {self.directory} could be restored:\n"
+      f"No checkpoint in {self.directory} could be restored (they were moved to "
+      f"{self._unreadable_dir()}):\n"
       + "\n".join(errors)
       + "\nMove the directory away to start afresh."
     )

@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_image_samples = 64  # Prior samples and reconstructions shown per evaluation.
   c.progress_bar = True
+
+  # A NaN/Inf loss or gradient: "stop" (before anything of it is saved) or
+  # "skip" (drop that update, count it; stop once more than max_nonfinite_skips).
+  c.nonfinite_policy = "stop"
+  c.max_nonfinite_skips = 10
   return c
 
 
@@ -69,6 +74,8 @@ RESUMABLE_CHANGES = frozenset(
     "keep_checkpoints",
     "num_image_samples",
     "progress_bar",
+    "nonfinite_policy",
+    "max_nonfinite_skips",
     "data_dir",
     "idx_dir",
   }

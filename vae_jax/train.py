@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -44,13 +46,49 @@ KEY_INIT, KEY_EPS, KEY_BINARIZE, KEY_SHUFFLE, KEY_EVAL, KEY_SAMPLES = range(6)
 
 
 class TrainState(NamedTuple):
-  step: Array  # int32 scalar: the number of updates applied so far.
+  step: Array  # int32 scalar: the number of steps taken so far (skipped ones included).
   params: Params
   opt_state: optax.OptState
+  num_skipped: Array  # int32 scalar: steps whose update was dropped as non-finite.
+
+
+# A run stopped by SIGTERM (preemption) exits with this code after saving a
+# checkpoint of its current step; the same command resumes it. It is the
+# shell's code for "terminated by SIGTERM", which schedulers treat as preempted.
+EXIT_CODE_PREEMPTED = 143
 
 
 class NonFiniteError(FloatingPointError):
   """A loss or gradient became NaN or infinite; nothing of it was checkpointed."""
+
+
+class Preempted(Exception):  # noqa: N818 - it is an outcome, not a failure.
+  """SIGTERM arrived; a checkpoint of ``step`` was written and the run stopped."""
+
+  def __init__(self, step: int):
+    super().__init__(f"Stopped by SIGTERM after saving a checkpoint at step {step}.")
+    self.step = step
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag that the loop checks between dispatches."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # --------------------------------------------------------------------------
@@ -142,12 +180,18 @@ def make_loss_fn(
 def make_train_step(
   loss_fn: Callable[[Params, Array, Array], tuple[Array, Metrics]],
   optimizer: optax.GradientTransformation,
+  skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]]:
   """Returns the pure ``train_step(state, batch, key) -> (state, metrics)``.
 
   ``batch: [batch, *event_shape]`` preprocessed data. ``key`` is the run's eps
   key; the step folds in its own step number. Jit it with
   ``jax.jit(train_step, donate_argnums=0)``.
+
+  With ``skip_nonfinite``, a step whose loss or gradient is NaN/Inf leaves
+  params and optimizer state unchanged (the step counter still advances, so
+  the data order is unaffected) and increments ``num_skipped``. Otherwise the
+  update is applied and the caller is expected to stop on ``metrics["finite"]``.
   """
 
   def train_step(state: TrainState, batch: Array, key: Array) -> tuple[TrainState, Metrics]:
@@ -156,9 +200,28 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["finite"] = finite
+    num_skipped = state.num_skipped
+    if skip_nonfinite:
+      keep = functools.partial(jnp.where, finite)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      num_skipped = num_skipped + (~finite).astype(jnp.int32)
+    return TrainState(state.step + 1, params, opt_state, num_skipped), metrics
 
   return train_step
+
+
+def initial_state(
+  model: Model, optimizer: optax.GradientTransformation, key: Array, event_shape
+) -> TrainState:
+  """A fresh ``TrainState`` at step 0 (params from ``model.init(key, ...)``)."""
+  params = model.init(key, jnp.zeros((1, *event_shape), jnp.float32))
+  # Two arrays, not one shared: the state is donated leaf by leaf.
+  return TrainState(
+    jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32)
+  )
 
 
 def epoch_permutation(shuffle_key: Array, epoch: int | Array, num_examples: int) -> Array:
@@ -232,6 +295,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("eval_every_steps", "checkpoint_every_steps", "num_image_samples"):
     if config[name] < 0:
       raise ValueError(f"config.{name} must be >= 0 (0: once per epoch), got {config[name]}.")
+  if config.nonfinite_policy not in ("stop", "skip"):
+    raise ValueError(
+      f"config.nonfinite_policy must be 'stop' or 'skip', got {config.nonfinite_policy!r}."
+    )
   if config.beta < 0:
     raise ValueError(f"config.beta must be >= 0, got {config.beta}.")
 
@@ -246,8 +313,15 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Writes ``config.json``; refuses a workdir that holds a run of another config."""
+def record_config(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, allow_change: bool = False
+) -> None:
+  """Writes ``config.json``; refuses a workdir that holds a run of another config.
+
+  Fields in ``config_defaults.RESUMABLE_CHANGES`` may differ. Others raise
+  ``ValueError`` naming them, unless ``allow_change`` (then they are logged and
+  the new config is recorded).
+  """
   path = workdir / "config.json"
   current = json.loads(config.to_json())
   if path.exists() and (workdir / "checkpoints").exists():
@@ -258,11 +332,14 @@ def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> N
       for k in set(previous) | set(now)
       if previous.get(k) != now.get(k) and k not in config_defaults.RESUMABLE_CHANGES
     )
-    if diffs:
-      lines = [f"  {k}: workdir has {previous.get(k)!r}, now {now.get(k)!r}" for k in diffs]
+    lines = [f"  {k}: workdir has {previous.get(k)!r}, now {now.get(k)!r}" for k in diffs]
+    if diffs and allow_change:
+      logging.warning("Config changed on resume (allowed by the caller):\n%s", "\n".join(lines))
+    elif diffs:
       raise ValueError(
         f"{workdir} holds a run with a different config:\n" + "\n".join(lines) + "\n"
-        "Resuming would mix two experiments. Use a new --workdir, or the same config."
+        "Resuming would mix two experiments. Use a new --workdir, the same config, or "
+        "--allow_config_change if you mean to continue this run with the new values."
       )
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
@@ -277,12 +354,22 @@ def _next_multiple(step: int, every: int) -> int:
   return (step // every + 1) * every
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes) the VAE of ``config`` in ``workdir``; returns the final state."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> TrainState:
+  """Trains (or resumes) the VAE of ``config`` in ``workdir``; returns the final state.
+
+  Raises:
+    Preempted: SIGTERM arrived; a checkpoint of the current step was saved.
+    NonFiniteError: a non-finite loss or gradient (policy ``stop``, or more
+      than ``config.max_nonfinite_skips`` skipped steps under ``skip``).
+    ValueError: the config is invalid, or differs from the workdir's run
+      (unless ``allow_config_change``).
+  """
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  record_config(config, workdir)
+  record_config(config, workdir, allow_config_change)
 
   data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
   train_images = jax.device_put(data["train"].images)
@@ -302,7 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ll_fn = make_log_likelihood_fn(config, len(event_shape))
   optimizer = make_optimizer(config)
   loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples, config.objective)
-  train_step = make_train_step(loss_fn, optimizer)
+  train_step = make_train_step(loss_fn, optimizer, skip_nonfinite=config.nonfinite_policy == "skip")
   train_chunk = make_train_chunk(
     train_step,
     chunk_len=chunk_len,
@@ -318,8 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   keys = {tag: jax.random.fold_in(root, tag) for tag in range(6)}
 
   def init_state() -> TrainState:
-    params = model.init(keys[KEY_INIT], jnp.zeros((1, *event_shape), jnp.float32))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    return initial_state(model, optimizer, keys[KEY_INIT], event_shape)
 
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
   writer = writers.MetricWriter(workdir)
@@ -346,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return jnp.stack([perms_cache[epoch], perms_cache[epoch + 1]])
 
   step = int(state.step)
+  num_skipped = int(state.num_skipped)
   pending: list[tuple[int, int, Metrics]] = []  # (first step, num steps, device metrics)
   bar = tqdm.tqdm(
     total=total_steps,
@@ -358,45 +445,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   window_seconds = 0.0  # Training time in the window, without evaluation or saving.
   clock = time.perf_counter()
   try:
-    while step < total_steps:
-      boundary = min(
-        _next_multiple(step, config.log_every_steps),
-        _next_multiple(step, eval_every),
-        _next_multiple(step, ckpt_every),
-        total_steps,
-      )
-      while step < boundary:
-        n = min(boundary - step, chunk_len)
-        epoch = step // steps_per_epoch
-        state, metrics = train_chunk(
-          state, train_images, perms_from(epoch), epoch, n, keys[KEY_EPS], keys[KEY_BINARIZE]
+    with _SigtermFlag() as sigterm:
+      while step < total_steps and not sigterm.raised:
+        boundary = min(
+          _next_multiple(step, config.log_every_steps),
+          _next_multiple(step, eval_every),
+          _next_multiple(step, ckpt_every),
+          total_steps,
         )
-        pending.append((step, n, metrics))
-        step += n
+        while step < boundary and not sigterm.raised:
+          n = min(boundary - step, chunk_len)
+          epoch = step // steps_per_epoch
+          state, metrics = train_chunk(
+            state, train_images, perms_from(epoch), epoch, n, keys[KEY_EPS], keys[KEY_BINARIZE]
+          )
+          pending.append((step, n, metrics))
+          step += n
 
-      # Boundary: metrics come to the host, and are checked before any save.
-      rows = _pull_and_check(pending, checkpointer.latest_step())
-      pending.clear()
-      window.append(rows)
-      window_seconds += time.perf_counter() - clock
-      bar.update(len(rows["loss"]))
-      if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = {k: float(np.mean(np.concatenate([w[k] for w in window]))) for k in rows}
-        num_steps = sum(len(w["loss"]) for w in window)
-        scalars["examples_per_sec"] = num_steps * config.batch_size / window_seconds
-        scalars["epoch"] = step / steps_per_epoch
-        writer.write_scalars(step, "train", scalars)
-        bar.set_postfix(
-          loss=f"{scalars['loss']:.2f}", ex_per_s=f"{scalars['examples_per_sec']:.0f}"
-        )
-        window.clear()
-        window_seconds = 0.0
+        # Boundary: metrics come to the host, and are checked before any save.
+        rows = _pull_and_check(pending, config, num_skipped, checkpointer.latest_step())
+        num_skipped += int(np.sum(~rows["finite"]))
+        pending.clear()
+        if sigterm.raised:  # Preempted: save this step (whatever it is) and stop.
+          logging.warning("SIGTERM: saving checkpoint at step %d and stopping.", step)
+          checkpointer.save(step, state)
+          checkpointer.wait()
+          raise Preempted(step)
+        window.append(rows)
+        window_seconds += time.perf_counter() - clock
+        bar.update(len(rows["loss"]))
+        if step % config.log_every_steps == 0 or step == total_steps:
+          writer.write_scalars(
+            step, "train", _window_scalars(window, window_seconds, config.batch_size)
+          )
+          window.clear()
+          window_seconds = 0.0
 
-      if step % eval_every == 0 or step == total_steps:
-        _evaluate_and_write(config, model, state.params, eval_fn, test_x, keys, writer, step)
-      if step % ckpt_every == 0 or step == total_steps:
-        checkpointer.save(step, state)
-      clock = time.perf_counter()
+        if step % eval_every == 0 or step == total_steps:
+          logging.info("Evaluating at step %d", step)
+          _evaluate_and_write(config, model, state.params, eval_fn, test_x, keys, writer, step)
+        if step % ckpt_every == 0 or step == total_steps:
+          logging.info("Saving checkpoint at step %d", step)
+          checkpointer.save(step, state)
+        clock = time.perf_counter()
   finally:
     bar.close()
     checkpointer.close()
@@ -404,22 +495,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
+def _window_scalars(window, seconds: float, batch_size: int) -> dict[str, float]:
+  """Means of the logged window's per-step metrics, over the steps that were applied."""
+  rows = {k: np.concatenate([w[k] for w in window]) for k in window[0]}
+  finite = rows.pop("finite").astype(bool)
+  scalars = {
+    k: float(np.mean(v[finite])) if finite.any() else float("nan") for k, v in rows.items()
+  }
+  scalars["examples_per_sec"] = len(finite) * batch_size / seconds
+  scalars["skipped_steps"] = float(np.sum(~finite))
+  return scalars
+
+
 def _pull_and_check(
-  pending: list[tuple[int, int, Metrics]], latest_checkpoint: int | None
+  pending: list[tuple[int, int, Metrics]],
+  config: ml_collections.ConfigDict,
+  num_skipped: int,
+  latest_checkpoint: int | None,
 ) -> dict[str, np.ndarray]:
-  """Brings the metrics of finished chunks to the host; stops on non-finite values."""
+  """Brings the metrics of finished chunks to the host and applies the non-finite policy."""
+  if not pending:
+    return {"loss": np.zeros(0), "finite": np.zeros(0, bool)}
   host = [(s, n, jax.device_get(m)) for s, n, m in pending]
   rows = {k: np.concatenate([m[k][:n] for _, n, m in host]) for k in host[0][2]}
-  bad = ~(np.isfinite(rows["loss"]) & np.isfinite(rows["grad_norm"]))
-  if bad.any():
-    first = host[0][0] + int(np.argmax(bad))
+  bad = ~rows["finite"].astype(bool)
+  if not bad.any():
+    return rows
+  first = host[0][0] + int(np.argmax(bad))
+  where = f"at step {first} (loss={rows['loss'][bad][0]}, grad_norm={rows['grad_norm'][bad][0]})"
+  if config.nonfinite_policy == "skip":
+    total = num_skipped + int(bad.sum())
+    logging.warning("Skipped %d non-finite step(s), first %s.", int(bad.sum()), where)
+    if total <= config.max_nonfinite_skips:
+      return rows
     raise NonFiniteError(
-      f"Non-finite loss or gradient at step {first} (loss={rows['loss'][bad][0]}, "
-      f"grad_norm={rows['grad_norm'][bad][0]}). The run stopped before saving it; the "
-      f"latest checkpoint is step {latest_checkpoint}. Lower config.optimizer.learning_rate "
-      "or set config.optimizer.grad_clip_norm, then run the same command to resume."
+      f"{total} non-finite steps were skipped, more than config.max_nonfinite_skips="
+      f"{config.max_nonfinite_skips}; the last batch of them was {where}. Nothing non-finite "
+      f"was saved; the latest checkpoint is step {latest_checkpoint}. Lower "
+      "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
     )
-  return rows
+  raise NonFiniteError(
+    f"Non-finite loss or gradient {where}. The run stopped before saving it; the "
+    f"latest checkpoint is step {latest_checkpoint}. Lower config.optimizer.learning_rate "
+    "or set config.optimizer.grad_clip_norm (or config.nonfinite_policy='skip'), then run "
+    "the same command to resume."
+  )
 
 
 def _evaluate_and_write(config, model, params, eval_fn, test_x, keys, writer, step) -> None:

@@ -1,0 +1,399 @@
+"""Fault injection: kills, preemption, NaNs, corrupt checkpoints, bad input.
+
+Every fault is real: runs are separate processes killed with signals, poisoned
+batches carry NaN through the real train step, checkpoint files are truncated
+on disk. The promise under test: nothing is lost, nothing wrong is saved, and
+the final parameters equal those of an uninterrupted run bit for bit.
+"""
+
+import gzip
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import FIXTURE_IDX_DIR
+
+from vae_jax import input_pipeline, losses, models, train, writers
+
+REPO = pathlib.Path(__file__).parents[1]
+# 4 epochs of 12 steps; a checkpoint every 6 steps; 16-sample evaluation images.
+CLI_ARGS = [
+  "--config=configs/mnist.py:smoke",
+  "--config.num_epochs=4",
+  "--config.checkpoint_every_steps=6",
+  "--config.progress_bar=False",
+]
+TOTAL_STEPS = 48
+
+
+def _final_params(workdir: pathlib.Path, step: int = TOTAL_STEPS):
+  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "default")
+  return restored["params"]
+
+
+def _assert_same_params(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _metric_keys(workdir):
+  rows = writers.read_metrics(workdir / "metrics.jsonl")
+  return [(r["step"], r["split"]) for r in rows], rows
+
+
+class Run:
+  """A training process whose log is read line by line as it runs."""
+
+  def __init__(self, workdir, tfds_dir, extra=()):
+    cmd = [sys.executable, "-m", "vae_jax.main", f"--workdir={workdir}", *CLI_ARGS]
+    cmd += [f"--config.data_dir={tfds_dir}", *extra]
+    self.proc = subprocess.Popen(
+      cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    self.log: list[str] = []
+
+  def wait_for(self, pattern: str, timeout: float = 120) -> bool:
+    """Reads the log until ``pattern`` appears (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    for line in self.proc.stderr:
+      self.log.append(line)
+      if re.search(pattern, line):
+        return True
+      assert time.monotonic() < deadline, f"timed out waiting for {pattern!r}"
+    return False
+
+  def finish(self, timeout: float = 180) -> int:
+    _, err = self.proc.communicate(timeout=timeout)
+    self.log.extend((err or "").splitlines())
+    return self.proc.returncode
+
+  def kill(self, sig=signal.SIGKILL):
+    self.proc.send_signal(sig)
+
+
+@pytest.fixture(scope="module")
+def reference(tfds_dir, tmp_path_factory):
+  """An uninterrupted run of the CLI configuration."""
+  workdir = tmp_path_factory.mktemp("reference")
+  run = Run(workdir, tfds_dir)
+  assert run.finish() == 0, "".join(run.log[-30:])
+  return workdir
+
+
+# --------------------------------------------------------------------------
+# 1. Kill at any moment, resume exactly.
+
+KILL_SCHEDULES = {
+  # Each entry: the log line after which the run is SIGKILLed (plus a delay in
+  # seconds), one entry per consecutive attempt; the last attempt runs to the end.
+  "during_checkpoint_write": [(r"Saving checkpoint at step 12", 0.0)],
+  "during_evaluation": [(r"Evaluating at step 24", 0.0)],
+  # Patterns match whether or not the previous kill landed before a checkpoint.
+  "four_kills_at_steps_and_saves": [
+    (r"Starting a new run", 1.0),  # Compiling or in the first steps.
+    (r"Saving checkpoint at step \d+", 0.3),  # In the steps after a save.
+    # Right after a restore (or a fresh start, if the save was still being written).
+    (r"Resumed from checkpoint|Starting a new run", 0.5),
+    (r"Saving checkpoint at step (3\d|4[0-2])\b", 0.02),  # In a late save.
+  ],
+}
+
+
+@pytest.mark.parametrize("schedule", KILL_SCHEDULES, ids=list(KILL_SCHEDULES))
+def test_sigkill_then_resume_is_bit_exact(schedule, reference, tfds_dir, tmp_path):
+  workdir = tmp_path / "run"
+  for pattern, delay in KILL_SCHEDULES[schedule]:
+    run = Run(workdir, tfds_dir)
+    assert run.wait_for(pattern), f"run ended before {pattern!r}:\n" + "".join(run.log[-20:])
+    time.sleep(delay)
+    run.kill()
+    assert run.finish() == -signal.SIGKILL
+  final = Run(workdir, tfds_dir)
+  assert final.finish() == 0, "".join(final.log[-30:])
+  assert any("Resumed from checkpoint" in line for line in final.log)
+
+  _assert_same_params(_final_params(workdir), _final_params(reference))
+  keys, rows = _metric_keys(workdir)
+  ref_keys, ref_rows = _metric_keys(reference)
+  assert keys == ref_keys  # No gaps, no duplicated steps.
+  test_rows = [r for r in rows if r["split"] == "test"]
+  assert test_rows == [r for r in ref_rows if r["split"] == "test"]
+  leftovers = [p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+  assert not leftovers, f"half-written checkpoints left behind: {leftovers}"
+
+
+# --------------------------------------------------------------------------
+# 2. Preemption.
+
+
+def test_sigterm_saves_current_step_and_exits_143(reference, tfds_dir, tmp_path):
+  workdir = tmp_path / "run"
+  run = Run(workdir, tfds_dir)
+  assert run.wait_for(r"Starting a new run")
+  time.sleep(1.0)
+  sent = time.monotonic()
+  run.kill(signal.SIGTERM)
+  code = run.finish()
+  assert code == train.EXIT_CODE_PREEMPTED, "".join(run.log[-20:])
+  assert time.monotonic() - sent < 30
+  (line,) = [x for x in run.log if "SIGTERM: saving checkpoint at step" in x]
+  step = int(re.search(r"step (\d+)", line).group(1))
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == step
+
+  final = Run(workdir, tfds_dir)
+  assert final.finish() == 0
+  assert any(f"Resumed from checkpoint {step}" in x for x in final.log)
+  _assert_same_params(_final_params(workdir), _final_params(reference))
+
+
+# --------------------------------------------------------------------------
+# 3. Non-finite values from a poisoned batch.
+
+# Index of the training image that turns its batches to NaN: with seed 0 it is
+# in step 4 of epoch 0 and step 18 (epoch 1), so a checkpoint precedes it.
+POISON_IMAGE = 3
+
+
+@pytest.fixture(scope="module")
+def poisoned_tfds_dir(tmp_path_factory):
+  """The fixture with one training image marked (top-left pixel 7) for poisoning."""
+  idx_dir = tmp_path_factory.mktemp("poison_idx")
+  for f in FIXTURE_IDX_DIR.glob("*.gz"):
+    shutil.copy(f, idx_dir / f.name)
+  path = idx_dir / "train-images-idx3-ubyte.gz"
+  raw = bytearray(gzip.decompress(path.read_bytes()))
+  raw[16 + POISON_IMAGE * 784] = 7  # Header is 16 bytes; pixel (0, 0) of the image.
+  path.write_bytes(gzip.compress(bytes(raw)))
+  data_dir = tmp_path_factory.mktemp("poison_tfds")
+  input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(idx_dir))
+  return str(data_dir)
+
+
+@pytest.fixture
+def poisoning(monkeypatch):
+  """Every batch holding the marked image becomes NaN inside the jitted step."""
+  real = input_pipeline.preprocess
+
+  def poisoned(images, binarization, key=None):
+    x = real(images, binarization, key)
+    marked = jnp.any(images[:, 0, 0, 0] == 7)
+    return jnp.where(marked, jnp.nan, x)
+
+  monkeypatch.setattr(input_pipeline, "preprocess", poisoned)
+
+
+def _poisoned_steps(config, num_train=400):
+  shuffle_key = jax.random.fold_in(jax.random.key(config.seed), train.KEY_SHUFFLE)
+  steps_per_epoch = num_train // config.batch_size
+  steps = []
+  for epoch in range(config.num_epochs):
+    order = np.asarray(train.epoch_permutation(shuffle_key, epoch, num_train))
+    pos = int(np.argmax(order == POISON_IMAGE))
+    if pos < steps_per_epoch * config.batch_size:
+      steps.append(epoch * steps_per_epoch + pos // config.batch_size)
+  return steps
+
+
+def test_poisoned_batch_stops_the_run_naming_the_step(
+  smoke_config, poisoned_tfds_dir, poisoning, tmp_path
+):
+  config = smoke_config
+  config.data_dir = poisoned_tfds_dir
+  config.checkpoint_every_steps = 1
+  first_bad = _poisoned_steps(config)[0]
+  assert first_bad == 4
+  with pytest.raises(train.NonFiniteError, match=rf"at step {first_bad} \(loss=nan"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  ckpts = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+  assert ckpts and max(ckpts) == first_bad  # The state before the bad step, not after.
+  for step in ckpts:
+    state = ocp.StandardCheckpointer().restore(
+      tmp_path / "run" / "checkpoints" / str(step) / "default"
+    )
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def test_skip_policy_drops_poisoned_updates_and_counts_them(
+  smoke_config, poisoned_tfds_dir, poisoning, tmp_path
+):
+  config = smoke_config
+  config.data_dir = poisoned_tfds_dir
+  config.nonfinite_policy = "skip"
+  bad_steps = _poisoned_steps(config)
+  assert len(bad_steps) == 2
+  state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert int(state.num_skipped) == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  rows = [
+    r for r in writers.read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"
+  ]
+  assert sum(r["skipped_steps"] for r in rows) == 2
+  assert all(np.isfinite(r["loss"]) for r in rows)  # Means over the applied steps.
+
+
+def test_skip_policy_stops_after_the_limit(smoke_config, poisoned_tfds_dir, poisoning, tmp_path):
+  config = smoke_config
+  config.data_dir = poisoned_tfds_dir
+  config.nonfinite_policy = "skip"
+  config.max_nonfinite_skips = 1
+  with pytest.raises(train.NonFiniteError, match=r"2 non-finite steps were skipped"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------
+# 4. Corrupt or incompatible checkpoints.
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(smoke_config, tmp_path, caplog):
+  config = smoke_config
+  config.checkpoint_every_steps = 6
+  reference_state = train.train_and_evaluate(
+    config.copy_and_resolve_references(), str(tmp_path / "ref")
+  )
+
+  half = config.copy_and_resolve_references()
+  half.num_epochs = 1
+  train.train_and_evaluate(half, str(tmp_path / "run"))
+  latest = tmp_path / "run" / "checkpoints" / "12"
+  for f in latest.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  # And a half-written save that never committed:
+  junk = tmp_path / "run" / "checkpoints" / "18.orbax-checkpoint-tmp-1234"
+  junk.mkdir()
+  (junk / "partial").write_bytes(b"\0" * 100)
+
+  with caplog.at_level("WARNING"):
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert any(
+    "Checkpoint 12" in r.message and "cannot be restored" in r.message for r in caplog.records
+  )
+  _assert_same_params(state.params, reference_state.params)
+  # The unreadable checkpoint is kept for inspection, outside the checkpoint directory.
+  (kept,) = (tmp_path / "run" / "checkpoints_unreadable").iterdir()
+  assert kept.name.startswith("12-")
+  assert not junk.exists()  # The uncommitted save was cleaned up.
+
+
+def test_checkpoint_of_other_shapes_names_both(smoke_config, tmp_path):
+  config = smoke_config
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  other = config.copy_and_resolve_references()
+  other.model.latents = 3
+  with pytest.raises(
+    Exception, match=r"encoder/mean/kernel: checkpoint \(16, 2\) vs this config \(16, 3\)"
+  ):
+    train.train_and_evaluate(other, str(tmp_path / "run"), allow_config_change=True)
+
+
+# --------------------------------------------------------------------------
+# 5. The workdir is the user's.
+
+
+def test_config_change_is_refused_then_allowed_on_request(smoke_config, tmp_path):
+  config = smoke_config
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  other = config.copy_and_resolve_references()
+  other.optimizer.learning_rate = 3e-4
+  other.num_epochs = 2
+  with pytest.raises(ValueError, match=r"optimizer.learning_rate: workdir has 0.001, now 0.0003"):
+    train.train_and_evaluate(other, str(tmp_path / "run"))
+  state = train.train_and_evaluate(other, str(tmp_path / "run"), allow_config_change=True)
+  assert int(state.step) == 24
+  assert '"learning_rate": 0.0003' in (tmp_path / "run" / "config.json").read_text()
+
+
+# --------------------------------------------------------------------------
+# 6. Bad input from the command line.
+
+
+def _cli(*args, timeout=120):
+  return subprocess.run(
+    [sys.executable, "-m", "vae_jax.main", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, "VAE_JAX_IDX_DIR": ""},
+  )
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.batch_size=abc", r"batch_size"),
+    ("--config.model.latentz=3", r"latentz"),
+    ("--config.dataset=cifar10", r"Unknown dataset 'cifar10'"),
+    ("--config.binarization=otsu", r"binarization must be one of"),
+    ("--config.idx_dir=/nonexistent", r"lacks train-images-idx3-ubyte.gz"),
+  ],
+  ids=["wrong_type", "unknown_field", "unknown_dataset", "bad_value", "missing_idx_files"],
+)
+def test_bad_command_line_input_gives_one_clear_error(override, message, tmp_path):
+  result = _cli(
+    "--config=configs/mnist.py:smoke",
+    f"--workdir={tmp_path}",
+    f"--config.data_dir={tmp_path / 'tfds'}",
+    override,
+  )
+  assert result.returncode != 0
+  assert re.search(message, result.stderr), result.stderr[-2000:]
+
+
+def test_offline_without_data_fails_within_seconds(tmp_path):
+  start = time.monotonic()
+  result = _cli(
+    "--config=configs/mnist.py",
+    f"--workdir={tmp_path}",
+    f"--config.data_dir={tmp_path / 'tfds'}",
+  )
+  elapsed = time.monotonic() - start
+  assert result.returncode != 0
+  assert "VAE_JAX_IDX_DIR" in result.stderr
+  assert elapsed < 60  # Process start (jax, tfds imports) included; the probe itself is < 6 s.
+
+
+# --------------------------------------------------------------------------
+# 7. Numerics at the extremes.
+
+
+@pytest.mark.parametrize("raw_logvar", [-100.0, -30.0, 0.0, 30.0, 100.0, 1e4])
+def test_elbo_finite_for_extreme_encoder_outputs(raw_logvar):
+  """The encoder's soft clamp keeps |logvar| <= 30, so KL and eps stay finite."""
+  x = jnp.array([[0.0, 1.0, 1.0, 0.0]])
+
+  def objective(raw, logits_scale):
+    logvar = models.soft_clamp(jnp.full((1, 2), raw), -30.0, 30.0)
+    mean = jnp.array([[0.5, -0.5]])
+    decode = lambda z: logits_scale * jnp.tanh(z @ jnp.ones((2, 4)))  # noqa: E731
+    return jnp.sum(losses.elbo(jax.random.key(0), x, mean, logvar, decode).elbo)
+
+  for scale in (1.0, 1e4):
+    value, grads = jax.value_and_grad(objective, argnums=(0, 1))(raw_logvar, scale)
+    assert np.isfinite(value)
+    assert all(np.isfinite(g) for g in grads)
+
+
+def test_kl_matches_float64_at_extreme_logvar():
+  mean = np.array([[0.0, 3.0, -2.0]], np.float64)
+  logvar = np.array([[-100.0, -30.0, 30.0]], np.float64)
+  want = 0.5 * (np.exp(logvar) + mean**2 - 1.0 - logvar)
+  got = losses.kl_divergence_per_dim(
+    jnp.asarray(mean, jnp.float32), jnp.asarray(logvar, jnp.float32)
+  )
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
