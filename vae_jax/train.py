@@ -17,6 +17,7 @@ Design, in short:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -354,6 +355,80 @@ def _next_multiple(step: int, every: int) -> int:
   return (step // every + 1) * every
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Everything the loop runs, built from a config: the same objects for training,
+  benchmarks and sweeps.
+
+  Attributes:
+    model: the model's pure functions.
+    optimizer: the optax optimizer.
+    log_likelihood_fn: ``(decoded, x) -> [batch]`` of the config's likelihood.
+    train_step: the pure ``train_step(state, batch, key)``.
+    train_chunk: the jitted multi-step call (see ``make_train_chunk``).
+    eval_fn: the jitted full-split evaluation (see ``evaluate.make_eval_fn``).
+    keys: PRNG keys by purpose (``KEY_INIT``, ``KEY_EPS``, ...).
+    steps_per_epoch: full batches per epoch (the remainder is dropped).
+    chunk_len: steps per dispatch.
+    event_shape: shape of one example.
+  """
+
+  model: Model
+  optimizer: optax.GradientTransformation
+  log_likelihood_fn: losses.LogLikelihoodFn
+  train_step: Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]]
+  train_chunk: Callable[..., tuple[TrainState, Metrics]]
+  eval_fn: Callable[[Params, Array, Array], dict[str, Array]]
+  keys: dict[int, Array]
+  steps_per_epoch: int
+  chunk_len: int
+  event_shape: tuple[int, ...]
+
+  def init_state(self) -> TrainState:
+    return initial_state(self.model, self.optimizer, self.keys[KEY_INIT], self.event_shape)
+
+
+def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int) -> Trainer:
+  """Builds the model, optimizer, step, chunk and evaluation of ``config``."""
+  validate_config(config)
+  event_shape = tuple(event_shape)
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(
+      f"config.batch_size={config.batch_size} exceeds the {num_train} training examples."
+    )
+  chunk_len = min(config.steps_per_dispatch, steps_per_epoch)
+  model = make_model(config, event_shape)
+  ll_fn = make_log_likelihood_fn(config, len(event_shape))
+  optimizer = make_optimizer(config)
+  loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples, config.objective)
+  train_step = make_train_step(loss_fn, optimizer, skip_nonfinite=config.nonfinite_policy == "skip")
+  train_chunk = make_train_chunk(
+    train_step,
+    chunk_len=chunk_len,
+    batch_size=config.batch_size,
+    steps_per_epoch=steps_per_epoch,
+    binarization=config.binarization,
+  )
+  eval_fn = evaluate.make_eval_fn(
+    model, ll_fn, config.eval_batch_size, deterministic=config.objective == "autoencoder"
+  )
+  root = jax.random.key(config.seed)
+  keys = {tag: jax.random.fold_in(root, tag) for tag in range(6)}
+  return Trainer(
+    model=model,
+    optimizer=optimizer,
+    log_likelihood_fn=ll_fn,
+    train_step=train_step,
+    train_chunk=train_chunk,
+    eval_fn=eval_fn,
+    keys=keys,
+    steps_per_epoch=steps_per_epoch,
+    chunk_len=chunk_len,
+    event_shape=event_shape,
+  )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
 ) -> TrainState:
@@ -375,37 +450,13 @@ def train_and_evaluate(
   train_images = jax.device_put(data["train"].images)
   test_x = input_pipeline.eval_images(data["test"].images, config.binarization)
   num_train, *event_shape = train_images.shape
-  steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(
-      f"config.batch_size={config.batch_size} exceeds the {num_train} training examples."
-    )
+  trainer = build_trainer(config, event_shape, num_train)
+  model, keys, steps_per_epoch = trainer.model, trainer.keys, trainer.steps_per_epoch
+  train_chunk, eval_fn, init_state = trainer.train_chunk, trainer.eval_fn, trainer.init_state
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint_every_steps or steps_per_epoch
-  chunk_len = min(config.steps_per_dispatch, steps_per_epoch)
-
-  model = make_model(config, event_shape)
-  ll_fn = make_log_likelihood_fn(config, len(event_shape))
-  optimizer = make_optimizer(config)
-  loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples, config.objective)
-  train_step = make_train_step(loss_fn, optimizer, skip_nonfinite=config.nonfinite_policy == "skip")
-  train_chunk = make_train_chunk(
-    train_step,
-    chunk_len=chunk_len,
-    batch_size=config.batch_size,
-    steps_per_epoch=steps_per_epoch,
-    binarization=config.binarization,
-  )
-  eval_fn = evaluate.make_eval_fn(
-    model, ll_fn, config.eval_batch_size, deterministic=config.objective == "autoencoder"
-  )
-
-  root = jax.random.key(config.seed)
-  keys = {tag: jax.random.fold_in(root, tag) for tag in range(6)}
-
-  def init_state() -> TrainState:
-    return initial_state(model, optimizer, keys[KEY_INIT], event_shape)
+  chunk_len = trainer.chunk_len
 
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
   writer = writers.MetricWriter(workdir)

@@ -1,0 +1,251 @@
+"""Training throughput of vae_jax against the machine's own matmul rate.
+
+Measures, in one process (plus one child process for the end-to-end run):
+
+* the float32 matmul rate at the model's own layer shapes (forward and both
+  backward products, batch ``config.batch_size``) and at a large square size;
+* steady-state training examples/s of the real training path
+  (``train.build_trainer`` -> ``train_chunk``, exactly what ``main`` runs),
+  median and spread over repeats, with the achieved GFLOP/s by the exact dense
+  FLOP count and its ratio to the measured matmul rates;
+* compile time of the train chunk and time from process start to the first
+  finished step;
+* the end-to-end wall time and peak RSS of
+  ``python -m vae_jax.main --config=... --config.num_epochs=E`` (data loading,
+  training, an evaluation and a checkpoint every epoch) in a fresh workdir.
+
+Results go to a JSON file. Run:
+
+  python experiments/benchmark.py --config=configs/fashion_mnist.py \\
+    --config.binarization=threshold --out=results/benchmark_cpu.json
+
+Run it alone on the machine: anything else running makes the figures worthless.
+"""
+
+import time
+
+_PROCESS_START = time.perf_counter()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vae_jax import input_pipeline, train  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", str(REPO / "configs/mnist.py"), "Config to benchmark.")
+flags.DEFINE_string("out", "results/benchmark.json", "Where to write the JSON results.")
+flags.DEFINE_integer("repeats", 5, "Timed repeats of the steady-state measurement.")
+flags.DEFINE_integer("dispatches", 10, "Train-chunk calls per timed repeat.")
+flags.DEFINE_integer("square", 2048, "Size of the square matmul for the peak rate.")
+flags.DEFINE_integer("end_to_end_epochs", 10, "Epochs of the end-to-end run (0: skip it).")
+flags.DEFINE_bool("synthetic_data", False, "Random uint8 images instead of the dataset.")
+flags.DEFINE_float("matmul_gflop_per_call", 1.0, "Work per timed matmul call, in GFLOP.")
+
+
+def _time(fn, *args, repeats: int) -> list[float]:
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+  """Best-of-``repeats`` float32 GFLOP/s of ``[m, k] @ [k, n]``.
+
+  The product runs many times inside one jitted loop (about
+  ``--matmul_gflop_per_call`` GFLOP per call), so Python dispatch does not
+  count. Each iteration scales ``a`` by a loop-dependent factor, which stops
+  XLA from hoisting the product out of the loop. That scaling and the
+  accumulation add ``m*k + m*n`` uncounted FLOPs per iteration (under 3% for
+  the model's shapes), so the rate is slightly understated.
+  """
+  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+  iters = max(1, int(FLAGS.matmul_gflop_per_call * 1e9 // (2 * m * k * n)))
+
+  @jax.jit
+  def run(a, b):
+    def body(i, acc):
+      return acc + (a * (1.0 + 1e-9 * i.astype(jnp.float32))) @ b
+
+    return jax.lax.fori_loop(0, iters, body, jnp.zeros((m, n), jnp.float32))
+
+  return 2 * m * k * n * iters / min(_time(run, a, b, repeats=repeats)) / 1e9
+
+
+def dense_layers(params) -> list[tuple[int, int]]:
+  """(fan_in, fan_out) of every Dense kernel in the model's params."""
+  return [
+    tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    if jax.tree_util.keystr(path).endswith("['kernel']")
+  ]
+
+
+def train_flops_per_example(params, input_fan_in: int) -> float:
+  """Exact dense FLOPs of one training example: forward, weight and input gradients.
+
+  Forward and the weight gradient each cost ``2 * fan_in * fan_out`` per layer;
+  the input gradient costs the same for every layer but the one reading the
+  data (no gradient is needed with respect to the images).
+  """
+  total = 0.0
+  for fan_in, fan_out in dense_layers(params):
+    layer = 2.0 * fan_in * fan_out
+    total += 2 * layer if fan_in == input_fan_in else 3 * layer
+  return total
+
+
+def model_shape_matmul_gflops(params, batch: int) -> float:
+  """FLOP-weighted matmul rate over the model's own products at this batch size."""
+  flops, seconds = 0.0, 0.0
+  for fan_in, fan_out in dense_layers(params):
+    for m, k, n in ((batch, fan_in, fan_out), (fan_in, batch, fan_out), (batch, fan_out, fan_in)):
+      f = 2.0 * m * k * n
+      flops += f
+      seconds += f / (matmul_gflops(m, k, n) * 1e9)
+  return flops / seconds / 1e9
+
+
+def steady_state(config, images):
+  trainer = train.build_trainer(config, images.shape[1:], images.shape[0])
+  state = trainer.init_state()
+  perms = jnp.stack([jnp.arange(images.shape[0])] * 2)
+  eps, binz = trainer.keys[train.KEY_EPS], trainer.keys[train.KEY_BINARIZE]
+  n = trainer.chunk_len
+
+  start = time.perf_counter()
+  compiled = trainer.train_chunk.lower(state, images, perms, 0, n, eps, binz).compile()
+  compile_s = time.perf_counter() - start
+  state, m = trainer.train_chunk(state, images, perms, 0, 1, eps, binz)
+  jax.block_until_ready(m)
+  first_step_s = time.perf_counter() - _PROCESS_START
+
+  rates = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    for _ in range(FLAGS.dispatches):
+      # Restart the epoch's positions so every dispatch runs n real steps.
+      state = state._replace(step=jnp.zeros((), jnp.int32))
+      state, m = trainer.train_chunk(state, images, perms, 0, n, eps, binz)
+    jax.block_until_ready(m)
+    rates.append(FLAGS.dispatches * n * config.batch_size / (time.perf_counter() - start))
+  assert np.all(np.isfinite(np.asarray(m["loss"]))), "non-finite loss in the benchmark"
+  del compiled
+  return trainer, state, rates, compile_s, first_step_s
+
+
+def end_to_end(config_arg: str, overrides: list[str], epochs: int) -> dict:
+  workdir = tempfile.mkdtemp(prefix="vae_jax_bench_")
+  cmd = [
+    sys.executable,
+    "-m",
+    "vae_jax.main",
+    f"--config={config_arg}",
+    f"--workdir={workdir}",
+    f"--config.num_epochs={epochs}",
+    "--config.progress_bar=False",
+    *overrides,
+  ]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  start = time.perf_counter()
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  wall = time.perf_counter() - start
+  if result.returncode != 0:
+    raise RuntimeError(f"End-to-end run failed:\n{result.stderr[-3000:]}")
+  peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+  test = [r for r in rows if r["split"] == "test"]
+  return {
+    "command": " ".join(cmd[1:]),
+    "epochs": epochs,
+    "wall_seconds": wall,
+    "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None,
+    "final_test_neg_elbo": test[-1]["neg_elbo"] if test else None,
+    "workdir": workdir,
+  }
+
+
+def main(argv):
+  config = FLAGS.config
+  config.progress_bar = False
+  del argv
+  config_arg = config_flags.get_config_filename(FLAGS["config"])
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+
+  if FLAGS.synthetic_data:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
+    data_source = "synthetic uint8 60000x28x28x1"
+  else:
+    data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
+    images = data["train"].images
+    data_source = f"{config.dataset} train split"
+  images = jax.device_put(images)
+
+  trainer, state, rates, compile_s, first_step_s = steady_state(config, images)
+  flops = train_flops_per_example(state.params, int(np.prod(images.shape[1:])))
+  median = statistics.median(rates)
+  square = FLAGS.square
+  peak_square = matmul_gflops(square, square, square, repeats=5)
+  peak_model = model_shape_matmul_gflops(state.params, config.batch_size)
+  achieved = median * flops / 1e9
+
+  results = {
+    "device": str(jax.devices()[0].device_kind),
+    "platform": jax.default_backend(),
+    "num_devices": jax.device_count(),
+    "cpu": platform.processor() or platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "jax_version": jax.__version__,
+    "config": config_arg,
+    "overrides": overrides,
+    "data": data_source,
+    "batch_size": config.batch_size,
+    "steps_per_dispatch": trainer.chunk_len,
+    "binarization": config.binarization,
+    "train_flops_per_example": flops,
+    "examples_per_sec": {
+      "median": median,
+      "min": min(rates),
+      "max": max(rates),
+      "repeats": rates,
+    },
+    "achieved_gflops": achieved,
+    "matmul_gflops": {f"square_{square}": peak_square, "model_shapes": peak_model},
+    "fraction_of_matmul_peak": {
+      f"square_{square}": achieved / peak_square,
+      "model_shapes": achieved / peak_model,
+    },
+    "compile_seconds": compile_s,
+    "process_start_to_first_step_seconds": first_step_s,
+  }
+  if FLAGS.end_to_end_epochs:
+    results["end_to_end"] = end_to_end(config_arg, overrides, FLAGS.end_to_end_epochs)
+  out = pathlib.Path(FLAGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2) + "\n")
+  logging.info("Wrote %s:\n%s", out, json.dumps(results, indent=2))
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

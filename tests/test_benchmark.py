@@ -1,0 +1,64 @@
+"""The benchmark script runs end to end on a tiny setting (so it cannot rot)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def test_flop_count_of_the_flax_example_model():
+  sys.path.insert(0, str(REPO / "experiments"))
+  try:
+    import benchmark
+  finally:
+    sys.path.pop(0)
+  from vae_jax import models
+
+  model = models.make_mlp_vae((28, 28, 1), 20)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  # 4.10 MFLOP: forward 1.628, weight gradients 1.628, input gradients 0.844
+  # (every layer but the first, whose input is the data).
+  assert benchmark.train_flops_per_example(params, 784) == pytest.approx(4.100e6, rel=1e-4)
+
+
+def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
+  out = tmp_path / "bench.json"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "experiments/benchmark.py",
+      "--config=configs/mnist.py:smoke",
+      f"--config.data_dir={tfds_dir}",
+      "--repeats=2",
+      "--dispatches=2",
+      "--square=128",
+      "--matmul_gflop_per_call=0.02",
+      "--end_to_end_epochs=1",
+      f"--out={out}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert len(r["examples_per_sec"]["repeats"]) == 2
+  assert (
+    r["examples_per_sec"]["min"] <= r["examples_per_sec"]["median"] <= r["examples_per_sec"]["max"]
+  )
+  assert r["examples_per_sec"]["median"] > 0
+  assert r["achieved_gflops"] == pytest.approx(
+    r["examples_per_sec"]["median"] * r["train_flops_per_example"] / 1e9
+  )
+  assert r["matmul_gflops"]["square_128"] > 0 and r["matmul_gflops"]["model_shapes"] > 0
+  assert r["compile_seconds"] > 0 and r["process_start_to_first_step_seconds"] > 0
+  e2e = r["end_to_end"]
+  assert e2e["epochs"] == 1 and e2e["wall_seconds"] > 0 and e2e["peak_rss_mb"] > 0
+  assert e2e["final_test_neg_elbo"] > 0
