@@ -159,8 +159,8 @@ def kl_divergence(mean: Array, logvar: Array) -> Array:
 def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> Array:
   """log Bernoulli(x | sigmoid(logits)), summed over the last ``event_ndims`` axes.
 
-  Uses ``-(x * softplus(-logits) + (1 - x) * softplus(logits))``, which is
-  exact for any finite logit (no ``log(sigmoid)`` underflow) and valid for
+  Uses ``x * logits - softplus(logits)`` (``softplus`` is ``logaddexp(l, 0)``):
+  no ``log(sigmoid)`` underflow, finite for any finite logit, and valid for
   targets anywhere in [0, 1] (the usual cross-entropy for grey levels).
 
   Args:
@@ -178,7 +178,10 @@ def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> A
   _check_event_ndims("logits", logits, event_ndims)
   dtype = _compute_dtype(logits, x)
   logits, x = logits.astype(dtype), x.astype(dtype)
-  log_p = -(x * jax.nn.softplus(-logits) + (1.0 - x) * jax.nn.softplus(logits))
+  # x * l - softplus(l) equals -(x softplus(-l) + (1 - x) softplus(l)) exactly
+  # and costs one transcendental pair per pixel instead of two; its absolute
+  # rounding error is a few ulps of max(|l|, 1), with the same gradient x - sigmoid(l).
+  log_p = x * logits - jax.nn.softplus(logits)
   return _sum_event(log_p, event_ndims)
 
 
