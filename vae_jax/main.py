@@ -3,20 +3,36 @@
 Any config field can be overridden, e.g. ``--config.beta=4 --config.model.latents=2``;
 unknown fields and wrong types are errors. Running again with the same workdir
 resumes from its latest checkpoint.
+
+``--mode=evaluate`` evaluates the workdir's latest checkpoint instead (importance-
+sampled test log-likelihood with ``--eval_num_samples`` samples, ELBO parts, PCA
+baseline, pictures) and writes ``WORKDIR/eval/step_<N>_k<K>.json``.
 """
 
 import logging as py_logging
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import train
+from vae_jax import evaluate, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 config_flags.DEFINE_config_file(
   "config", None, "Path to a config file, e.g. configs/mnist.py[:smoke].", lock_config=True
+)
+flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Resume a workdir whose recorded config differs from --config (the differences are logged).",
+)
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (or resume), or evaluate.")
+flags.DEFINE_integer(
+  "eval_num_samples",
+  evaluate.DEFAULT_NUM_IMPORTANCE_SAMPLES,
+  "--mode=evaluate: importance samples K per test example for log p(x).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -30,7 +46,14 @@ def main(argv):
   )
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.mode == "evaluate":
+    evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.eval_num_samples)
+    return
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+  except train.Preempted as e:
+    logging.warning("%s Run the same command to resume.", e)
+    sys.exit(train.EXIT_CODE_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -314,36 +314,48 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def config_differences(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[str]:
+  """Fields in which ``config`` differs from the run recorded in ``workdir/config.json``.
+
+  Returns one ``"  field: workdir has A, now B"`` line per field, leaving out
+  those allowed to change on resume (``config_defaults.RESUMABLE_CHANGES``). A
+  field missing from an older ``config.json`` counts as its default, which is
+  how that run behaved. No ``config.json``: no differences.
+  """
+  path = workdir / "config.json"
+  if not path.exists():
+    return []
+  defaults = _flatten(json.loads(config_defaults.base_config().to_json()))
+  saved = {**defaults, **_flatten(json.loads(path.read_text()))}
+  now = _flatten(json.loads(config.to_json()))
+  return [
+    f"  {k}: workdir has {saved.get(k)!r}, now {now.get(k)!r}"
+    for k in sorted(set(saved) | set(now))
+    if saved.get(k) != now.get(k) and k not in config_defaults.RESUMABLE_CHANGES
+  ]
+
+
 def record_config(
   config: ml_collections.ConfigDict, workdir: pathlib.Path, allow_change: bool = False
 ) -> None:
   """Writes ``config.json``; refuses a workdir that holds a run of another config.
 
-  Fields in ``config_defaults.RESUMABLE_CHANGES`` may differ. Others raise
-  ``ValueError`` naming them, unless ``allow_change`` (then they are logged and
-  the new config is recorded).
+  Differences (see ``config_differences``) raise ``ValueError`` naming them,
+  unless ``allow_change`` (then they are logged and the new config is recorded).
   """
-  path = workdir / "config.json"
-  current = json.loads(config.to_json())
-  if path.exists() and (workdir / "checkpoints").exists():
-    previous = _flatten(json.loads(path.read_text()))
-    now = _flatten(current)
-    diffs = sorted(
-      k
-      for k in set(previous) | set(now)
-      if previous.get(k) != now.get(k) and k not in config_defaults.RESUMABLE_CHANGES
-    )
-    lines = [f"  {k}: workdir has {previous.get(k)!r}, now {now.get(k)!r}" for k in diffs]
+  if (workdir / "checkpoints").exists():
+    diffs = config_differences(config, workdir)
     if diffs and allow_change:
-      logging.warning("Config changed on resume (allowed by the caller):\n%s", "\n".join(lines))
+      logging.warning("Config changed on resume (allowed by the caller):\n%s", "\n".join(diffs))
     elif diffs:
       raise ValueError(
-        f"{workdir} holds a run with a different config:\n" + "\n".join(lines) + "\n"
+        f"{workdir} holds a run with a different config:\n" + "\n".join(diffs) + "\n"
         "Resuming would mix two experiments. Use a new --workdir, the same config, or "
         "--allow_config_change if you mean to continue this run with the new values."
       )
+  path = workdir / "config.json"
   tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+  tmp.write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + "\n")
   tmp.replace(path)
 
 
@@ -385,7 +397,11 @@ class Trainer:
   event_shape: tuple[int, ...]
 
   def init_state(self) -> TrainState:
-    return initial_state(self.model, self.optimizer, self.keys[KEY_INIT], self.event_shape)
+    # Jitted: Flax's init run eagerly compiles each of its small ops separately.
+    init = jax.jit(
+      functools.partial(initial_state, self.model, self.optimizer, event_shape=self.event_shape)
+    )
+    return init(self.keys[KEY_INIT])
 
 
 def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int) -> Trainer:
@@ -593,6 +609,10 @@ def _pull_and_check(
   )
 
 
+_jit_prior_samples = jax.jit(evaluate.prior_samples, static_argnums=(0, 3, 4))
+_jit_reconstructions = jax.jit(evaluate.reconstructions, static_argnums=(0, 3))
+
+
 def _evaluate_and_write(config, model, params, eval_fn, test_x, keys, writer, step) -> None:
   scalars = jax.device_get(eval_fn(params, test_x, keys[KEY_EVAL]))
   scalars = {k: float(v) for k, v in scalars.items()}
@@ -608,10 +628,10 @@ def _evaluate_and_write(config, model, params, eval_fn, test_x, keys, writer, st
   n = config.num_image_samples
   if n:
     likelihood = config.model.likelihood
-    samples = evaluate.prior_samples(model, params, keys[KEY_SAMPLES], n, likelihood)
+    samples = _jit_prior_samples(model, params, keys[KEY_SAMPLES], n, likelihood)
     writer.write_image(step, "prior_samples", writers.image_grid(np.asarray(samples)))
     originals = test_x[: max(n // 2, 1)]
-    recs = evaluate.reconstructions(model, params, originals, likelihood)
+    recs = _jit_reconstructions(model, params, originals, likelihood)
     pairs = evaluate.interleave(originals, recs)
     columns = 2 * max(1, int(np.sqrt(n // 2)))
     writer.write_image(step, "reconstructions", writers.image_grid(pairs, columns=columns))

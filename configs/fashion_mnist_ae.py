@@ -1,0 +1,47 @@
+"""Fashion-MNIST deterministic autoencoder: the baseline for the VAE of fashion_mnist.py.
+
+The same MLP (784-500-20 / 20-500-784), data, optimizer and loop, but
+``objective = "autoencoder"``: the decoder reconstructs from the encoder's mean,
+with no sampling and no KL term, so the loss is the Bernoulli reconstruction
+error alone.
+
+  python -m vae_jax.main --config=configs/fashion_mnist_ae.py --workdir=runs/fm_ae
+  python -m vae_jax.main --config=configs/fashion_mnist_ae.py --workdir=runs/fm_ae \
+    --mode=evaluate
+
+Evaluation reports its reconstruction error beside PCA's with as many
+components (an autoencoder has no likelihood, ELBO or KL to report).
+``configs/fashion_mnist_ae.py:2d`` has a 2-dimensional code, for the latent map
+beside configs/fashion_mnist_2d.py's VAE; ``:smoke`` is a seconds-long version.
+"""
+
+from vae_jax.config_defaults import base_config
+
+
+def get_config(arg: str | None = None):
+  config = base_config()
+  config.dataset = "fashion_mnist"
+  config.binarization = "dynamic"
+  config.objective = "autoencoder"
+  config.model.latents = 20
+  config.model.encoder_hidden = (500,)
+  config.model.activation = "relu"
+  config.model.likelihood = "bernoulli"
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 1e-3
+  config.batch_size = 128
+  config.num_epochs = 30
+  if arg == "2d":
+    config.model.latents = 2
+    config.num_epochs = 20
+  elif arg == "smoke":
+    config.model.latents = 2
+    config.model.encoder_hidden = (16,)
+    config.batch_size = 32
+    config.num_epochs = 1
+    config.steps_per_dispatch = 4
+    config.log_every_steps = 5
+    config.num_image_samples = 16
+  elif arg:
+    raise ValueError(f"Unknown config argument {arg!r}; choose '2d' or 'smoke'.")
+  return config

@@ -1,0 +1,127 @@
+"""Pictures: sizes, where things land, and what each row or cell shows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vae_jax import evaluate, models, pictures, writers
+
+
+def _coordinate_decoder(z):
+  """[n, 2] -> [n, 4, 4, 1] images whose pixel (0, 0) holds z0 and (0, 1) holds z1."""
+  z = np.asarray(z)
+  images = np.zeros((len(z), 4, 4, 1), np.float32)
+  images[:, 0, 0, 0], images[:, 0, 1, 0] = z[:, 0], z[:, 1]
+  return images
+
+
+def test_interpolation_rows():
+  z_a, z_b = np.array([[0.0, 1.0], [2.0, 2.0]]), np.array([[1.0, 0.0], [4.0, -2.0]])
+  x_a, x_b = np.full((2, 4, 4, 1), 0.25), np.full((2, 4, 4, 1), 0.75)
+  out = pictures.interpolation_images(_coordinate_decoder, z_a, z_b, x_a, x_b, num_steps=5)
+  assert out.shape == (2 * 7, 4, 4, 1)
+  rows = out.reshape(2, 7, 4, 4, 1)
+  np.testing.assert_array_equal(rows[:, 0], x_a)
+  np.testing.assert_array_equal(rows[:, -1], x_b)
+  np.testing.assert_allclose(rows[:, 1, 0, :2, 0], z_a)  # t = 0
+  np.testing.assert_allclose(rows[:, 5, 0, :2, 0], z_b)  # t = 1
+  np.testing.assert_allclose(rows[1, 3, 0, :2, 0], [3.0, 0.0])  # t = 1/2: the midpoint.
+
+
+def test_traversal_sweeps_one_dimension_per_row():
+  z_base = np.array([0.5, -0.5])
+  values = np.array([[-1.0, 0.0, 1.0], [7.0, 8.0, 9.0]])
+  out = pictures.traversal_images(_coordinate_decoder, z_base, [1, 0], values)
+  assert out.shape == (6, 4, 4, 1)
+  codes = out[:, 0, :2, 0].reshape(2, 3, 2)
+  np.testing.assert_allclose(codes[0], [[0.5, -1.0], [0.5, 0.0], [0.5, 1.0]])  # Sweeps z1.
+  np.testing.assert_allclose(codes[1], [[7.0, -0.5], [8.0, -0.5], [9.0, -0.5]])  # Sweeps z0.
+
+
+def test_manifold_latents_are_in_image_order():
+  z = pictures.manifold_latents((0.0, 3.0), (10.0, 13.0), 3)
+  assert z.shape == (9, 2)
+  np.testing.assert_allclose(z[0], [0.5, 12.5])  # Top left: smallest x, largest y.
+  np.testing.assert_allclose(z[2], [2.5, 12.5])  # Top right.
+  np.testing.assert_allclose(z[6], [0.5, 10.5])  # Bottom left.
+
+
+def test_data_limits_ignore_outliers():
+  points = np.concatenate([np.random.default_rng(0).uniform(-1, 1, (1000, 2)), [[1e6, -1e6]]])
+  (x0, x1), (y0, y1) = pictures.data_limits(points)
+  assert -1.2 < x0 < -0.9 and 0.9 < x1 < 1.2 and -1.2 < y0 < -0.9 and 0.9 < y1 < 1.2
+
+
+@pytest.mark.parametrize(
+  ("lo", "hi", "expected"),
+  [
+    (0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+    (-3.0, 3.0, [-2.0, 0.0, 2.0]),
+    (-0.7, 0.3, [-0.6, -0.4, -0.2, 0.0, 0.2]),
+  ],
+)
+def test_nice_ticks(lo, hi, expected):
+  np.testing.assert_allclose(pictures.nice_ticks(lo, hi), expected)
+
+
+def test_scatter_plot_puts_points_where_they_belong():
+  size = 100
+  points = np.array([[0.0, 0.0], [0.5, 0.5], [5.0, 5.0]])  # The last is off the plot.
+  image = pictures.scatter_plot(
+    points, np.array([3, 1, 2]), xlim=(-1, 1), ylim=(-1, 1), size=size, radius=2, title="t"
+  )
+  axes = pictures._Axes
+  assert image.shape == (axes.top + size + axes.bottom, axes.left + size + axes.right, 3)
+  assert image.dtype == np.uint8
+  centre = (axes.top + size // 2, axes.left + size // 2)
+  assert tuple(image[centre]) == pictures.PALETTE[3]
+  upper_right = (axes.top + size // 4, axes.left + 3 * size // 4)  # (0.5, 0.5): y grows upward.
+  assert tuple(image[upper_right]) == pictures.PALETTE[1]
+  assert not np.any(np.all(image == pictures.PALETTE[2], axis=-1))
+  with pytest.raises(ValueError, match="points must be"):
+    pictures.scatter_plot(points[:, :1], np.zeros(3), xlim=(0, 1), ylim=(0, 1))
+
+
+def test_label_rows_adds_a_margin_and_header():
+  grid = writers.image_grid(np.zeros((6, 8, 8, 1)), columns=3)  # 2 rows.
+  out = pictures.label_rows(grid, ["first", "second"], cell=8, header="hello")
+  assert out.shape[0] == grid.shape[0] + 24 and out.shape[1] > grid.shape[1] + 20
+  np.testing.assert_array_equal(out[24:, -grid.shape[1] :, 0], grid[..., 0])
+  with pytest.raises(ValueError, match="3 labels for a grid of 2 rows"):
+    pictures.label_rows(grid, ["a", "b", "c"], cell=8)
+
+
+def test_latent_map_figure_from_a_tiny_model():
+  model = models.make_mlp_vae(event_shape=(28, 28, 1), latents=2, encoder_hidden=(8,))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  x = (np.random.default_rng(1).uniform(size=(50, 28, 28, 1)) < 0.3).astype(np.float32)
+  codes = np.asarray(jax.jit(model.encode)(params, x)[0])
+  labels = np.arange(50) % 10
+  decode = jax.jit(lambda z: evaluate.decoder_mean(model.decode(params, z), "bernoulli"))
+
+  def decode_mean(z):
+    return np.asarray(decode(np.asarray(z, np.float32)))
+
+  limits = pictures.data_limits(codes)
+  manifold = writers.image_grid(decode_mean(pictures.manifold_latents(*limits, 5)), 5, pad=0)
+  assert manifold.shape == (140, 140, 1)
+  pca = evaluate.fit_pca(np.asarray(x).reshape(50, -1), 2)
+  size = 120
+  figure = pictures.latent_map_figure(
+    codes,
+    pca.project(np.asarray(x).reshape(50, -1)),
+    labels,
+    manifold,
+    latent_limits=limits,
+    class_names=pictures.CLASS_NAMES["fashion_mnist"],
+    size=size,
+  )
+  panel_w = pictures._Axes.left + size + pictures._Axes.right
+  panel_h = pictures._Axes.top + size + pictures._Axes.bottom
+  assert figure.dtype == np.uint8 and figure.shape[2] == 3
+  assert figure.shape[1] == 3 * panel_w + 2 * 10
+  assert figure.shape[0] > panel_h  # Plus the legend.
+  # Every class colour appears (in the scatter plots and the legend).
+  for color in pictures.PALETTE:
+    assert np.any(np.all(figure == color, axis=-1))
