@@ -57,6 +57,10 @@ def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
   assert r["achieved_gflops"] == pytest.approx(
     r["examples_per_sec"]["median"] * r["train_flops_per_example"] / 1e9
   )
+  assert r["per_step_loop_examples_per_sec"] > 0
+  assert r["speedup_over_per_step_loop"] == pytest.approx(
+    r["examples_per_sec"]["median"] / r["per_step_loop_examples_per_sec"]
+  )
   assert r["matmul_gflops"]["square_128"] > 0 and r["matmul_gflops"]["model_shapes"] > 0
   assert r["compile_seconds"] > 0 and r["process_start_to_first_step_seconds"] > 0
   e2e = r["end_to_end"]
