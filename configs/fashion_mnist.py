@@ -9,7 +9,7 @@ comparison with the Flax and PyTorch example VAEs uses
 about 128.5 nats or lower.
 """
 
-from vae_jax.config_defaults import base_config
+from vae_jax.config_defaults import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -25,13 +25,7 @@ def get_config(arg: str | None = None):
   config.batch_size = 128
   config.num_epochs = 30
   if arg == "smoke":
-    config.model.latents = 2
-    config.model.encoder_hidden = (16,)
-    config.batch_size = 32
-    config.num_epochs = 1
-    config.steps_per_dispatch = 4
-    config.log_every_steps = 5
-    config.num_image_samples = 16
+    shrink_for_smoke(config, num_epochs=1)
   elif arg:
     raise ValueError(f"Unknown config argument {arg!r}; the only one is 'smoke'.")
   return config

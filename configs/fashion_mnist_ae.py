@@ -15,7 +15,7 @@ components (an autoencoder has no likelihood, ELBO or KL to report).
 beside configs/fashion_mnist_2d.py's VAE; ``:smoke`` is a seconds-long version.
 """
 
-from vae_jax.config_defaults import base_config
+from vae_jax.config_defaults import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -35,13 +35,7 @@ def get_config(arg: str | None = None):
     config.model.latents = 2
     config.num_epochs = 20
   elif arg == "smoke":
-    config.model.latents = 2
-    config.model.encoder_hidden = (16,)
-    config.batch_size = 32
-    config.num_epochs = 1
-    config.steps_per_dispatch = 4
-    config.log_every_steps = 5
-    config.num_image_samples = 16
+    shrink_for_smoke(config, num_epochs=1)
   elif arg:
     raise ValueError(f"Unknown config argument {arg!r}; choose '2d' or 'smoke'.")
   return config

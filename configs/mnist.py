@@ -9,7 +9,7 @@ images binarized once with a fixed seed.
 point ``--config.idx_dir`` (or ``$VAE_JAX_IDX_DIR``) at the four MNIST IDX files.
 """
 
-from vae_jax.config_defaults import base_config
+from vae_jax.config_defaults import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -29,15 +29,3 @@ def get_config(arg: str | None = None):
   elif arg:
     raise ValueError(f"Unknown config argument {arg!r}; the only one is 'smoke'.")
   return config
-
-
-def shrink_for_smoke(config):
-  """A tiny model and run: exercises every code path in seconds."""
-  config.model.latents = 2
-  config.model.encoder_hidden = (16,)
-  config.batch_size = 32
-  config.num_epochs = 2
-  config.steps_per_dispatch = 4
-  config.log_every_steps = 5
-  config.eval_batch_size = 64
-  config.num_image_samples = 16

@@ -63,6 +63,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_for_smoke(config: ml_collections.ConfigDict, num_epochs: int = 2) -> None:
+  """The ``:smoke`` variant of a config: a tiny model and run that exercise every
+  code path in seconds (used by the tests and for quick checks)."""
+  config.model.latents = 2
+  config.model.encoder_hidden = (16,)
+  config.batch_size = 32
+  config.num_epochs = num_epochs
+  config.steps_per_dispatch = 4
+  config.log_every_steps = 5
+  config.eval_batch_size = 64
+  config.num_image_samples = 16
+
+
 # Fields that may change when a run resumes from its workdir: they change how
 # long or how visibly it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
