@@ -30,7 +30,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -195,20 +194,23 @@ def end_to_end(config_arg: str, overrides: list[str], epochs: int) -> dict:
     "--config.progress_bar=False",
     *overrides,
   ]
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  log_path = os.path.join(workdir, "benchmark_run.log")
   start = time.perf_counter()
-  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    # wait4 gives this child's own peak RSS (RUSAGE_CHILDREN would be the
+    # maximum over every child this process has waited for).
+    _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
-  if result.returncode != 0:
-    raise RuntimeError(f"End-to-end run failed:\n{result.stderr[-3000:]}")
-  peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise RuntimeError(f"End-to-end run failed; see {log_path}:\n{open(log_path).read()[-3000:]}")
   rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
   test = [r for r in rows if r["split"] == "test"]
   return {
     "command": " ".join(cmd[1:]),
     "epochs": epochs,
     "wall_seconds": wall,
-    "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None,
+    "peak_rss_mb": usage.ru_maxrss / 1024,
     "final_test_neg_elbo": test[-1]["neg_elbo"] if test else None,
     "workdir": workdir,
   }
