@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128
   c.num_epochs = 30
 
+  # Devices: the batch is split over a 1-D "data" mesh of this many devices
+  # (0: all visible ones); state and data are replicated on each.
+  c.num_devices = 0
+
   # Loop, evaluation and outputs. 0 means "once per epoch".
   c.steps_per_dispatch = 100  # Train steps run by one jitted call (lax.scan).
   c.log_every_steps = 100
@@ -89,6 +93,7 @@ RESUMABLE_CHANGES = frozenset(
     "progress_bar",
     "nonfinite_policy",
     "max_nonfinite_skips",
+    "num_devices",
     "data_dir",
     "idx_dir",
   }

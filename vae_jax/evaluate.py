@@ -549,8 +549,9 @@ def restore_params(
 ) -> tuple[int, Model, Params]:
   """Builds the model of ``config`` and restores the params of ``workdir``'s latest checkpoint.
 
-  The restore target is ``jax.eval_shape`` of the initial train state from
-  ``train.build_trainer``, exactly as ``train.train_and_evaluate`` builds it.
+  The restore target is ``train.build_trainer(...).abstract_state()``, exactly
+  as ``train.train_and_evaluate`` resumes, so a checkpoint written on any
+  number of devices or hosts restores here.
 
   Args:
     config: the config that trained the run.
@@ -576,7 +577,7 @@ def restore_params(
   trainer = train.build_trainer(config, event_shape, num_train)
   checkpointer = checkpointing.Checkpointer(ckpt_dir, config.keep_checkpoints)
   try:
-    restored = checkpointer.restore_latest(jax.eval_shape(trainer.init_state))
+    restored = checkpointer.restore_latest(trainer.abstract_state())
   finally:
     checkpointer.close()
   if restored is None:

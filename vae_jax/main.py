@@ -34,6 +34,15 @@ flags.DEFINE_integer(
   evaluate.DEFAULT_NUM_IMPORTANCE_SAMPLES,
   "--mode=evaluate: importance samples K per test example for log p(x).",
 )
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-host: host:port of process 0. With --num_processes and --process_id, calls "
+  "jax.distributed.initialize; on TPU pods and SLURM, --num_processes alone lets JAX detect "
+  "the rest.",
+)
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,6 +53,15 @@ def main(argv):
   logging.get_absl_handler().addFilter(
     lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
   )
+  if FLAGS.num_processes and FLAGS.num_processes > 1:
+    # Collectives between CPU devices go through gloo; the setting only affects
+    # the CPU backend (GPUs and TPUs use their own interconnect).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
   if FLAGS.mode == "evaluate":

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vae_jax import checkpointing, config_defaults, evaluate, input_pipeline, losses, writers
 from vae_jax.models import Model, Params, make_model
@@ -225,6 +226,17 @@ def initial_state(
   )
 
 
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-D mesh named ``data`` over the first ``num_devices`` devices (0: all)."""
+  devices = jax.devices()
+  if num_devices < 0 or num_devices > len(devices):
+    raise ValueError(
+      f"config.num_devices={num_devices}, but {len(devices)} devices are visible "
+      f"({devices[0].platform}); use 0 for all of them."
+    )
+  return jax.sharding.Mesh(np.asarray(devices[: num_devices or len(devices)]), ("data",))
+
+
 def epoch_permutation(shuffle_key: Array, epoch: int | Array, num_examples: int) -> Array:
   """The example order of ``epoch``: a function of the seed and epoch alone."""
   return jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_examples)
@@ -237,8 +249,15 @@ def make_train_chunk(
   batch_size: int,
   steps_per_epoch: int,
   binarization: str,
+  batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
   """One jitted call that runs up to ``chunk_len`` train steps on device.
+
+  With ``batch_sharding`` (e.g. ``NamedSharding(mesh, P("data"))``) each
+  gathered batch is split over the devices along its batch axis, and XLA runs
+  the step data-parallel (gradients are all-reduced); the state and images
+  stay replicated. The math is that of one device, up to the order of float
+  reductions.
 
   Returns ``chunk(state, images, perms, first_epoch, num_active, eps_key,
   bin_key) -> (state, metrics)``, where ``images: [n, h, w, c]`` uint8 is the
@@ -260,6 +279,8 @@ def make_train_chunk(
       batch = input_pipeline.preprocess(
         images[idx], binarization, jax.random.fold_in(bin_key, step)
       )
+      if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
       return train_step(state, batch, eps_key)
 
     metrics_shape = jax.eval_shape(run, state)[1]
@@ -270,7 +291,11 @@ def make_train_chunk(
 
       return jax.lax.cond(i < num_active, run, skip, state)
 
-    return jax.lax.scan(body, state, jnp.arange(chunk_len))
+    state, metrics = jax.lax.scan(body, state, jnp.arange(chunk_len))
+    if batch_sharding is not None:  # Every host can read every output.
+      replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+      state, metrics = jax.lax.with_sharding_constraint((state, metrics), replicated)
+    return state, metrics
 
   return jax.jit(chunk, donate_argnums=0)
 
@@ -395,13 +420,28 @@ class Trainer:
   steps_per_epoch: int
   chunk_len: int
   event_shape: tuple[int, ...]
+  mesh: jax.sharding.Mesh
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    """Sharding of the state, the datasets and the permutations: a copy per device."""
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   def init_state(self) -> TrainState:
     # Jitted: Flax's init run eagerly compiles each of its small ops separately.
     init = jax.jit(
-      functools.partial(initial_state, self.model, self.optimizer, event_shape=self.event_shape)
+      functools.partial(initial_state, self.model, self.optimizer, event_shape=self.event_shape),
+      out_shardings=self.replicated,
     )
     return init(self.keys[KEY_INIT])
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state: the target a checkpoint restores into,
+    whatever device count wrote it."""
+    return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
+      jax.eval_shape(self.init_state),
+    )
 
 
 def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int) -> Trainer:
@@ -414,6 +454,12 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
       f"config.batch_size={config.batch_size} exceeds the {num_train} training examples."
     )
   chunk_len = min(config.steps_per_dispatch, steps_per_epoch)
+  mesh = make_mesh(config.num_devices)
+  if config.batch_size % mesh.size:
+    raise ValueError(
+      f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices "
+      "it is split over. Choose a multiple, or set config.num_devices."
+    )
   model = make_model(config, event_shape)
   ll_fn = make_log_likelihood_fn(config, len(event_shape))
   optimizer = make_optimizer(config)
@@ -425,6 +471,7 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
     batch_size=config.batch_size,
     steps_per_epoch=steps_per_epoch,
     binarization=config.binarization,
+    batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
   )
   eval_fn = evaluate.make_eval_fn(
     model, ll_fn, config.eval_batch_size, deterministic=config.objective == "autoencoder"
@@ -442,6 +489,7 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
     steps_per_epoch=steps_per_epoch,
     chunk_len=chunk_len,
     event_shape=event_shape,
+    mesh=mesh,
   )
 
 
@@ -459,14 +507,24 @@ def train_and_evaluate(
   """
   validate_config(config)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  record_config(config, workdir, allow_config_change)
-
-  data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-  train_images = jax.device_put(data["train"].images)
-  test_x = input_pipeline.eval_images(data["test"].images, config.binarization)
-  num_train, *event_shape = train_images.shape
+  # In a multi-host run every process computes the same replicated values;
+  # process 0 alone writes the config, metrics, images and progress bar.
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    record_config(config, workdir, allow_config_change)
+    data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
+  if jax.process_count() > 1:  # The others read what process 0 prepared.
+    multihost_utils.sync_global_devices("vae_jax: data prepared")
+    if not is_main:
+      data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
+  num_train, *event_shape = data["train"].images.shape
   trainer = build_trainer(config, event_shape, num_train)
+  logging.info("Data-parallel over %d device(s): %s", trainer.mesh.size, trainer.mesh.devices)
+  train_images = jax.device_put(data["train"].images, trainer.replicated)
+  test_x = jax.device_put(
+    input_pipeline.eval_images(data["test"].images, config.binarization), trainer.replicated
+  )
   model, keys, steps_per_epoch = trainer.model, trainer.keys, trainer.steps_per_epoch
   train_chunk, eval_fn, init_state = trainer.train_chunk, trainer.eval_fn, trainer.init_state
   total_steps = config.num_epochs * steps_per_epoch
@@ -475,8 +533,8 @@ def train_and_evaluate(
   chunk_len = trainer.chunk_len
 
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-  writer = writers.MetricWriter(workdir)
-  restored = checkpointer.restore_latest(jax.eval_shape(init_state))
+  writer = writers.MetricWriter(workdir) if is_main else writers.NullWriter()
+  restored = checkpointer.restore_latest(trainer.abstract_state())
   if restored is None:
     state = init_state()
     writer.truncate_after(-1)
@@ -486,7 +544,7 @@ def train_and_evaluate(
     writer.truncate_after(step)
     logging.info("Resumed from checkpoint %d in %s", step, workdir)
 
-  perm_fn = jax.jit(epoch_permutation, static_argnums=2)
+  perm_fn = jax.jit(epoch_permutation, static_argnums=2, out_shardings=trainer.replicated)
   perms_cache: dict[int, Array] = {}
 
   def perms_from(epoch: int) -> Array:
@@ -504,7 +562,7 @@ def train_and_evaluate(
   bar = tqdm.tqdm(
     total=total_steps,
     initial=step,
-    disable=not config.progress_bar,
+    disable=not (config.progress_bar and is_main),
     unit="step",
     dynamic_ncols=True,
   )

@@ -46,6 +46,26 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+class NullWriter:
+  """A ``MetricWriter`` that writes nothing: for every process but the first of a
+  multi-host run, which compute the same values."""
+
+  def truncate_after(self, step: int) -> None:
+    del step
+
+  def write_scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+    del step, split, scalars
+
+  def write_image(self, step: int, name: str, grid: np.ndarray) -> None:
+    del step, name, grid
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 class MetricWriter:
   """Writes scalars to ``metrics.jsonl`` and TensorBoard, images to PNG and TensorBoard.
 
