@@ -571,14 +571,15 @@ def train_and_evaluate(
   clock = time.perf_counter()
   try:
     with _SigtermFlag() as sigterm:
-      while step < total_steps and not sigterm.raised:
+      while step < total_steps:
         boundary = min(
           _next_multiple(step, config.log_every_steps),
           _next_multiple(step, eval_every),
           _next_multiple(step, ckpt_every),
           total_steps,
         )
-        while step < boundary and not sigterm.raised:
+        # One process alone may not stop mid-interval: the others would wait for it.
+        while step < boundary and not (sigterm.raised and jax.process_count() == 1):
           n = min(boundary - step, chunk_len)
           epoch = step // steps_per_epoch
           state, metrics = train_chunk(
@@ -591,7 +592,7 @@ def train_and_evaluate(
         rows = _pull_and_check(pending, config, num_skipped, checkpointer.latest_step())
         num_skipped += int(np.sum(~rows["finite"]))
         pending.clear()
-        if sigterm.raised:  # Preempted: save this step (whatever it is) and stop.
+        if _any_process(sigterm.raised):  # Preempted: save this step and stop, all together.
           logging.warning("SIGTERM: saving checkpoint at step %d and stopping.", step)
           checkpointer.save(step, state)
           checkpointer.wait()
@@ -618,6 +619,13 @@ def train_and_evaluate(
     checkpointer.close()
     writer.close()
   return state
+
+
+def _any_process(flag: bool) -> bool:
+  """``flag`` of this process, or of any process in a multi-host run."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _window_scalars(window, seconds: float, batch_size: int) -> dict[str, float]:
