@@ -219,3 +219,55 @@ def test_cli_rejects_unknown_config_field(tmp_path):
   )
   assert result.returncode != 0
   assert "not_a_field" in result.stderr
+
+
+def _iwae_setup():
+  model = models.make_mlp_vae(event_shape=(6,), latents=2, encoder_hidden=(5,))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))
+  x = jax.random.bernoulli(jax.random.key(1), 0.4, (8, 6)).astype(jnp.float32)
+  return model, params, x
+
+
+def test_iwae_with_one_sample_is_the_elbo_in_expectation():
+  model, params, x = _iwae_setup()
+  ll = losses.bernoulli_log_likelihood
+  iwae = jax.jit(train.make_loss_fn(model, ll, 1.0, 1, "iwae"))
+  elbo = jax.jit(train.make_loss_fn(model, ll, 1.0, 1, "elbo"))
+  key = jax.random.key(3)
+  # k = 1: the bound is the single log-weight itself.
+  log_w = losses.iw_log_weights(
+    key, x, *model.encode(params, x), lambda z: model.decode(params, z), ll, num_samples=1
+  )
+  assert float(iwae(params, x, key)[0]) == pytest.approx(-float(jnp.mean(log_w)), rel=1e-6)
+  # Over many keys it averages to the ELBO (which uses the closed-form KL): 4 standard errors.
+  keys = jax.random.split(jax.random.key(4), 4000)
+  diff = jax.vmap(lambda k: iwae(params, x, k)[0] - elbo(params, x, k)[0])(keys)
+  se = float(jnp.std(diff)) / np.sqrt(len(keys))
+  assert abs(float(jnp.mean(diff))) < 4 * se
+
+
+def test_iwae_with_more_samples_is_a_tighter_bound():
+  model, params, x = _iwae_setup()
+  ll = losses.bernoulli_log_likelihood
+  keys = jax.random.split(jax.random.key(5), 200)
+
+  def mean_loss(objective, k):
+    fn = jax.jit(train.make_loss_fn(model, ll, 1.0, k, objective))
+    return float(jnp.mean(jax.vmap(lambda key: fn(params, x, key)[0])(keys)))
+
+  assert mean_loss("iwae", 50) < mean_loss("iwae", 5) < mean_loss("elbo", 1)
+
+
+def test_iwae_trains_and_rejects_beta():
+  model, params, x = _iwae_setup()
+  optimizer = optax.adam(1e-2)
+  loss_fn = train.make_loss_fn(model, losses.bernoulli_log_likelihood, 1.0, 10, "iwae")
+  step = jax.jit(train.make_train_step(loss_fn, optimizer))
+  state = train.initial_state(model, optimizer, jax.random.key(0), (6,))
+  first = None
+  for i in range(200):
+    state, m = step(state, x, jax.random.key(i))
+    first = first if first is not None else float(m["loss"])
+  assert float(m["loss"]) < first
+  with pytest.raises(ValueError, match="IWAE bound has no KL weight"):
+    train.make_loss_fn(model, losses.bernoulli_log_likelihood, 4.0, 10, "iwae")

@@ -32,9 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.gaussian_variance = 1.0  # Fixed observation variance c of the Gaussian likelihood.
 
   # Objective.
-  c.objective = "elbo"  # "elbo" (VAE) | "autoencoder" (deterministic AE baseline: z = mean, no KL).
+  # "elbo" (VAE) | "iwae" (importance-weighted bound, k = num_samples) |
+  # "autoencoder" (deterministic AE baseline: z = mean, no KL).
+  c.objective = "elbo"
   c.beta = 1.0  # Weight of the KL term; 1 is the plain VAE. Test metrics always use beta=1.
-  c.num_samples = 1  # Monte Carlo samples of z per example in the training ELBO.
+  c.num_samples = 1  # Samples of z per example in the training objective (IWAE's k).
 
   # Optimization.
   c.optimizer = ml_collections.ConfigDict()

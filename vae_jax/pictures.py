@@ -474,3 +474,60 @@ def latent_map_figure(
   )
   panels = hstack([left, middle, right])
   return vstack([panels, legend(class_names, panels.shape[1])])
+
+
+def rate_distortion_plot(
+  rates: np.ndarray,
+  distortions: np.ndarray,
+  labels: Sequence[str],
+  *,
+  title: str = "",
+  size: int = 400,
+  num_elbo_lines: int = 6,
+) -> np.ndarray:
+  """Rate (x) against distortion (y), one labelled point per model: ``[H, W, 3]`` uint8.
+
+  Args:
+    rates: ``[n]`` rates ``R = E KL(q(z|x) || p(z))`` in nats.
+    distortions: ``[n]`` distortions ``D = -E log p(x|z)`` in nats.
+    labels: ``[n]`` text drawn beside each point (e.g. its beta).
+    title: drawn above the plot.
+    size: side of the square plot box, in pixels.
+    num_elbo_lines: about this many grey lines ``R + D = c`` (equal ELBO
+      ``-c``), each labelled with its ELBO.
+
+  Points are connected in the given order (sort them by beta for a frontier);
+  the point of the best ELBO (smallest ``R + D``) is red.
+  """
+  rates, distortions = np.asarray(rates, np.float64), np.asarray(distortions, np.float64)
+  if rates.shape != distortions.shape or rates.ndim != 1 or len(labels) != rates.shape[0]:
+    raise ValueError(
+      f"rates and distortions must be [n] with n labels; got {rates.shape}, "
+      f"{distortions.shape}, {len(labels)} labels."
+    )
+  xlim, ylim = data_limits(np.stack([rates, distortions], -1), low=0.0, high=100.0, margin=0.12)
+  xlim = (min(xlim[0], 0.0), xlim[1])  # Rate 0 (a collapsed posterior) is always shown.
+  axes = _Axes(size, xlim, ylim)
+  d, font = axes.draw, _font(11)
+  totals = rates + distortions
+  for c in nice_ticks(xlim[0] + ylim[0], xlim[1] + ylim[1], num_elbo_lines + 2):
+    # The segment of x + y = c inside the box.
+    x0, x1 = max(xlim[0], c - ylim[1]), min(xlim[1], c - ylim[0])
+    if x1 <= x0:
+      continue
+    ends = axes.to_pixels(np.array([[x0, c - x0], [x1, c - x1]]))
+    d.line([tuple(ends[0]), tuple(ends[1])], fill=(200, 200, 200), width=1)
+    text = f"ELBO {-c:g}"
+    w, h = _text_size(font, text)
+    d.text((ends[1][0] - w - 4, ends[1][1] - h - 6), text, fill=_GREY, font=font)
+  pixels = axes.to_pixels(np.stack([rates, distortions], -1))
+  d.line([tuple(p) for p in pixels], fill=PALETTE[0], width=2)
+  best = int(np.argmin(totals))
+  label_font, right = _font(12), axes.left + size
+  for i, (c, r) in enumerate(pixels):
+    color = PALETTE[3] if i == best else PALETTE[0]  # Red: the best ELBO.
+    d.ellipse([c - 4, r - 4, c + 4, r + 4], fill=color)
+    w, _ = _text_size(label_font, labels[i])
+    left = c + 6 if c + 6 + w < right - 2 else c - 6 - w  # Keep labels inside the box.
+    d.text((left, r - 14), labels[i], fill=_BLACK, font=label_font)
+  return axes.finish(title, "rate R (nats)", "distortion D (nats)")
