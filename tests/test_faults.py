@@ -353,6 +353,8 @@ def test_bad_command_line_input_gives_one_clear_error(override, message, tmp_pat
   )
   assert result.returncode != 0
   assert re.search(message, result.stderr), result.stderr[-2000:]
+  if "Traceback" in result.stderr:  # Flag parsing errors come from absl, without one.
+    raise AssertionError(f"a traceback instead of one message:\n{result.stderr[-2000:]}")
 
 
 def test_offline_without_data_fails_within_seconds(tmp_path):

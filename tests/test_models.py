@@ -60,8 +60,15 @@ def test_soft_clamp_bounds_and_is_identity_inside(x):
   assert -30.0 <= y <= 30.0
   assert np.isfinite(g) and g >= 0.0
   if abs(x) <= 5:
-    assert y == pytest.approx(x, abs=1e-5)
-    assert g == pytest.approx(1.0, abs=1e-5)
+    assert y == pytest.approx(x, rel=1e-6, abs=1e-12)
+    assert g == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("x", [1e-7, -3e-5, 1e-3, 0.25, -2.0, 12.0])
+def test_soft_clamp_keeps_small_log_variances_exact(x):
+  """Inactive units sit at logvar ~ 0; the clamp must not quantize them."""
+  y = float(models.soft_clamp(jnp.float32(x), -30.0, 30.0))
+  assert y == pytest.approx(np.float32(x), rel=1e-6)
 
 
 def test_encoder_logvar_is_bounded_for_extreme_inputs():

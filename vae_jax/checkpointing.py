@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
@@ -45,17 +46,28 @@ def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
 class Checkpointer:
   """Saves and restores one pytree (the train state) under ``directory``."""
 
-  def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 3):
+  def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 3, read_only: bool = False):
+    """Opens ``directory``.
+
+    Args:
+      directory: where the step directories live.
+      max_to_keep: how many of the newest checkpoints to keep.
+      read_only: for readers beside a possibly running training job (evaluation):
+        create nothing, delete nothing (no clean-up of half-written saves, no
+        setting aside of unreadable checkpoints), and refuse ``save``.
+    """
     self.directory = pathlib.Path(directory).absolute()
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
       self.directory,
       item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        create=True,
+        create=not read_only,
+        read_only=read_only,
         # A save killed half-way leaves a *.orbax-checkpoint-tmp* directory that
-        # was never committed; remove it when the run starts again.
-        cleanup_tmp_directories=True,
+        # was never committed; the training run removes it when it starts again.
+        cleanup_tmp_directories=not read_only,
       ),
     )
 
@@ -67,6 +79,8 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree) -> None:
     """Starts writing ``state`` as checkpoint ``step`` (returns once it is copied)."""
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only.")
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def wait(self) -> None:
@@ -131,30 +145,34 @@ class Checkpointer:
     if not steps:
       return None
     self._check_compatible(steps[-1], target)
-    errors = []
+    errors, unreadable = [], []
     for step in reversed(steps):
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-      except Exception as e:  # noqa: BLE001 - any failure: fall back to an older one.
+      except Exception as e:  # noqa: BLE001 - any failure: try an older one.
         errors.append(f"  step {step}: {type(e).__name__}: {e}")
-        moved = self._set_aside(step)
+        unreadable.append(step)
         logging.warning(
-          "Checkpoint %d in %s cannot be restored (%s: %s); moved it to %s and trying the "
-          "previous one.",
+          "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
           step,
           self.directory,
           type(e).__name__,
           str(e).splitlines()[0] if str(e) else "",
-          moved,
         )
         continue
-      if errors:
+      # Only now that an older checkpoint restored are the newer ones known to be
+      # bad (not a passing I/O error that would hit every one of them): move them
+      # out of the way so the run can write those steps again. Kept, not deleted.
+      if unreadable and not self.read_only:
+        if jax.process_index() == 0:
+          for bad in unreadable:
+            logging.warning("Moved unreadable checkpoint %d to %s.", bad, self._set_aside(bad))
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices("vae_jax: unreadable checkpoints set aside")
         self._manager.reload()
       return step, state
-    self._manager.reload()
     raise CheckpointError(
-      f"No checkpoint in {self.directory} could be restored (they were moved to "
-      f"{self._unreadable_dir()}):\n"
+      f"No checkpoint in {self.directory} could be restored; all were left in place:\n"
       + "\n".join(errors)
-      + "\nMove the directory away to start afresh."
+      + "\nIf the files are damaged, move the directory away to start afresh."
     )

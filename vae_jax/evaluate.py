@@ -575,7 +575,7 @@ def restore_params(
       f"--workdir={workdir}"
     )
   trainer = train.build_trainer(config, event_shape, num_train)
-  checkpointer = checkpointing.Checkpointer(ckpt_dir, config.keep_checkpoints)
+  checkpointer = checkpointing.Checkpointer(ckpt_dir, read_only=True)
   try:
     restored = checkpointer.restore_latest(trainer.abstract_state())
   finally:

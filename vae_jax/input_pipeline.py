@@ -12,7 +12,8 @@ The path a dataset takes, with no TensorFlow needed anywhere:
    TensorFlow to prepare, so they cannot be used here).
 3. Read each split back through TFDS's random-access data source and decode it
    to a ``uint8`` numpy array once. MNIST-sized data then lives in device
-   memory, and shuffling and binarization happen there (``batch_images``).
+   memory, and shuffling and binarization happen there
+   (``train.make_train_chunk``).
 """
 
 from __future__ import annotations

@@ -10,13 +10,15 @@ baseline, pictures) and writes ``WORKDIR/eval/step_<N>_k<K>.json``.
 """
 
 import logging as py_logging
+import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import evaluate, train
+from vae_jax import checkpointing, evaluate, input_pipeline, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
@@ -33,6 +35,7 @@ flags.DEFINE_integer(
   "eval_num_samples",
   evaluate.DEFAULT_NUM_IMPORTANCE_SAMPLES,
   "--mode=evaluate: importance samples K per test example for log p(x).",
+  lower_bound=1,
 )
 flags.DEFINE_string(
   "coordinator_address",
@@ -64,15 +67,47 @@ def main(argv):
     )
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
-  if FLAGS.mode == "evaluate":
-    evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.eval_num_samples)
-    return
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+    if FLAGS.mode == "evaluate":
+      evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.eval_num_samples)
+    else:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
   except train.Preempted as e:
     logging.warning("%s Run the same command to resume.", e)
     sys.exit(train.EXIT_CODE_PREEMPTED)
+  except USER_ERRORS as e:
+    if not _raised_by_vae_jax(e):
+      raise  # A library's own error: keep its traceback.
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
+
+
+# Errors that vae_jax raises for things a user can fix; their message says how.
+USER_ERRORS = (
+  ValueError,
+  FileNotFoundError,
+  input_pipeline.DataError,
+  checkpointing.CheckpointError,
+  train.NonFiniteError,
+)
+
+
+def _raised_by_vae_jax(e: BaseException) -> bool:
+  frames = traceback.extract_tb(e.__traceback__)
+  return bool(frames) and f"{os.sep}vae_jax{os.sep}" in frames[-1].filename
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad ``--config.*`` override as one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    # ml_collections wraps a KeyError's repr: unquote and unescape it.
+    message = message.strip("'").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    sys.stderr.write(f"FATAL: bad flag or config override: {message}\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

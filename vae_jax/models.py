@@ -29,14 +29,17 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def soft_clamp(x: Array, low: float, high: float) -> Array:
-  """Smoothly bounds ``x`` to ``(low, high)``; the identity well inside.
+  """Smoothly bounds ``x`` to about ``[low, high]``; the identity well inside.
 
-  ``high - softplus(high - (low + softplus(x - low)))``: the deviation from the
-  identity is ``softplus(-distance to a bound)``, below 1e-8 at distance 20, and
-  the gradient never vanishes entirely. Used on the encoder's log-variance so
-  that ``exp(logvar)`` and the KL stay finite by construction.
+  ``x + softplus(low - x) - softplus(x - high)``: at distance ``d`` from the
+  nearer bound the deviation from ``x`` is ``softplus(-d)`` (below 1e-8 for
+  ``d > 18``, and ``x`` itself to float precision in the middle), and far
+  outside the result approaches the bound. Used on the encoder's log-variance
+  so that ``exp(logvar)`` and the KL stay finite by construction. The gradient
+  ``1 - sigmoid(low - x) - sigmoid(x - high)`` is 1 inside and decays smoothly
+  beyond the bounds.
   """
-  return high - jax.nn.softplus(high - (low + jax.nn.softplus(x - low)))
+  return x + jax.nn.softplus(low - x) - jax.nn.softplus(x - high)
 
 
 class Encoder(nn.Module):

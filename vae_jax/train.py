@@ -347,6 +347,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"config.nonfinite_policy must be 'stop' or 'skip', got {config.nonfinite_policy!r}."
     )
+  if config.objective == "iwae" and config.beta != 1.0:
+    raise ValueError(f"config.beta={config.beta}, but the IWAE bound has no KL weight; use 1.")
   if config.beta < 0:
     raise ValueError(f"config.beta must be >= 0, got {config.beta}.")
 
@@ -382,24 +384,39 @@ def config_differences(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   ]
 
 
+def check_config(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, allow_change: bool = False
+) -> None:
+  """Refuses a workdir whose checkpoints belong to a run of another config.
+
+  Differences (see ``config_differences``) raise ``ValueError`` naming them,
+  unless ``allow_change`` (then they are logged). A workdir without any
+  checkpoint has nothing to protect.
+  """
+  ckpt_dir = workdir / "checkpoints"
+  if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+    return
+  diffs = config_differences(config, workdir)
+  if diffs and allow_change:
+    logging.warning("Config changed on resume (allowed by the caller):\n%s", "\n".join(diffs))
+  elif diffs:
+    raise ValueError(
+      f"{workdir} holds a run with a different config:\n" + "\n".join(diffs) + "\n"
+      "Resuming would mix two experiments. Use a new --workdir, the same config, or "
+      "--allow_config_change if you mean to continue this run with the new values."
+    )
+
+
 def record_config(
   config: ml_collections.ConfigDict, workdir: pathlib.Path, allow_change: bool = False
 ) -> None:
-  """Writes ``config.json``; refuses a workdir that holds a run of another config.
+  """``check_config``, then ``write_config``."""
+  check_config(config, workdir, allow_change)
+  write_config(config, workdir)
 
-  Differences (see ``config_differences``) raise ``ValueError`` naming them,
-  unless ``allow_change`` (then they are logged and the new config is recorded).
-  """
-  if (workdir / "checkpoints").exists():
-    diffs = config_differences(config, workdir)
-    if diffs and allow_change:
-      logging.warning("Config changed on resume (allowed by the caller):\n%s", "\n".join(diffs))
-    elif diffs:
-      raise ValueError(
-        f"{workdir} holds a run with a different config:\n" + "\n".join(diffs) + "\n"
-        "Resuming would mix two experiments. Use a new --workdir, the same config, or "
-        "--allow_config_change if you mean to continue this run with the new values."
-      )
+
+def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Records ``config`` as ``workdir/config.json`` (atomically)."""
   path = workdir / "config.json"
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + "\n")
@@ -534,7 +551,7 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    record_config(config, workdir, allow_config_change)
+    check_config(config, workdir, allow_config_change)
     data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
   if jax.process_count() > 1:  # The others read what process 0 prepared.
     multihost_utils.sync_global_devices("vae_jax: data prepared")
@@ -565,6 +582,9 @@ def train_and_evaluate(
     step, state = restored
     writer.truncate_after(step)
     logging.info("Resumed from checkpoint %d in %s", step, workdir)
+  if is_main:  # Only once the checkpoints are known to fit this config.
+    write_config(config, workdir)
+  last_saved = -1 if restored is None else int(state.step)
 
   perm_fn = jax.jit(epoch_permutation, static_argnums=2, out_shardings=trainer.replicated)
   perms_cache: dict[int, Array] = {}
@@ -616,15 +636,18 @@ def train_and_evaluate(
         pending.clear()
         if _any_process(sigterm.raised):  # Preempted: save this step and stop, all together.
           logging.warning("SIGTERM: saving checkpoint at step %d and stopping.", step)
-          checkpointer.save(step, state)
+          if step != last_saved:  # It may have been saved just before the signal.
+            checkpointer.save(step, state)
           checkpointer.wait()
           raise Preempted(step)
         window.append(rows)
         window_seconds += time.perf_counter() - clock
         bar.update(len(rows["loss"]))
         if step % config.log_every_steps == 0 or step == total_steps:
-          writer.write_scalars(
-            step, "train", _window_scalars(window, window_seconds, config.batch_size)
+          scalars = _window_scalars(window, window_seconds, config.batch_size)
+          writer.write_scalars(step, "train", scalars)
+          bar.set_postfix(
+            loss=f"{scalars['loss']:.2f}", ex_per_s=f"{scalars['examples_per_sec']:.0f}"
           )
           window.clear()
           window_seconds = 0.0
@@ -635,6 +658,7 @@ def train_and_evaluate(
         if step % ckpt_every == 0 or step == total_steps:
           logging.info("Saving checkpoint at step %d", step)
           checkpointer.save(step, state)
+          last_saved = step
         clock = time.perf_counter()
   finally:
     bar.close()

@@ -93,6 +93,9 @@ class MetricWriter:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(tmp, self.metrics_path)
     self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115
+    # TensorBoard likewise hides the points it holds after ``step``.
+    self._tb.close()
+    self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=step + 1)
 
   def write_scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     row = {"step": int(step), "split": split}
