@@ -109,6 +109,18 @@ def evaluate_sweep(config, workdir, num_samples: int) -> tuple[list[dict], dict]
   return rows, traversals
 
 
+def rate_distortion_figure(rows: list[dict]) -> np.ndarray:
+  """The rate-distortion plot of the table's rows, points in order of beta."""
+  order = np.argsort([r["beta"] for r in rows])
+  return pictures.rate_distortion_plot(
+    np.array([rows[i]["rate"] for i in order]),
+    np.array([rows[i]["distortion"] for i in order]),
+    [f"beta={rows[i]['beta']:g}" for i in order],
+    title="Test rate and distortion per beta (grey: equal ELBO; red: best)",
+    size=420,
+  )
+
+
 def write_outputs(rows, traversals, out_dir: pathlib.Path, docs_dir: pathlib.Path) -> None:
   out_dir.mkdir(parents=True, exist_ok=True)
   docs_dir.mkdir(parents=True, exist_ok=True)
@@ -129,13 +141,7 @@ def write_outputs(rows, traversals, out_dir: pathlib.Path, docs_dir: pathlib.Pat
     + "\n"
   )
   order = np.argsort([r["beta"] for r in rows])
-  figure = pictures.rate_distortion_plot(
-    np.array([rows[i]["rate"] for i in order]),
-    np.array([rows[i]["distortion"] for i in order]),
-    [f"beta={rows[i]['beta']:g}" for i in order],
-    title="Test rate and distortion of each beta (grey: equal ELBO)",
-    size=420,
-  )
+  figure = rate_distortion_figure(rows)
   writers.save_png(docs_dir / "beta_sweep_rate_distortion.png", figure)
 
   panels, labels = [], []

@@ -622,7 +622,7 @@ def _write_pictures(
   if deterministic:
     skipped["prior_samples"] = "an autoencoder has no prior to sample from"
   else:
-    key = jax.random.fold_in(jax.random.key(config.seed), train.KEY_SAMPLES)
+    key = train.run_keys(config.seed)[train.KEY_SAMPLES]
     samples = jax.jit(prior_samples, static_argnums=(0, 3, 4))(model, params, key, 64, likelihood)
     grid = pictures.upscale(writers.image_grid(samples), 2)
     paths.append(writer.write_image(step, "eval_prior_samples", grid))
@@ -738,7 +738,7 @@ def evaluate_workdir(
   logging.info("Evaluating checkpoint %d of %s (K=%d)", step, workdir, num_samples)
 
   ll_fn = train.make_log_likelihood_fn(config, len(event_shape))
-  eval_key = jax.random.fold_in(jax.random.key(config.seed), train.KEY_EVAL)
+  eval_key = train.run_keys(config.seed)[train.KEY_EVAL]
   split_values = {}
   for split, x, k, bs in (
     ("test", test_x, num_samples, batch_size),

@@ -73,8 +73,7 @@ class SweepKeys(NamedTuple):
 
 def model_keys(seed: int) -> dict[int, Array]:
   """A single run's keys by purpose (``train.KEY_*``) for ``config.seed = seed``."""
-  root = jax.random.key(seed)
-  return {tag: jax.random.fold_in(root, tag) for tag in range(6)}
+  return train.run_keys(seed)
 
 
 class Schedule(NamedTuple):
@@ -299,6 +298,11 @@ def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tu
     )
   if any(b < 0 for b in betas):
     raise ValueError(f"config.sweep.betas must all be >= 0, got {betas}.")
+  names = [model_name(b, s) for b, s in zip(betas, seeds, strict=True)]
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.sweep has repeated (beta, seed) pairs: {names}; make them unique.")
+  if config.objective == "iwae" and any(b != 1.0 for b in betas):
+    raise ValueError("The IWAE bound has no KL weight: a sweep over beta needs objective='elbo'.")
   return betas, seeds
 
 
@@ -507,7 +511,8 @@ def train_sweep(
   clock = time.perf_counter()
   try:
     with train._SigtermFlag() as sigterm:
-      while step < total_steps and not sigterm.raised:
+      last_saved = start if start else -1
+      while step < total_steps:
         boundary = min(
           train._next_multiple(step, config.log_every_steps),
           train._next_multiple(step, eval_every),
@@ -524,8 +529,9 @@ def train_sweep(
         }
         num_skipped = np.asarray(jax.device_get(state.models.num_skipped))
         _check_finite(rows, first, trainer, config, num_skipped)
-        if sigterm.raised:
-          checkpointer.save(step, state)
+        if sigterm.raised:  # At a boundary: save this step (once) and stop.
+          if step != last_saved:
+            checkpointer.save(step, state)
           checkpointer.wait()
           raise train.Preempted(step)
         window.append(rows)
@@ -551,6 +557,7 @@ def train_sweep(
           )
         if step % ckpt_every == 0 or step == total_steps:
           checkpointer.save(step, state)
+          last_saved = step
         clock = time.perf_counter()
   finally:
     checkpointer.close()

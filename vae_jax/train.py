@@ -47,6 +47,15 @@ Metrics = dict[str, Array]
 KEY_INIT, KEY_EPS, KEY_BINARIZE, KEY_SHUFFLE, KEY_EVAL, KEY_SAMPLES = range(6)
 
 
+def run_keys(seed: int) -> dict[int, Array]:
+  """The run's PRNG keys by purpose (``KEY_INIT``, ``KEY_EPS``, ...) for ``seed``."""
+  root = jax.random.key(seed)
+  return {
+    tag: jax.random.fold_in(root, tag)
+    for tag in (KEY_INIT, KEY_EPS, KEY_BINARIZE, KEY_SHUFFLE, KEY_EVAL, KEY_SAMPLES)
+  }
+
+
 class TrainState(NamedTuple):
   step: Array  # int32 scalar: the number of steps taken so far (skipped ones included).
   params: Params
@@ -515,8 +524,7 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
   eval_fn = evaluate.make_eval_fn(
     model, ll_fn, config.eval_batch_size, deterministic=config.objective == "autoencoder"
   )
-  root = jax.random.key(config.seed)
-  keys = {tag: jax.random.fold_in(root, tag) for tag in range(6)}
+  keys = run_keys(config.seed)
   return Trainer(
     model=model,
     optimizer=optimizer,

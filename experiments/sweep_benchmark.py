@@ -1,0 +1,175 @@
+"""Is a sweep of M models in one program faster than M single runs one after another?
+
+Measures, on the real training path of each (``sweep.build_sweep_trainer`` ->
+``sweep_chunk``, and ``train.build_trainer`` -> ``train_chunk`` per beta, as
+``train_and_evaluate`` runs it), the wall time of ``--steps`` train steps:
+
+* ``sweep_s``: one sweep of M models, all steps;
+* ``sequential_s``: M single-model runs of the same steps, one after another
+  (each beta is its own program: ``make_loss_fn`` closes over ``beta``);
+* ``ratio = sweep_s / sequential_s`` (the target is <= 0.9), steady state
+  (compiled already) and with each side's compile time included;
+* the number of programs compiled for the sweep's chunk (must be 1).
+
+The two sides alternate ``--repeats`` times, so load from other jobs hits both;
+``uptime``'s load averages are recorded with each repeat. Run:
+
+  python experiments/sweep_benchmark.py --config=configs/beta_sweep.py \\
+    --out=results/beta_sweep/benchmark_cpu.json
+"""
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vae_jax import input_pipeline, sweep, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", str(REPO / "configs/beta_sweep.py"), "Sweep config.")
+flags.DEFINE_string("out", str(REPO / "results/beta_sweep/benchmark_cpu.json"), "JSON output.")
+flags.DEFINE_integer("num_models", 8, "M: models in the sweep (betas 2**k / 4, k = 0..M-1).")
+flags.DEFINE_integer("steps", 400, "Train steps per model per timed repeat.")
+flags.DEFINE_integer("repeats", 3, "Alternating timed repeats of both sides.")
+
+
+def _load() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def _run_single(trainer: train.Trainer, state, images, perms_of, steps: int):
+  step, end = int(state.step), int(state.step) + steps
+  while step < end:
+    n = min(end - step, trainer.chunk_len)
+    epoch = step // trainer.steps_per_epoch
+    state, metrics = trainer.train_chunk(
+      state,
+      images,
+      perms_of(epoch),
+      epoch,
+      n,
+      trainer.keys[train.KEY_EPS],
+      trainer.keys[train.KEY_BINARIZE],
+    )
+    step += n
+  jax.block_until_ready((state, metrics))
+  return state
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  config.sweep.betas = tuple(2.0**k / 4 for k in range(FLAGS.num_models))
+  config.sweep.seeds = (config.seed,)
+  data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
+  num_train, *event_shape = data["train"].images.shape
+  images = jax.device_put(data["train"].images)
+
+  perm_fn = jax.jit(train.epoch_permutation, static_argnums=2)
+  shuffle = sweep.model_keys(config.seed)[train.KEY_SHUFFLE]
+  perms = {}
+
+  def perms_of(epoch):
+    if epoch not in perms:
+      perms[epoch] = jnp.stack([perm_fn(shuffle, e, num_train) for e in (epoch, epoch + 1)])
+    return perms[epoch]
+
+  # Sweep: build, first call (compile + one chunk).
+  t = time.perf_counter()
+  st = sweep.build_sweep_trainer(config, event_shape, num_train)
+  sweep_state = st.init_state()
+  sweep_state, pending = sweep.run_steps(st, sweep_state, images, st.base.chunk_len, perms_of)
+  jax.block_until_ready((sweep_state, pending))
+  sweep_first_s = time.perf_counter() - t
+
+  singles, single_states, single_first_s = [], [], []
+  for beta in config.sweep.betas:
+    c = config.copy_and_resolve_references()
+    c.beta = beta
+    t = time.perf_counter()
+    trainer = train.build_trainer(c, event_shape, num_train)
+    state = _run_single(trainer, trainer.init_state(), images, perms_of, trainer.chunk_len)
+    single_first_s.append(time.perf_counter() - t)
+    singles.append(trainer)
+    single_states.append(state)
+
+  repeats = []
+  for r in range(FLAGS.repeats):
+    load_before = _load()
+    t = time.perf_counter()
+    sweep_state, pending = sweep.run_steps(st, sweep_state, images, FLAGS.steps, perms_of)
+    jax.block_until_ready((sweep_state, pending))
+    sweep_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for i, trainer in enumerate(singles):
+      single_states[i] = _run_single(trainer, single_states[i], images, perms_of, FLAGS.steps)
+    sequential_s = time.perf_counter() - t
+    repeats.append(
+      {
+        "sweep_s": sweep_s,
+        "sequential_s": sequential_s,
+        "ratio": sweep_s / sequential_s,
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": _load(),
+      }
+    )
+    logging.info("repeat %d: %s", r, repeats[-1])
+
+  ratios = [x["ratio"] for x in repeats]
+  m, steps, bs = FLAGS.num_models, FLAGS.steps, config.batch_size
+  sweep_med = statistics.median(x["sweep_s"] for x in repeats)
+  seq_med = statistics.median(x["sequential_s"] for x in repeats)
+  # With compile: the first chunk of each side plus the steady-state time.
+  first_chunk = st.base.chunk_len
+  results = {
+    "what": f"{m} models x {steps} steps at batch {bs}: one vmapped sweep vs {m} single runs",
+    "model": f"784-{'-'.join(map(str, config.model.encoder_hidden))}-{config.model.latents}",
+    "dataset": config.dataset,
+    "batch_size": bs,
+    "num_models": m,
+    "steps_per_model": steps,
+    "betas": list(config.sweep.betas),
+    "repeats": repeats,
+    "ratio_median": statistics.median(ratios),
+    "ratio_min": min(ratios),
+    "ratio_max": max(ratios),
+    "ratio_of_median_times": sweep_med / seq_med,
+    "sweep_examples_per_sec_median": m * steps * bs / sweep_med,
+    "sequential_examples_per_sec_median": m * steps * bs / seq_med,
+    "sweep_compiles": st.sweep_chunk._cache_size(),
+    "sequential_compiles": sum(s.train_chunk._cache_size() for s in singles),
+    "sweep_first_chunk_s": sweep_first_s,
+    "sequential_first_chunk_s_total": sum(single_first_s),
+    "first_chunk_steps": first_chunk,
+    "ratio_with_compile": (sweep_first_s + sweep_med) / (sum(single_first_s) + seq_med),
+    "machine": {
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "cpu_count": os.cpu_count(),
+      "processor": platform.processor() or platform.machine(),
+      "jax": jax.__version__,
+    },
+  }
+  out = pathlib.Path(FLAGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2) + "\n")
+  logging.info(
+    "ratio sweep/sequential: median %.3f (min %.3f, max %.3f); compiles %d; wrote %s",
+    results["ratio_median"],
+    results["ratio_min"],
+    results["ratio_max"],
+    results["sweep_compiles"],
+    out,
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
