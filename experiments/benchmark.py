@@ -249,6 +249,7 @@ def main(argv):
     "device": str(jax.devices()[0].device_kind),
     "platform": jax.default_backend(),
     "num_devices": jax.device_count(),
+    "mesh_devices": trainer.mesh.size,
     "cpu": platform.processor() or platform.machine(),
     "cpu_count": os.cpu_count(),
     "jax_version": jax.__version__,
