@@ -11,6 +11,8 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """All fields at their defaults: the Flax example's MNIST VAE recipe (784-500-20
+  MLP, Bernoulli likelihood, Adam 1e-3, batch 128, 30 epochs, dynamic binarization)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Root of every PRNG key (init, eps, shuffling, binarization).
 
