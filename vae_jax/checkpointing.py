@@ -176,3 +176,30 @@ class Checkpointer:
       + "\n".join(errors)
       + "\nIf the files are damaged, move the directory away to start afresh."
     )
+
+
+def restore_latest_read_only(directory: str | pathlib.Path, target: PyTree) -> tuple[int, PyTree]:
+  """``(step, state)`` of the newest readable checkpoint, for readers such as evaluation.
+
+  Opens ``directory`` read-only (see ``Checkpointer``), so it is safe beside a
+  training job that is still writing there.
+
+  Raises:
+    FileNotFoundError: ``directory`` holds no checkpoint.
+    CheckpointError: as ``Checkpointer.restore_latest``.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+    raise FileNotFoundError(
+      f"No checkpoints in {directory}. Train first, with the same config and "
+      f"--workdir={directory.parent}."
+    )
+  checkpointer = Checkpointer(directory, read_only=True)
+  try:
+    restored = checkpointer.restore_latest(target)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"No readable checkpoint in {directory}.")
+  step, state = restored
+  return int(step), state

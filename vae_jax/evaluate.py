@@ -568,22 +568,11 @@ def restore_params(
   """
   from vae_jax import train  # Deferred: train imports this module.
 
-  ckpt_dir = workdir / "checkpoints"
-  if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
-    raise FileNotFoundError(
-      f"No checkpoints in {ckpt_dir}. Train first: python -m vae_jax.main --config=... "
-      f"--workdir={workdir}"
-    )
   trainer = train.build_trainer(config, event_shape, num_train)
-  checkpointer = checkpointing.Checkpointer(ckpt_dir, read_only=True)
-  try:
-    restored = checkpointer.restore_latest(trainer.abstract_state())
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"No readable checkpoint in {ckpt_dir}.")
-  step, state = restored
-  return int(step), trainer.model, state.params
+  step, state = checkpointing.restore_latest_read_only(
+    workdir / "checkpoints", trainer.abstract_state()
+  )
+  return step, trainer.model, state.params
 
 
 # --------------------------------------------------------------------------

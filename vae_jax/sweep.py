@@ -571,12 +571,7 @@ def restore_sweep(
 ) -> tuple[int, SweepTrainer, SweepState]:
   """The latest checkpoint of a sweep's ``workdir``: ``(step, trainer, state)``."""
   trainer = build_sweep_trainer(config, event_shape, num_train)
-  checkpointer = checkpointing.Checkpointer(pathlib.Path(workdir) / "checkpoints")
-  try:
-    restored = checkpointer.restore_latest(trainer.state_shape())
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; run the sweep first.")
-  step, state = restored
-  return int(step), trainer, state
+  step, state = checkpointing.restore_latest_read_only(
+    pathlib.Path(workdir) / "checkpoints", trainer.state_shape()
+  )
+  return step, trainer, state
