@@ -52,7 +52,7 @@ class _LinearGaussian:
     self.log_px = -0.5 * (data * math.log(2.0 * math.pi) + logdet + maha)
     self.sigma = np.diag(np.linalg.inv(np.eye(latent) + self.w.T @ self.w / self.c))
     self.enc = self.w * self.sigma / self.c  # [data, latent]: mu = (x - b) @ enc.
-    self.model = models.Model(init=None, encode=self._encode, decode=self._decode, latents=latent)
+    self.model = models.from_encoder_decoder(None, self._encode, self._decode, latent)
     self.log_likelihood_fn = functools.partial(losses.gaussian_log_likelihood, variance=self.c)
 
   def params(self, shift_in_stds=0.0, var_factor=1.0):

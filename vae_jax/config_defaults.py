@@ -20,18 +20,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = "mnist"  # "mnist" | "fashion_mnist".
   c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS dir; None: default.
   c.idx_dir = ml_collections.FieldReference(None, field_type=str)  # Local IDX files; None: find.
-  c.binarization = "dynamic"  # "none" | "threshold" | "dynamic" (train); test: fixed draw.
+  # "none" (grey levels / 255) | "threshold" | "dynamic" (a fresh Bernoulli draw
+  # per step) | "dequantize" ((pixel + u) / 256, u ~ U[0, 1) per step; for
+  # continuous likelihoods, reported in bits/dim). Test data: one fixed draw.
+  c.binarization = "dynamic"
+  # Held out from the end of the training split for early stopping (0: none).
+  c.validation_examples = 0
 
   # Model (see vae_jax/models.py). Defaults: the Flax example's MLP VAE.
   c.model = ml_collections.ConfigDict()
-  c.model.kind = "mlp"
-  c.model.latents = 20
-  c.model.encoder_hidden = (500,)
+  c.model.kind = "mlp"  # "mlp" | "conv": the networks that read and write x.
+  c.model.latents = 20  # Latent dimensions (of the bottom layer z1 with two layers).
+  c.model.encoder_hidden = (500,)  # Dense widths (after the convolutions for "conv").
   c.model.decoder_hidden = ml_collections.FieldReference(None, field_type=tuple)  # None: mirror.
+  c.model.conv_features = (32, 64)  # "conv": channels of the stride-2 4x4 convolutions.
   c.model.activation = "relu"
   c.model.logvar_bound = 30.0  # Soft bound on |logvar|; keeps exp(logvar) and KL finite.
-  c.model.likelihood = "bernoulli"  # "bernoulli" (decoder gives logits) | "gaussian" (means).
-  c.model.gaussian_variance = 1.0  # Fixed observation variance c of the Gaussian likelihood.
+  # 2: q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), the IWAE paper's hierarchy.
+  c.model.stochastic_layers = 1
+  c.model.top_latents = 50  # Dimensions of z2 (two layers only).
+  c.model.top_hidden = (100, 100)  # Widths of the z1 -> z2 MLP; z2 -> z1 mirrors them.
+  # "bernoulli" (decoder gives logits) | "gaussian" (means, fixed variance) |
+  # "gaussian_learned" (means and one learned variance shared by all pixels).
+  c.model.likelihood = "bernoulli"
+  c.model.gaussian_variance = 1.0  # Observation variance c (the initial one if learned).
 
   # Objective.
   # "elbo" (VAE) | "iwae" (importance-weighted bound, k = num_samples) |
@@ -39,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = "elbo"
   c.beta = 1.0  # Weight of the KL term; 1 is the plain VAE. Test metrics always use beta=1.
   c.num_samples = 1  # Samples of z per example in the training objective (IWAE's k).
+  c.gradient_estimator = "plain"  # "plain" | "dreg" (doubly reparameterized; iwae only).
+  c.kl_warmup_epochs = 0.0  # Linear KL warm-up: beta_t = beta * min(1, t / warm-up).
+  c.free_bits = 0.0  # Free bits, nats per latent dimension, batch-averaged (elbo only).
 
   # Optimization.
   c.optimizer = ml_collections.ConfigDict()
@@ -47,8 +62,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0  # adamw only.
   c.optimizer.momentum = 0.0  # sgd only.
   c.optimizer.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
+  # Learning-rate schedule: "constant" | "cosine" (to 0 over num_epochs) |
+  # "exponential" (times decay_rate every epoch) | "iwae" (Burda et al. 2015:
+  # 10**(-i/7) for 3**i epochs, i = 0..7; 3,280 epochs in all).
+  c.optimizer.schedule = "constant"
+  c.optimizer.decay_rate = 1.0  # "exponential" only: factor per epoch.
+  # Exponential moving average of the parameters, used for evaluation and
+  # saved with the optimizer state (None: off). E.g. 0.999.
+  c.optimizer.ema_decay = ml_collections.FieldReference(None, field_type=float)
   c.batch_size = 128
   c.num_epochs = 30
+  # Early stopping on the validation split's ELBO (needs validation_examples):
+  # stop after this many epochs without a better one (0: never). The best
+  # parameters are saved in WORKDIR/best and are what --mode=evaluate reads.
+  c.early_stopping_patience_epochs = 0
 
   # Devices: the batch is split over a 1-D "data" mesh of this many devices
   # (0: all visible ones); state and data are replicated on each.

@@ -68,6 +68,8 @@ def decoder_mean(decoded: Array, likelihood: str) -> Array:
   """The mean image of ``p(x | z)``: ``sigmoid(logits)`` or the Gaussian mean, in [0, 1]."""
   if likelihood == "bernoulli":
     return jax.nn.sigmoid(decoded)
+  if likelihood == "gaussian_learned":  # [..., 2]: means, log-variances.
+    decoded = decoded[..., 0]
   return jnp.clip(decoded, 0.0, 1.0)
 
 
@@ -97,19 +99,17 @@ def make_eval_fn(
 
     def body(totals, inputs):
       i, batch, m = inputs
-      mean, logvar = model.encode(params, batch)
       if deterministic:
+        mean, _ = model.encode(params, batch)
         rec = log_likelihood_fn(model.decode(params, mean), batch)
         out = losses.ElboOutput(elbo=rec, reconstruction=rec, kl=jnp.zeros_like(rec))
-      else:
-        out = losses.elbo(
-          jax.random.fold_in(key, i),
-          batch,
-          mean,
-          logvar,
-          functools.partial(model.decode, params),
-          log_likelihood_fn,
-        )
+      else:  # One sample of z per example; the KL in closed form where there is one.
+        eps = jax.random.normal(jax.random.fold_in(key, i), (1, bs, model.latents))
+        post = model.posterior(params, batch, eps)
+        decode = functools.partial(model.decode, params)
+        rec = losses.sample_log_likelihoods(post.z, batch, decode, log_likelihood_fn)[0]
+        kl = jnp.sum(post.kl_per_dim[0], axis=-1)
+        out = losses.ElboOutput(elbo=rec - kl, reconstruction=rec, kl=kl)
       sums = {k: jnp.sum(getattr(out, k) * m) for k in totals}
       return {k: totals[k] + sums[k] for k in totals}, None
 
@@ -125,8 +125,8 @@ def make_eval_fn(
 
 
 def prior_samples(model: Model, params: Params, key: Array, n: int, likelihood: str) -> Array:
-  """Mean images of ``p(x | z)`` for ``n`` draws ``z ~ N(0, I)``: ``[n, *event_shape]``."""
-  z = jax.random.normal(key, (n, model.latents))
+  """Mean images of ``p(x | z)`` for ``n`` draws ``z ~ p(z)``: ``[n, *event_shape]``."""
+  z = model.sample_prior(params, key, n)
   return decoder_mean(model.decode(params, z), likelihood)
 
 
@@ -223,7 +223,9 @@ def make_per_example_fn(
     ``(sum w)**2 / sum w**2``, between 1 and ``K``;
   * ``reconstruction``: ``[batch]`` ``E_q[log p(x | z)]``, the mean over the
     same ``K`` samples;
-  * ``kl_per_dim``: ``[batch, latent]`` ``KL(q(z_d | x) || N(0, 1))``, closed form.
+  * ``kl_per_dim``: ``[batch, latent]`` the per-dimension KL: closed form
+    ``KL(q(z_d | x) || N(0, 1))`` for a standard-normal prior, else the mean
+    over the ``K`` samples of ``log q - log p`` (see ``models.PosteriorSample``).
 
   One compiled program per input shape: pad the last batch to the others' size.
   """
@@ -257,50 +259,42 @@ def make_per_example_fn(
 
   @jax.jit
   def per_example(params: Params, x: Array, key: Array, indices: Array) -> dict[str, Array]:
-    batch = x.shape[0]
-    mean, logvar = model.encode(params, x)
-    latent = mean.shape[-1]
+    batch, latent = x.shape[0], model.latents
 
-    def draw(example_key, m, lv):  # [latent] x2 -> [K, latent]
-      # [K, 1, latent] is what losses.iw_bound draws for a batch of one.
-      return losses.reparameterize(example_key, m[None], lv[None], num_samples)[:, 0]
+    def noise(example_key):  # [K, latent]: what losses.iw_bound draws for a batch of one.
+      return jax.random.normal(example_key, (num_samples, 1, latent))[:, 0]
 
     example_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(indices)
-    z = jax.vmap(draw, out_axes=1)(example_keys, mean, logvar)  # [K, batch, latent]
-    z = jnp.concatenate([z, jnp.zeros((padded - num_samples, batch, latent), z.dtype)])
-    z = z.reshape(num_chunks, chunk, batch, latent)
+    eps = jax.vmap(noise, out_axes=1)(example_keys)  # [K, batch, latent]
+    eps = jnp.concatenate([eps, jnp.zeros((padded - num_samples, batch, latent), eps.dtype)])
+    eps = eps.reshape(num_chunks, chunk, batch, latent)
     valid = (jnp.arange(padded) < num_samples).reshape(num_chunks, chunk, 1)
-    mean_s = jnp.broadcast_to(mean[None], (chunk, batch, latent))
-    logvar_s = jnp.broadcast_to(logvar[None], (chunk, batch, latent))
+    decode = functools.partial(model.decode, params)
 
     def body(carry, inputs):
-      lse, lse_sq, rec_sum = carry
-      z_c, valid_c = inputs  # [chunk, batch, latent], [chunk, 1]
-      decoded = model.decode(params, z_c.reshape(chunk * batch, latent))
-      decoded = decoded.reshape(chunk, *x.shape)
-      log_px_z = jax.vmap(log_likelihood_fn, in_axes=(0, None))(decoded, x)  # [chunk, batch]
-      # losses.iw_log_weights' sum, from given samples: it draws its own z, while
-      # the chunks here are slices of one draw of K per example.
-      log_w = (
-        log_px_z
-        + losses.standard_normal_log_prob(z_c)
-        - losses.diag_gaussian_log_prob(z_c, mean_s, logvar_s)
-      )
+      lse, lse_sq, rec_sum, kl_sum = carry
+      eps_c, valid_c = inputs  # [chunk, batch, latent], [chunk, 1]
+      post = model.posterior(params, x, eps_c)
+      log_px_z = losses.sample_log_likelihoods(post.z, x, decode, log_likelihood_fn)
+      log_w = log_px_z + post.log_prior - post.log_q  # [chunk, batch]
       log_w = jnp.where(valid_c, log_w, -jnp.inf)  # Padding weighs nothing.
       lse = jnp.logaddexp(lse, jax.nn.logsumexp(log_w, axis=0))
       lse_sq = jnp.logaddexp(lse_sq, jax.nn.logsumexp(2.0 * log_w, axis=0))
       rec_sum = rec_sum + jnp.sum(jnp.where(valid_c, log_px_z, 0.0), axis=0)
-      return (lse, lse_sq, rec_sum), None
+      kl_sum = kl_sum + jnp.sum(jnp.where(valid_c[..., None], post.kl_per_dim, 0.0), axis=0)
+      return (lse, lse_sq, rec_sum, kl_sum), None
 
     neg_inf = jnp.full((batch,), -jnp.inf, jnp.float32)
-    init = (neg_inf, neg_inf, jnp.zeros((batch,), jnp.float32))
-    (lse, lse_sq, rec_sum), _ = jax.lax.scan(body, init, (z, valid))
+    zeros = jnp.zeros((batch,), jnp.float32)
+    init = (neg_inf, neg_inf, zeros, jnp.zeros((batch, latent), jnp.float32))
+    (lse, lse_sq, rec_sum, kl_sum), _ = jax.lax.scan(body, init, (eps, valid))
+    mean, _ = model.encode(params, x)
     out = at_mean(params, x, mean)
     out.update(
       log_px=lse - math.log(num_samples),
       ess=jnp.exp(2.0 * lse - lse_sq),
       reconstruction=rec_sum / num_samples,
-      kl_per_dim=losses.kl_divergence_per_dim(mean, logvar),
+      kl_per_dim=kl_sum / num_samples,
     )
     return out
 
@@ -547,9 +541,12 @@ def restore_params(
   event_shape: tuple[int, ...],
   num_train: int,
 ) -> tuple[int, Model, Params]:
-  """Builds the model of ``config`` and restores the params of ``workdir``'s latest checkpoint.
+  """Builds the model of ``config`` and restores the params to evaluate from ``workdir``.
 
-  The restore target is ``train.build_trainer(...).abstract_state()``, exactly
+  Those are, in order of preference: the best-on-validation parameters in
+  ``workdir/best`` (runs with ``config.validation_examples``), the EMA of the
+  latest checkpoint (``config.optimizer.ema_decay``), or its parameters. The
+  restore target is ``train.build_trainer(...).abstract_state()``, exactly
   as ``train.train_and_evaluate`` resumes, so a checkpoint written on any
   number of devices or hosts restores here.
 
@@ -569,10 +566,16 @@ def restore_params(
   from vae_jax import train  # Deferred: train imports this module.
 
   trainer = train.build_trainer(config, event_shape, num_train)
-  step, state = checkpointing.restore_latest_read_only(
-    workdir / "checkpoints", trainer.abstract_state()
-  )
-  return step, trainer.model, state.params
+  abstract = trainer.abstract_state()
+  if config.validation_examples:
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=trainer.replicated)
+    step, best = checkpointing.restore_latest_read_only(
+      workdir / train.BEST_DIR, {"params": abstract.params, "elbo": scalar}
+    )
+    logging.info("Best validation ELBO %.3f at step %d.", float(best["elbo"]), step)
+    return step, trainer.model, best["params"]
+  step, state = checkpointing.restore_latest_read_only(workdir / "checkpoints", abstract)
+  return step, trainer.model, train.eval_params(state)
 
 
 # --------------------------------------------------------------------------
@@ -643,7 +646,9 @@ def _write_pictures(
     score, score_name = np.asarray(summary["kl_per_dim"]), "KL"
     low, high = np.full(model.latents, -3.0), np.full(model.latents, 3.0)
     how = "from -3 to 3"
-  dims = [int(d) for d in np.argsort(-score)[: min(10, model.latents)]]
+  # A hierarchical decoder reads only the bottom layer: sweep dimensions of it.
+  visible = model.layer_latents[0]
+  dims = [int(d) for d in np.argsort(-score[:visible])[: min(10, visible)]]
   values = np.linspace(low[dims], high[dims], 11, axis=1)
   images = pictures.traversal_images(decode_mean, codes[0], dims, values)
   grid = pictures.upscale(writers.image_grid(images, columns=11), 2)
@@ -720,9 +725,10 @@ def evaluate_workdir(
   data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
   event_shape = tuple(data["test"].images.shape[1:])
   num_dims = math.prod(event_shape)
-  step, model, params = restore_params(config, workdir, event_shape, data["train"].num_examples)
+  train_images, _ = train.split_validation(data["train"].images, config)
+  step, model, params = restore_params(config, workdir, event_shape, len(train_images))
   test_x = np.asarray(input_pipeline.eval_images(data["test"].images, config.binarization))
-  train_x = np.asarray(input_pipeline.eval_images(data["train"].images, config.binarization))
+  train_x = np.asarray(input_pipeline.eval_images(train_images, config.binarization))
   timings["load_s"] = time.perf_counter() - start
   logging.info("Evaluating checkpoint %d of %s (K=%d)", step, workdir, num_samples)
 
@@ -765,6 +771,16 @@ def evaluate_workdir(
     ),
   }
   results["test"] = summarize_split(split_values["test"], num_dims)
+  if config.binarization == "dequantize" and "log_likelihood" in results["test"]:
+    # log P(8-bit pixels) >= log p(x) - D log 256 for x = (pixels + u) / 256.
+    ll = results["test"]["log_likelihood"]
+    ll["bits_per_dim_8bit"] = float(
+      bits_per_dim(-ll["nll_nats"] - num_dims * math.log(256.0), num_dims)
+    )
+    ll["bits_per_dim_8bit_note"] = (
+      "-log2 P(8-bit pixels) per dimension, bounded by the dequantized density: "
+      "(nll_nats + D ln 256) / (D ln 2)"
+    )
   results["train"] = summarize_split(split_values["train"], num_dims, log_likelihood=False)
   results["test"]["elbo_num_samples"] = None if deterministic else num_samples
   results["train"]["elbo_num_samples"] = None if deterministic else 1
@@ -779,7 +795,7 @@ def evaluate_workdir(
     pca_k,
     flat_train,
     test_x.reshape(len(test_x), -1),
-    config.model.likelihood,
+    "bernoulli" if config.model.likelihood == "bernoulli" else "gaussian",
     config.model.gaussian_variance,
   )
   results["pca"]["model_mse_per_image"] = results["test"]["mse_per_image"]

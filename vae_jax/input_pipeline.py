@@ -42,7 +42,7 @@ from PIL import Image
 # (independent of the run's seed), so likelihoods are comparable across runs.
 EVAL_BINARIZATION_SEED = 0
 
-BINARIZATIONS = ("none", "threshold", "dynamic")
+BINARIZATIONS = ("none", "threshold", "dynamic", "dequantize")
 SPLITS = ("train", "test")
 _IDX_FILES = {
   "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -365,11 +365,19 @@ def preprocess(images: jax.Array, binarization: str, key: jax.Array | None = Non
   Args:
     images: uint8 pixels.
     binarization: ``"none"`` (grey levels in [0, 1]), ``"threshold"``
-      (pixel > 127.5, i.e. grey level > 0.5) or ``"dynamic"`` (a Bernoulli draw
-      with the grey level as probability, fresh for every ``key``).
-    key: PRNG key, required for ``"dynamic"``.
+      (pixel > 127.5, i.e. grey level > 0.5), ``"dynamic"`` (a Bernoulli draw
+      with the grey level as probability, fresh for every ``key``) or
+      ``"dequantize"`` (``(pixel + u) / 256`` with ``u ~ U[0, 1)`` fresh for
+      every ``key``: a density on [0, 1] then bounds the 8-bit data's
+      log-probability, ``log P(pixels) >= log p(x) - D log 256``).
+    key: PRNG key, required for ``"dynamic"`` and ``"dequantize"``.
   """
   check_binarization(binarization)
+  if binarization == "dequantize":
+    if key is None:
+      raise ValueError("dequantize needs a PRNG key.")
+    noise = jax.random.uniform(key, images.shape, jnp.float32)
+    return (images.astype(jnp.float32) + noise) / 256.0
   x = images.astype(jnp.float32) / 255.0
   if binarization == "threshold":
     return (x > 0.5).astype(jnp.float32)
@@ -380,7 +388,10 @@ def preprocess(images: jax.Array, binarization: str, key: jax.Array | None = Non
   return x
 
 
-def eval_images(images: np.ndarray, binarization: str) -> jax.Array:
-  """The evaluation split, preprocessed once (fixed binarization for ``dynamic``)."""
-  key = jax.random.key(EVAL_BINARIZATION_SEED)
+def eval_images(
+  images: np.ndarray, binarization: str, seed: int = EVAL_BINARIZATION_SEED
+) -> jax.Array:
+  """An evaluation split, preprocessed once: one fixed draw (from ``seed``) for
+  ``dynamic`` binarization and ``dequantize`` noise."""
+  key = jax.random.key(seed)
   return preprocess(jnp.asarray(images), binarization, key)

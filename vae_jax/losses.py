@@ -220,16 +220,38 @@ def gaussian_log_likelihood(
   return _sum_event(log_p, event_ndims)
 
 
-def diag_gaussian_log_prob(z: Array, mean: Array, logvar: Array) -> Array:
-  """log N(z | mean, diag(exp(logvar))) summed over the last axis.
+def gaussian_log_likelihood_learned(decoded: Array, x: Array, event_ndims: int = 1) -> Array:
+  """log N(x | mean, exp(logvar)) with the decoder's own variance, summed over events.
+
+  Args:
+    decoded: ``[..., *event_shape, 2]``: ``decoded[..., 0]`` the means and
+      ``decoded[..., 1]`` the log-variances (per element; a shared learned
+      variance is broadcast by the decoder).
+    x: ``[..., *event_shape]`` data.
+    event_ndims: how many trailing axes of ``x`` form one example.
+
+  Returns:
+    ``x`` without its last ``event_ndims`` axes: log-densities in nats.
+  """
+  _check_float("decoded", decoded)
+  _check_float("x", x)
+  if decoded.shape != (*jnp.shape(x), 2):
+    raise ValueError(f"decoded must be x's shape {jnp.shape(x)} + (2,), got {decoded.shape}.")
+  _check_event_ndims("x", x, event_ndims)
+  dtype = _compute_dtype(decoded, x)
+  mean, logvar = decoded[..., 0].astype(dtype), decoded[..., 1].astype(dtype)
+  x = x.astype(dtype)
+  log_p = -0.5 * (jnp.square(x - mean) * jnp.exp(-logvar) + logvar + _LOG_2PI)
+  return _sum_event(log_p, event_ndims)
+
+
+def diag_gaussian_log_prob_per_dim(z: Array, mean: Array, logvar: Array) -> Array:
+  """log N(z_d | mean_d, exp(logvar_d)) for each dimension: ``[..., latent]``.
 
   Args:
     z: ``[..., latent]`` points.
     mean: ``[..., latent]`` (same shape as ``z``).
     logvar: ``[..., latent]`` (same shape as ``z``).
-
-  Returns:
-    ``[...]`` log-densities in nats.
   """
   _check_float("z", z)
   _check_float("mean", mean)
@@ -238,8 +260,18 @@ def diag_gaussian_log_prob(z: Array, mean: Array, logvar: Array) -> Array:
   _check_same_shape("z", z, "logvar", logvar)
   dtype = _compute_dtype(z, mean, logvar)
   z, mean, logvar = z.astype(dtype), mean.astype(dtype), logvar.astype(dtype)
-  log_p = -0.5 * (jnp.square(z - mean) * jnp.exp(-logvar) + logvar + _LOG_2PI)
-  return jnp.sum(log_p, axis=-1)
+  return -0.5 * (jnp.square(z - mean) * jnp.exp(-logvar) + logvar + _LOG_2PI)
+
+
+def diag_gaussian_log_prob(z: Array, mean: Array, logvar: Array) -> Array:
+  """log N(z | mean, diag(exp(logvar))) summed over the last axis.
+
+  Args: as for ``diag_gaussian_log_prob_per_dim``.
+
+  Returns:
+    ``[...]`` log-densities in nats.
+  """
+  return jnp.sum(diag_gaussian_log_prob_per_dim(z, mean, logvar), axis=-1)
 
 
 def standard_normal_log_prob(z: Array) -> Array:
@@ -284,12 +316,13 @@ def _decode_samples(decode_fn: DecodeFn, z: Array, x: Array) -> Array:
   num_samples, batch = z.shape[:2]
   out = decode_fn(z.reshape(num_samples * batch, z.shape[-1]))
   expected = (num_samples * batch, *x.shape[1:])
-  if out.shape != expected:
+  # A trailing parameter axis is allowed (e.g. means and log-variances).
+  if out.shape[: len(expected)] != expected or out.ndim > len(expected) + 1:
     raise ValueError(
       f"decode_fn returned shape {out.shape} for {num_samples * batch} latents, "
       f"expected {expected} to match x of shape {x.shape}."
     )
-  return out.reshape(num_samples, *x.shape)
+  return out.reshape(num_samples, batch, *out.shape[1:])
 
 
 def _sample_log_likelihoods(log_likelihood_fn: LogLikelihoodFn, decoded: Array, x: Array) -> Array:
@@ -303,6 +336,21 @@ def _sample_log_likelihoods(log_likelihood_fn: LogLikelihoodFn, decoded: Array, 
       f"({x.shape[0]},): it must sum over every event axis of x {x.shape}."
     )
   return log_px
+
+
+def sample_log_likelihoods(
+  z: Array, x: Array, decode_fn: DecodeFn, log_likelihood_fn: LogLikelihoodFn
+) -> Array:
+  """``log p(x | z_s)`` for samples ``z: [S, batch, latent]`` -> ``[S, batch]``.
+
+  The ``S * batch`` latents are decoded in one call of ``decode_fn``.
+  """
+  _check_float("z", z)
+  if z.ndim != 3 or jnp.ndim(x) < 1 or z.shape[1] != x.shape[0]:
+    raise ValueError(
+      f"z must be [samples, batch, latent] with the batch of x {jnp.shape(x)}, got {z.shape}."
+    )
+  return _sample_log_likelihoods(log_likelihood_fn, _decode_samples(decode_fn, z, x), x)
 
 
 def elbo(
@@ -420,3 +468,70 @@ def iw_bound(
     key, x, mean, logvar, decode_fn, log_likelihood_fn, num_samples=num_samples
   )
   return iw_bound_from_log_weights(log_w, axis=0)
+
+
+# --------------------------------------------------------------------------
+# Training aids on the same quantities.
+
+
+def free_bits_kl(kl_per_dim: Array, free_bits: float | Array) -> Array:
+  """The KL term with free bits per latent dimension, averaged over the batch.
+
+  ``sum_d max(free_bits, mean_n KL_{n,d})``: the variant of Kingma et al. (2016,
+  "Improved variational inference with inverse autoregressive flow", eq. 15)
+  with one group per latent dimension. A dimension whose batch-averaged KL is
+  below ``free_bits`` nats contributes the constant ``free_bits`` and no
+  gradient, so the encoder is not pushed to switch it off; above the floor
+  it is the usual KL. With ``free_bits=0`` this is the batch mean of the KL.
+
+  Args:
+    kl_per_dim: ``[..., batch, latent]`` per-example, per-dimension KL values
+      or single-sample estimates (a leading sample axis is averaged too).
+    free_bits: ``lambda``, in nats per dimension (not bits, despite the name).
+
+  Returns:
+    A scalar: the batch's KL term to use in place of ``mean_n KL_n``.
+  """
+  _check_float("kl_per_dim", kl_per_dim)
+  if kl_per_dim.ndim < 2:
+    raise ValueError(f"kl_per_dim must be [..., batch, latent], got shape {kl_per_dim.shape}.")
+  kl_per_dim = kl_per_dim.astype(_compute_dtype(kl_per_dim))
+  per_dim = jnp.mean(kl_per_dim.reshape(-1, kl_per_dim.shape[-1]), axis=0)
+  return jnp.sum(jnp.maximum(per_dim, free_bits))
+
+
+def dreg_iw_bound(log_w_encoder: Array, log_w_decoder: Array, axis: int = 0) -> Array:
+  """The importance-weighted bound, with doubly-reparameterized gradients (DReG).
+
+  Tucker, Lawson, Gu & Maddison (2019), "Doubly reparameterized gradient
+  estimators for Monte Carlo objectives", eq. 8 for the inference network:
+  ``grad_phi = sum_k wt_k**2 * d log w_k / d z_k * d z_k / d phi``, with the
+  normalized weights ``wt = softmax(log w)`` held constant, against the plain
+  IWAE gradient's ``sum_k wt_k * d log w_k / d phi``, whose score-function part
+  makes its signal-to-noise ratio vanish as K grows (Rainforth et al. 2018).
+  The generative parameters keep the plain IWAE gradient
+  ``sum_k wt_k * d log w_k / d theta``. Both are unbiased for the gradient of
+  the bound, so the two estimators agree in expectation.
+
+  The value returned is the bound itself; only the gradient changes. The two
+  inputs are the same numbers, computed twice with different gradient paths:
+
+  Args:
+    log_w_encoder: ``[K, batch]`` log-weights ``log p(x, z_k) - log q(z_k | x)``
+      in which gradients reach the inference network only through the samples
+      ``z_k``: the generative parameters are ``stop_gradient``-ed and ``log q``
+      is evaluated with ``stop_gradient``-ed posterior parameters.
+    log_w_decoder: the same log-weights with the samples ``z_k`` (and so the
+      inference network) ``stop_gradient``-ed.
+    axis: the sample axis.
+
+  Returns:
+    ``[batch]`` bound values (as ``iw_bound_from_log_weights``).
+  """
+  _check_same_shape("log_w_encoder", log_w_encoder, "log_w_decoder", log_w_decoder)
+  bound = iw_bound_from_log_weights(log_w_decoder, axis=axis)
+  dtype = _compute_dtype(log_w_encoder, log_w_decoder)
+  log_w_encoder, log_w_decoder = log_w_encoder.astype(dtype), log_w_decoder.astype(dtype)
+  w = jax.lax.stop_gradient(jax.nn.softmax(log_w_decoder, axis=axis))
+  surrogate = jnp.sum(jnp.square(w) * log_w_encoder + w * log_w_decoder, axis=axis)
+  return bound + (surrogate - jax.lax.stop_gradient(surrogate))

@@ -106,23 +106,104 @@ class _SigtermFlag:
 # Building blocks.
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+SCHEDULES = ("constant", "cosine", "exponential", "iwae")
+
+
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> float | optax.Schedule:
+  """``config.optimizer``'s learning rate: a float, or a function of the step."""
   o = config.optimizer
+  lr = o.learning_rate
+  if o.schedule == "constant":
+    return lr
+  if o.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, decay_steps=config.num_epochs * steps_per_epoch)
+  if o.schedule == "exponential":
+    if not 0 < o.decay_rate <= 1:
+      raise ValueError(f"config.optimizer.decay_rate must be in (0, 1], got {o.decay_rate}.")
+    return optax.exponential_decay(lr, steps_per_epoch, o.decay_rate, staircase=True)
+  if o.schedule == "iwae":
+    # Burda et al. (2015), section 5: 3**i epochs at lr * 10**(-i/7), i = 0..7.
+    boundaries, epoch = {}, 0
+    for i in range(7):
+      epoch += 3**i
+      boundaries[epoch * steps_per_epoch] = 10 ** (-1 / 7)
+    return optax.piecewise_constant_schedule(lr, boundaries)
+  raise ValueError(f"Unknown config.optimizer.schedule {o.schedule!r}; use one of {SCHEDULES}.")
+
+
+class ParamEmaState(NamedTuple):
+  """State of ``param_ema``: the moving average of the parameters."""
+
+  ema: Params
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+  """An optax transformation that leaves the updates alone and keeps an EMA of
+  the parameters after each update: ``ema = decay * ema + (1 - decay) * params``.
+
+  Last in a chain, it sees the final updates, so the average is of the
+  parameters the step produces; it starts at the initial parameters. Keeping it
+  in the optimizer state means it is checkpointed, restored and (under
+  ``nonfinite_policy="skip"``) rolled back with everything else.
+  """
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"config.optimizer.ema_decay must be in [0, 1), got {decay}.")
+
+  def init(params):
+    return ParamEmaState(jax.tree.map(jnp.asarray, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("param_ema needs the parameters: call update(updates, state, params).")
+    new = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
+    return updates, ParamEmaState(ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
+  """``config.optimizer`` as an optax chain: clipping, the optimizer with its
+  learning-rate schedule (epochs are ``steps_per_epoch`` steps), and the EMA."""
+  o = config.optimizer
+  lr = learning_rate_schedule(config, steps_per_epoch)
   if o.name == "adam":
-    opt = optax.adam(o.learning_rate)
+    opt = optax.adam(lr)
   elif o.name == "adamw":
-    opt = optax.adamw(o.learning_rate, weight_decay=o.weight_decay)
+    opt = optax.adamw(lr, weight_decay=o.weight_decay)
   elif o.name == "sgd":
-    opt = optax.sgd(o.learning_rate, momentum=o.momentum or None)
+    opt = optax.sgd(lr, momentum=o.momentum or None)
   elif o.name == "rmsprop":
-    opt = optax.rmsprop(o.learning_rate)
+    opt = optax.rmsprop(lr)
   else:
     raise ValueError(
       f"Unknown config.optimizer.name {o.name!r}; choose adam, adamw, sgd or rmsprop."
     )
   if o.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
+  if o.ema_decay is not None:
+    opt = optax.chain(opt, param_ema(o.ema_decay))
   return opt
+
+
+def eval_params(state: TrainState) -> Params:
+  """The parameters to evaluate: the EMA if the optimizer keeps one, else ``params``."""
+  if isinstance(state.opt_state, tuple) and state.opt_state:
+    last = state.opt_state[-1]
+    if isinstance(last, ParamEmaState):
+      return last.ema
+  return state.params
+
+
+def kl_weight(beta: float | Array, warmup_steps: int, step: Array) -> Array:
+  """``beta * min(1, step / warmup_steps)``: linear KL warm-up (``warmup_steps=0``: beta)."""
+  if warmup_steps <= 0:
+    return jnp.asarray(beta, jnp.float32)
+  return beta * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
 
 
 def make_log_likelihood_fn(
@@ -137,68 +218,97 @@ def make_log_likelihood_fn(
     return functools.partial(
       losses.gaussian_log_likelihood, variance=m.gaussian_variance, event_ndims=event_ndims
     )
-  raise ValueError(f"Unknown config.model.likelihood {m.likelihood!r}; use bernoulli or gaussian.")
+  if m.likelihood == "gaussian_learned":
+    return functools.partial(losses.gaussian_log_likelihood_learned, event_ndims=event_ndims)
+  raise ValueError(
+    f"Unknown config.model.likelihood {m.likelihood!r}; use bernoulli, gaussian or "
+    "gaussian_learned."
+  )
+
+
+OBJECTIVES = ("elbo", "iwae", "autoencoder")
+GRADIENT_ESTIMATORS = ("plain", "dreg")
 
 
 def make_loss_fn(
   model: Model,
   log_likelihood_fn: losses.LogLikelihoodFn,
-  beta: float,
+  beta: float | Array,
   num_samples: int,
   objective: str = "elbo",
+  *,
+  free_bits: float = 0.0,
+  gradient_estimator: str = "plain",
 ) -> Callable[[Params, Array, Array], tuple[Array, Metrics]]:
   """``loss_fn(params, x, key) -> (loss, metrics)``: batch means, in nats.
 
-  ``objective="elbo"``: the negative beta-ELBO with ``num_samples`` samples.
+  Works for every model (one or two stochastic layers): the latents come from
+  ``model.posterior`` with ``eps ~ N(0, I)`` drawn from ``key``.
+
+  ``objective="elbo"``: the negative beta-ELBO with ``num_samples`` samples;
+  the KL is in closed form where the model has one (a layer with prior
+  N(0, I)). With ``free_bits > 0`` the KL term is
+  ``losses.free_bits_kl`` (per dimension, batch-averaged; Kingma et al. 2016).
   ``objective="iwae"``: the negative importance-weighted bound with
-  ``k = num_samples`` (Burda et al. 2015; ``k = 1`` is the ELBO with a
-  single-sample KL); ``beta`` must be 1. Its ``elbo`` metric is the mean
-  log-weight (an ELBO estimate from the same samples) and ``reconstruction`` is
-  that plus the closed-form KL.
+  ``k = num_samples`` (Burda et al. 2015; ``k = 1`` is the single-sample ELBO);
+  ``beta`` must be 1. ``gradient_estimator="dreg"`` gives it the
+  doubly-reparameterized gradient (``losses.dreg_iw_bound``). Its ``elbo``
+  metric is the mean log-weight (an ELBO estimate from the same samples).
   ``objective="autoencoder"``: the deterministic autoencoder baseline, decoding
   the encoder's mean with no noise and no KL; its loss is the negative
   reconstruction log-likelihood (``kl`` is reported as 0 and ``elbo`` is not a
   bound, only the reconstruction term).
+
+  Metrics: ``loss``, ``elbo`` (the beta=1 bound), ``reconstruction``
+  (``E_q log p(x|z)``) and ``kl`` (the true KL, whatever the free bits).
   """
-  if objective not in ("elbo", "iwae", "autoencoder"):
+  if objective not in OBJECTIVES:
+    raise ValueError(f"Unknown config.objective {objective!r}; use one of {OBJECTIVES}.")
+  if gradient_estimator not in GRADIENT_ESTIMATORS:
     raise ValueError(
-      f"Unknown config.objective {objective!r}; use 'elbo', 'iwae' or 'autoencoder'."
+      f"Unknown config.gradient_estimator {gradient_estimator!r}; use one of {GRADIENT_ESTIMATORS}."
     )
   if objective == "iwae" and not isinstance(beta, jax.Array) and beta != 1.0:
     raise ValueError(f"config.beta={beta}, but the IWAE bound has no KL weight; use beta=1.")
+  if gradient_estimator == "dreg" and objective != "iwae":
+    raise ValueError("config.gradient_estimator='dreg' is for config.objective='iwae'.")
+  if free_bits and objective != "elbo":
+    raise ValueError("config.free_bits applies to the ELBO's KL; use config.objective='elbo'.")
+
+  def log_weights(params: Params, x: Array, eps: Array, stop_density: bool = False):
+    post = model.posterior(params, x, eps, stop_density_gradient=stop_density)
+    log_px_z = losses.sample_log_likelihoods(
+      post.z, x, functools.partial(model.decode, params), log_likelihood_fn
+    )
+    return log_px_z + post.log_prior - post.log_q, log_px_z, post
 
   def loss_fn(params: Params, x: Array, key: Array) -> tuple[Array, Metrics]:
-    mean, logvar = model.encode(params, x)
     if objective == "autoencoder":
+      mean, _ = model.encode(params, x)
       reconstruction = log_likelihood_fn(model.decode(params, mean), x)
       kl = jnp.zeros_like(reconstruction)
-      objective_value = reconstruction
-    elif objective == "iwae":
-      log_w = losses.iw_log_weights(
-        key,
-        x,
-        mean,
-        logvar,
-        functools.partial(model.decode, params),
-        log_likelihood_fn,
-        num_samples=num_samples,
-      )
-      objective_value = losses.iw_bound_from_log_weights(log_w, axis=0)
-      kl = losses.kl_divergence(mean, logvar)
-      reconstruction = jnp.mean(log_w, axis=0) + kl
+      loss = -jnp.mean(reconstruction)
     else:
-      out = losses.elbo(
-        key,
-        x,
-        mean,
-        logvar,
-        functools.partial(model.decode, params),
-        log_likelihood_fn,
-        beta=beta,
-        num_samples=num_samples,
-      )
-      reconstruction, kl, objective_value = out.reconstruction, out.kl, out.elbo
-    loss = -jnp.mean(objective_value)
+      eps = jax.random.normal(key, (num_samples, x.shape[0], model.latents))
+      log_w, log_px_z, post = log_weights(params, x, eps)
+      reconstruction = jnp.mean(log_px_z, axis=0)
+      kl = jnp.mean(jnp.sum(post.kl_per_dim, axis=-1), axis=0)
+      if objective == "iwae":
+        if gradient_estimator == "dreg":
+          # Encoder gradients only through z (decoder and q's parameters fixed);
+          # decoder gradients with z fixed. Same values, two gradient paths.
+          enc_only = {"encoder": params["encoder"], "decoder": _stop(params["decoder"])}
+          log_w_enc = log_weights(enc_only, x, eps, stop_density=True)[0]
+          dec_only = {"encoder": _stop(params["encoder"]), "decoder": params["decoder"]}
+          bound = losses.dreg_iw_bound(log_w_enc, log_weights(dec_only, x, eps)[0])
+        else:
+          bound = losses.iw_bound_from_log_weights(log_w, axis=0)
+        loss = -jnp.mean(bound)
+        reconstruction = jnp.mean(log_w, axis=0) + kl  # So that elbo = mean log-weight.
+      elif free_bits:
+        loss = -jnp.mean(reconstruction) + beta * losses.free_bits_kl(post.kl_per_dim, free_bits)
+      else:
+        loss = -jnp.mean(reconstruction - beta * kl)
     metrics = {
       "loss": loss,
       "elbo": jnp.mean(reconstruction - kl),  # The beta=1 bound, for comparison.
@@ -208,6 +318,10 @@ def make_loss_fn(
     return loss, metrics
 
   return loss_fn
+
+
+def _stop(tree: Any) -> Any:
+  return jax.tree.map(jax.lax.stop_gradient, tree)
 
 
 def make_train_step(
@@ -360,6 +474,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.beta={config.beta}, but the IWAE bound has no KL weight; use 1.")
   if config.beta < 0:
     raise ValueError(f"config.beta must be >= 0, got {config.beta}.")
+  if config.objective not in OBJECTIVES:
+    raise ValueError(f"Unknown config.objective {config.objective!r}; use one of {OBJECTIVES}.")
+  if config.kl_warmup_epochs < 0 or config.free_bits < 0:
+    raise ValueError("config.kl_warmup_epochs and config.free_bits must be >= 0.")
+  if config.kl_warmup_epochs and config.objective != "elbo":
+    raise ValueError("config.kl_warmup_epochs weights the ELBO's KL; use config.objective='elbo'.")
+  if config.validation_examples < 0 or config.early_stopping_patience_epochs < 0:
+    raise ValueError(
+      "config.validation_examples and config.early_stopping_patience_epochs must be >= 0."
+    )
+  if config.early_stopping_patience_epochs and not config.validation_examples:
+    raise ValueError(
+      "config.early_stopping_patience_epochs needs a validation split: set "
+      "config.validation_examples (e.g. 10000)."
+    )
+  if config.optimizer.schedule not in SCHEDULES:
+    raise ValueError(
+      f"Unknown config.optimizer.schedule {config.optimizer.schedule!r}; use one of {SCHEDULES}."
+    )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -492,6 +625,51 @@ class Trainer:
     )
 
 
+def make_config_train_step(
+  config: ml_collections.ConfigDict,
+  model: Model,
+  log_likelihood_fn: losses.LogLikelihoodFn,
+  optimizer: optax.GradientTransformation,
+  steps_per_epoch: int,
+) -> Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]]:
+  """The train step of ``config``: its objective, free bits, estimator and KL warm-up."""
+  loss_kwargs = {
+    "num_samples": config.num_samples,
+    "objective": config.objective,
+    "free_bits": config.free_bits,
+    "gradient_estimator": config.gradient_estimator,
+  }
+  skip = config.nonfinite_policy == "skip"
+  warmup_steps = round(config.kl_warmup_epochs * steps_per_epoch)
+  if warmup_steps <= 0:
+    loss_fn = make_loss_fn(model, log_likelihood_fn, config.beta, **loss_kwargs)
+    return make_train_step(loss_fn, optimizer, skip_nonfinite=skip)
+
+  def warmup_step(state: TrainState, batch: Array, key: Array) -> tuple[TrainState, Metrics]:
+    # The loss of step t is built with traced beta_t; the step is the plain one.
+    beta = kl_weight(config.beta, warmup_steps, state.step)
+    loss_fn = make_loss_fn(model, log_likelihood_fn, beta, **loss_kwargs)
+    state, metrics = make_train_step(loss_fn, optimizer, skip_nonfinite=skip)(state, batch, key)
+    return state, {**metrics, "beta": beta}
+
+  return warmup_step
+
+
+def split_validation(
+  images: np.ndarray, config: ml_collections.ConfigDict
+) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(train, validation)``: the last ``config.validation_examples`` of the
+  training split (in file order, the same for every seed) are held out."""
+  v = config.validation_examples
+  if v == 0:
+    return images, None
+  if not 0 < v < len(images):
+    raise ValueError(
+      f"config.validation_examples={v} must be in [0, {len(images)}) for this training split."
+    )
+  return images[:-v], images[-v:]
+
+
 def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int) -> Trainer:
   """Builds the model, optimizer, step, chunk and evaluation of ``config``."""
   validate_config(config)
@@ -510,9 +688,8 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
     )
   model = make_model(config, event_shape)
   ll_fn = make_log_likelihood_fn(config, len(event_shape))
-  optimizer = make_optimizer(config)
-  loss_fn = make_loss_fn(model, ll_fn, config.beta, config.num_samples, config.objective)
-  train_step = make_train_step(loss_fn, optimizer, skip_nonfinite=config.nonfinite_policy == "skip")
+  optimizer = make_optimizer(config, steps_per_epoch)
+  train_step = make_config_train_step(config, model, ll_fn, optimizer, steps_per_epoch)
   train_chunk = make_train_chunk(
     train_step,
     chunk_len=chunk_len,
@@ -565,13 +742,20 @@ def train_and_evaluate(
     multihost_utils.sync_global_devices("vae_jax: data prepared")
     if not is_main:
       data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-  num_train, *event_shape = data["train"].images.shape
+  train_np, val_np = split_validation(data["train"].images, config)
+  num_train, *event_shape = train_np.shape
   trainer = build_trainer(config, event_shape, num_train)
   logging.info("Data-parallel over %d device(s): %s", trainer.mesh.size, trainer.mesh.devices)
-  train_images = jax.device_put(data["train"].images, trainer.replicated)
+  train_images = jax.device_put(train_np, trainer.replicated)
   test_x = jax.device_put(
     input_pipeline.eval_images(data["test"].images, config.binarization), trainer.replicated
   )
+  val_x = None
+  if val_np is not None:
+    val_x = jax.device_put(
+      input_pipeline.eval_images(val_np, config.binarization, seed=VALIDATION_SEED),
+      trainer.replicated,
+    )
   model, keys, steps_per_epoch = trainer.model, trainer.keys, trainer.steps_per_epoch
   train_chunk, eval_fn, init_state = trainer.train_chunk, trainer.eval_fn, trainer.init_state
   total_steps = config.num_epochs * steps_per_epoch
@@ -593,6 +777,11 @@ def train_and_evaluate(
   if is_main:  # Only once the checkpoints are known to fit this config.
     write_config(config, workdir)
   last_saved = -1 if restored is None else int(state.step)
+  best = None
+  if val_x is not None:
+    best = BestCheckpoint(workdir / BEST_DIR, trainer.abstract_state().params, trainer.replicated)
+    if best.step > int(state.step):  # Saved, then the run stopped before its checkpoint.
+      logging.info("Best step %d is ahead of the resumed step; it will be recomputed.", best.step)
 
   perm_fn = jax.jit(epoch_permutation, static_argnums=2, out_shardings=trainer.replicated)
   perms_cache: dict[int, Array] = {}
@@ -608,6 +797,11 @@ def train_and_evaluate(
 
   step = int(state.step)
   num_skipped = int(state.num_skipped)
+  patience_steps = config.early_stopping_patience_epochs * steps_per_epoch
+  if best is not None and patience_steps and best.step >= 0:
+    if step - best.step >= patience_steps:
+      logging.info("This run stopped early at step %d (best: step %d).", step, best.step)
+      total_steps = step
   pending: list[tuple[int, int, Metrics]] = []  # (first step, num steps, device metrics)
   bar = tqdm.tqdm(
     total=total_steps,
@@ -660,19 +854,82 @@ def train_and_evaluate(
           window.clear()
           window_seconds = 0.0
 
+        stop_early = False
         if step % eval_every == 0 or step == total_steps:
           logging.info("Evaluating at step %d", step)
-          _evaluate_and_write(config, model, state.params, eval_fn, test_x, keys, writer, step)
-        if step % ckpt_every == 0 or step == total_steps:
+          params = eval_params(state)
+          _evaluate_and_write(config, model, params, eval_fn, test_x, keys, writer, step)
+          if best is not None:
+            val = jax.device_get(eval_fn(params, val_x, jax.random.fold_in(keys[KEY_EVAL], 1)))
+            val = {k: float(v) for k, v in val.items()}
+            writer.write_scalars(step, "validation", {**val, "neg_elbo": -val["elbo"]})
+            if best.update(step, val["elbo"], params):
+              logging.info("step %d: best validation ELBO so far, %.3f", step, val["elbo"])
+            stop_early = bool(patience_steps) and step - best.step >= patience_steps
+        if step % ckpt_every == 0 or step == total_steps or stop_early:
           logging.info("Saving checkpoint at step %d", step)
           checkpointer.save(step, state)
           last_saved = step
+        if stop_early:
+          logging.info(
+            "Early stopping at step %d: no better validation ELBO for %d epochs (best %.3f "
+            "at step %d, saved in %s).",
+            step,
+            config.early_stopping_patience_epochs,
+            best.elbo,
+            best.step,
+            workdir / BEST_DIR,
+          )
+          break
         clock = time.perf_counter()
   finally:
     bar.close()
     checkpointer.close()
+    if best is not None:
+      best.close()
     writer.close()
   return state
+
+
+BEST_DIR = "best"
+# Seed of the validation split's fixed binarization (the test split uses
+# input_pipeline.EVAL_BINARIZATION_SEED).
+VALIDATION_SEED = 1
+
+
+class BestCheckpoint:
+  """The parameters with the best validation ELBO so far, in ``directory``.
+
+  One Orbax checkpoint ``{"params", "elbo"}`` named by its step, replaced
+  atomically when a better one comes: the value and the parameters cannot
+  disagree after a crash. Early stopping needs nothing else: the epochs since
+  the best one follow from the current step.
+  """
+
+  def __init__(self, directory: pathlib.Path, abstract_params: Params, sharding) -> None:
+    self._ckpt = checkpointing.Checkpointer(directory, max_to_keep=1)
+    self._sharding = sharding
+    target = {
+      "params": abstract_params,
+      "elbo": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding),
+    }
+    restored = self._ckpt.restore_latest(target)
+    self.step, self.elbo = -1, -float("inf")
+    if restored is not None:
+      self.step, tree = restored
+      self.elbo = float(tree["elbo"])
+
+  def update(self, step: int, elbo: float, params: Params) -> bool:
+    """Saves ``params`` if ``elbo`` beats the best so far; returns whether it did."""
+    if not elbo > self.elbo:  # NaN never wins.
+      return False
+    value = jax.device_put(jnp.asarray(elbo, jnp.float32), self._sharding)
+    self._ckpt.save(step, {"params": params, "elbo": value})
+    self.step, self.elbo = step, elbo
+    return True
+
+  def close(self) -> None:
+    self._ckpt.close()
 
 
 def _any_process(flag: bool) -> bool:
