@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optimization.
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adam"  # "adam" | "adamw" | "sgd" | "rmsprop".
+  c.optimizer.name = "adam"  # "adam" | "adam_iwae" (eps=1e-4) | "adamw" | "sgd" | "rmsprop".
   c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 0.0  # adamw only.
   c.optimizer.momentum = 0.0  # sgd only.

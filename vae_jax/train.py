@@ -173,6 +173,8 @@ def make_optimizer(
   lr = learning_rate_schedule(config, steps_per_epoch)
   if o.name == "adam":
     opt = optax.adam(lr)
+  elif o.name == "adam_iwae":  # Burda et al. (2015): Adam with eps = 1e-4.
+    opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-4)
   elif o.name == "adamw":
     opt = optax.adamw(lr, weight_decay=o.weight_decay)
   elif o.name == "sgd":
@@ -181,7 +183,7 @@ def make_optimizer(
     opt = optax.rmsprop(lr)
   else:
     raise ValueError(
-      f"Unknown config.optimizer.name {o.name!r}; choose adam, adamw, sgd or rmsprop."
+      f"Unknown config.optimizer.name {o.name!r}; choose adam, adam_iwae, adamw, sgd or rmsprop."
     )
   if o.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)

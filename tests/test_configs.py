@@ -1,0 +1,81 @@
+"""Every config file and argument resolves, validates, and trains one step on its own model."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vae_jax import train
+
+CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
+
+
+def load(name: str):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+CASES = [
+  ("mnist", None),
+  ("mnist", "smoke"),
+  ("fashion_mnist", None),
+  ("fashion_mnist", "smoke"),
+  ("fashion_mnist_2d", None),
+  ("fashion_mnist_ae", None),
+  ("beta_sweep", None),
+  ("fashion_mnist_likelihood", None),
+  ("fashion_mnist_likelihood", "hvae"),
+  ("fashion_mnist_likelihood", "conv_hvae"),
+  ("fashion_mnist_likelihood", "hvae,smoke"),
+  ("fashion_mnist_likelihood", "conv_hvae,smoke"),
+  ("iwae_mnist", "vae1"),
+  ("iwae_mnist", "iwae1"),
+  ("iwae_mnist", "vae2"),
+  ("iwae_mnist", "iwae2"),
+  ("iwae_mnist", "iwae2,smoke"),
+]
+
+
+@pytest.mark.parametrize("name, arg", CASES)
+def test_config_validates_and_builds(name, arg):
+  config = load(name).get_config(arg)
+  train.validate_config(config)
+  trainer = train.build_trainer(config, (28, 28, 1), num_train=60000)
+  assert trainer.model.latents == sum(trainer.model.layer_latents)
+
+
+@pytest.mark.parametrize("name, arg", [c for c in CASES if c[1] and "smoke" in c[1]])
+def test_smoke_config_takes_a_finite_step(name, arg):
+  config = load(name).get_config(arg)
+  trainer = train.build_trainer(config, (28, 28, 1), num_train=400)
+  state = trainer.init_state()
+  x = (jax.random.uniform(jax.random.key(0), (config.batch_size, 28, 28, 1)) > 0.5).astype(
+    jnp.float32
+  )
+  before = jax.tree.leaves(state.params)[0].copy()
+  state, metrics = jax.jit(trainer.train_step)(state, x, jax.random.key(1))
+  assert np.isfinite(float(metrics["loss"]))
+  assert not np.array_equal(before, jax.tree.leaves(state.params)[0])
+
+
+def test_iwae_mnist_matches_the_paper():
+  c = load("iwae_mnist").get_config("iwae2")
+  assert (c.model.encoder_hidden, c.model.latents) == ((200, 200), 100)
+  assert (c.model.top_hidden, c.model.top_latents) == ((100, 100), 50)
+  assert (c.objective, c.num_samples, c.batch_size, c.num_epochs) == ("iwae", 50, 20, 3280)
+  assert c.model.activation == "tanh" and c.optimizer.schedule == "iwae"
+  c1 = load("iwae_mnist").get_config("vae1")
+  assert (c1.objective, c1.num_samples, c1.model.stochastic_layers) == ("elbo", 1, 1)
+
+
+@pytest.mark.parametrize(
+  "name, arg", [("iwae_mnist", None), ("iwae_mnist", "vae3"), ("fashion_mnist_likelihood", "gated")]
+)
+def test_unknown_argument_is_one_clear_error(name, arg):
+  with pytest.raises(ValueError, match="argument|needs one of"):
+    load(name).get_config(arg)
