@@ -322,6 +322,19 @@ def build_sweep_trainer(
 ) -> SweepTrainer:
   """Builds the vmapped step, chunk, evaluation, keys and mesh of a sweep config."""
   betas, seeds = sweep_grid(config)
+  unsupported = {
+    "kl_warmup_epochs": "use config.sweep.schedule='warmup'",
+    "free_bits": "not available in sweeps",
+    "validation_examples": "sweeps evaluate on the test split only",
+    "early_stopping_patience_epochs": "sweeps run a fixed number of epochs",
+  }
+  for field, what in unsupported.items():
+    if config[field]:
+      raise ValueError(f"config.{field}={config[field]} in a sweep: {what}; set it to 0.")
+  if config.gradient_estimator != "plain" or config.optimizer.ema_decay is not None:
+    raise ValueError(
+      "Sweeps train with config.gradient_estimator='plain' and no config.optimizer.ema_decay."
+    )
   base = train.build_trainer(config, event_shape, num_train)
   mesh = sweep_mesh(len(betas), config.batch_size, devices)
   batch_sharding = None
