@@ -764,6 +764,14 @@ def evaluate_workdir(
     "objective": config.objective,
     "likelihood": config.model.likelihood,
     "latents": model.latents,
+    "layer_latents": list(model.layer_latents),
+    "params": (
+      "best validation ELBO (workdir/best)"
+      if config.validation_examples
+      else "EMA of the latest checkpoint"
+      if config.optimizer.ema_decay is not None
+      else "latest checkpoint"
+    ),
     "num_importance_samples": None if deterministic else num_samples,
     "units": (
       "nats per example (sums over pixels, means over examples) unless the name says "
@@ -771,6 +779,14 @@ def evaluate_workdir(
     ),
   }
   results["test"] = summarize_split(split_values["test"], num_dims)
+  if len(model.layer_latents) > 1 and not deterministic:
+    # Per layer, from the mean path's codes (for z2: the mean of q(z2 | z1 = E[z1]),
+    # a one-point stand-in for E_q[z2 | x]).
+    bounds = np.cumsum([0, *model.layer_latents])
+    means = split_values["test"]["mean"]
+    results["test"]["active_units_per_layer"] = [
+      active_units(means[:, a:b])[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
   if config.binarization == "dequantize" and "log_likelihood" in results["test"]:
     # log P(8-bit pixels) >= log p(x) - D log 256 for x = (pixels + u) / 256.
     ll = results["test"]["log_likelihood"]
