@@ -44,11 +44,13 @@ KINDS = ("mlp", "hvae", "conv_hvae")
 
 
 def get_config(arg: str | None = None):
-  parts = [p for p in (arg or "mlp").split(",") if p]
-  kind = parts[0] if parts and parts[0] != "smoke" else "mlp"
-  smoke = "smoke" in parts
-  if kind not in KINDS or any(p not in (*KINDS, "smoke") for p in parts):
-    raise ValueError(f"Unknown config argument {arg!r}; use one of {KINDS}, optionally ',smoke'.")
+  parts = [p for p in (arg or "").split(",") if p]
+  kinds = [p for p in parts if p != "smoke"]
+  if len(kinds) > 1 or any(k not in KINDS for k in kinds):
+    raise ValueError(
+      f"Unknown config argument {arg!r}; use one of {KINDS}, optionally with ',smoke'."
+    )
+  kind, smoke = (kinds or ["mlp"])[0], "smoke" in parts
   config = base_config()
   config.dataset = "fashion_mnist"
   config.binarization = "dynamic"

@@ -115,7 +115,8 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, num_epochs: int = 2) -> 
 # long or how visibly it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
   {
-    "num_epochs",
+    "num_epochs",  # Except with optimizer.schedule="cosine" (see train.config_differences).
+    "early_stopping_patience_epochs",
     "log_every_steps",
     "eval_every_steps",
     "checkpoint_every_steps",

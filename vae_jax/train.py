@@ -152,7 +152,8 @@ def param_ema(decay: float) -> optax.GradientTransformation:
     raise ValueError(f"config.optimizer.ema_decay must be in [0, 1), got {decay}.")
 
   def init(params):
-    return ParamEmaState(jax.tree.map(jnp.asarray, params))
+    # A copy, not the params' own buffers: the state is donated leaf by leaf.
+    return ParamEmaState(jax.tree.map(lambda p: jnp.array(p, copy=True), params))
 
   def update(updates, state, params=None):
     if params is None:
@@ -521,10 +522,13 @@ def config_differences(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   defaults = _flatten(json.loads(config_defaults.base_config().to_json()))
   saved = {**defaults, **_flatten(json.loads(path.read_text()))}
   now = _flatten(json.loads(config.to_json()))
+  resumable = set(config_defaults.RESUMABLE_CHANGES)
+  if "cosine" in (saved.get("optimizer.schedule"), now.get("optimizer.schedule")):
+    resumable.discard("num_epochs")  # The cosine schedule decays over num_epochs.
   return [
     f"  {k}: workdir has {saved.get(k)!r}, now {now.get(k)!r}"
     for k in sorted(set(saved) | set(now))
-    if saved.get(k) != now.get(k) and k not in config_defaults.RESUMABLE_CHANGES
+    if saved.get(k) != now.get(k) and k not in resumable
   ]
 
 
@@ -801,7 +805,9 @@ def train_and_evaluate(
   num_skipped = int(state.num_skipped)
   patience_steps = config.early_stopping_patience_epochs * steps_per_epoch
   if best is not None and patience_steps and best.step >= 0:
-    if step - best.step >= patience_steps:
+    # Checked where the loop checks it, after an evaluation: a run killed between
+    # evaluations goes on to the next one, as it would have without the kill.
+    if step % eval_every == 0 and step - best.step >= patience_steps:
       logging.info("This run stopped early at step %d (best: step %d).", step, best.step)
       total_steps = step
   pending: list[tuple[int, int, Metrics]] = []  # (first step, num steps, device metrics)

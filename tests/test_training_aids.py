@@ -1,0 +1,582 @@
+"""Training aids: LR schedules, parameter EMA, KL warm-up, validation split with early
+stopping, dequantized data, and the Fashion-MNIST likelihood config."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vae_jax import (
+  checkpointing,
+  config_defaults,
+  evaluate,
+  input_pipeline,
+  models,
+  train,
+  writers,
+)
+
+REPO = pathlib.Path(__file__).parents[1]
+EVENT_SHAPE = (28, 28, 1)
+
+
+def _load_config_module(name: str):
+  spec = importlib.util.spec_from_file_location(
+    f"training_aids_{name}", REPO / "configs" / f"{name}.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _base(**flat):
+  """``base_config()`` shrunk for smoke, with dotted-path overrides."""
+  config = config_defaults.base_config()
+  config_defaults.shrink_for_smoke(config)
+  config.update_from_flattened_dict(flat)
+  return config
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def _trees_differ(a, b) -> bool:
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(x != y)), a, b))
+  return any(leaves)
+
+
+def _steps(directory: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+# --------------------------------------------------------------------------
+# 1. Learning-rate schedules.
+
+
+def _schedule(name, lr=0.01, num_epochs=5, steps_per_epoch=3, decay_rate=1.0):
+  config = _base(
+    **{
+      "optimizer.schedule": name,
+      "optimizer.learning_rate": lr,
+      "optimizer.decay_rate": decay_rate,
+      "num_epochs": num_epochs,
+    }
+  )
+  return train.learning_rate_schedule(config, steps_per_epoch)
+
+
+def test_constant_schedule_is_the_float():
+  lr = _schedule("constant", lr=0.0123)
+  assert isinstance(lr, float) and lr == 0.0123
+
+
+def test_cosine_schedule_starts_at_lr_and_ends_at_zero():
+  sched = _schedule("cosine", lr=0.01, num_epochs=5, steps_per_epoch=4)
+  assert float(sched(0)) == pytest.approx(0.01, rel=1e-6)
+  assert float(sched(10)) == pytest.approx(0.005, rel=1e-5)  # Half way: half the rate.
+  assert abs(float(sched(20))) < 1e-9
+  assert abs(float(sched(25))) < 1e-9  # Stays at 0 past the end.
+  assert float(sched(19)) > 0
+
+
+def test_exponential_schedule_decays_once_per_epoch():
+  sched = _schedule("exponential", lr=0.01, steps_per_epoch=4, decay_rate=0.5)
+  for step, expected in [(0, 0.01), (3, 0.01), (4, 0.005), (7, 0.005), (8, 0.0025), (12, 0.00125)]:
+    assert float(sched(step)) == pytest.approx(expected, rel=1e-6), step
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match=r"config\.optimizer\.decay_rate"):
+      _schedule("exponential", decay_rate=bad)
+
+
+def _iwae_stage(epoch: int) -> int:
+  """The i with sum_{j<i} 3**j <= epoch < sum_{j<=i} 3**j."""
+  i, end = 0, 1
+  while epoch >= end:
+    i += 1
+    end += 3**i
+  return i
+
+
+def test_iwae_schedule_follows_burda_et_al():
+  steps_per_epoch, lr = 3, 1e-3
+  sched = _schedule("iwae", lr=lr, steps_per_epoch=steps_per_epoch)
+  expected_stage = {0: 0, 1: 1, 3: 1, 4: 2, 12: 2, 13: 3, 39: 3, 40: 4, 1092: 6, 1093: 7, 3279: 7}
+  for epoch, stage in expected_stage.items():
+    assert _iwae_stage(epoch) == stage
+    for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch - 1):
+      assert float(sched(step)) == pytest.approx(lr * 10 ** (-stage / 7), rel=1e-5), (epoch, step)
+  assert float(sched(3280 * steps_per_epoch)) == pytest.approx(lr / 10, rel=1e-5)
+
+
+def test_unknown_schedule_names_the_choices():
+  with pytest.raises(ValueError, match="linear") as info:
+    _schedule("linear")
+  for name in ("constant", "cosine", "exponential", "iwae"):
+    assert repr(name) in str(info.value)
+  with pytest.raises(ValueError, match=r"config\.optimizer\.schedule 'linear'"):
+    train.validate_config(_base(**{"optimizer.schedule": "linear"}))
+  for name in ("constant", "cosine", "exponential", "iwae"):
+    train.validate_config(_base(**{"optimizer.schedule": name}))
+
+
+def _lr(schedule, step):
+  return float(schedule(step)) if callable(schedule) else float(schedule)
+
+
+@pytest.mark.parametrize("name", train.SCHEDULES)
+def test_resumable_change_of_num_epochs_keeps_every_learning_rate(name, tmp_path):
+  """``num_epochs`` may change on resume because it "does not change the results"
+  (README, Resume); then the learning rate of every step must stay what it was."""
+  steps_per_epoch = 3
+  old = _base(**{"optimizer.schedule": name, "optimizer.decay_rate": 0.5, "num_epochs": 2})
+  train.write_config(old, tmp_path)
+  new = old.copy_and_resolve_references()
+  new.num_epochs = 4
+  refused = bool(train.config_differences(new, tmp_path))
+  old_lr = train.learning_rate_schedule(old, steps_per_epoch)
+  new_lr = train.learning_rate_schedule(new, steps_per_epoch)
+  changed = [
+    (s, _lr(old_lr, s), _lr(new_lr, s))
+    for s in range(2 * steps_per_epoch)
+    if _lr(old_lr, s) != pytest.approx(_lr(new_lr, s), rel=1e-6)
+  ]
+  assert refused or not changed, (
+    f"schedule {name!r}: resuming with num_epochs 2 -> 4 is accepted, but changes the "
+    f"learning rate of already-scheduled steps (step, old, new): {changed}"
+  )
+
+
+# --------------------------------------------------------------------------
+# 2. Parameter EMA.
+
+
+def test_param_ema_follows_the_recursion_and_passes_updates_through():
+  lr, decay = 0.1, 0.8
+  params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.25)}
+  opt = optax.chain(optax.sgd(lr), train.param_ema(decay))
+  state = opt.init(params)
+  assert isinstance(state[-1], train.ParamEmaState)
+  _assert_trees_equal(state[-1].ema, params)  # Starts at the initial parameters.
+
+  rng = np.random.default_rng(0)
+  ema = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+  for _ in range(5):
+    grads = {"w": jnp.asarray(rng.normal(size=3), jnp.float32), "b": jnp.float32(rng.normal())}
+    updates, state = opt.update(grads, state, params)
+    # The EMA does not change the updates: plain SGD's -lr * g.
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -lr * g, rtol=1e-6), updates, grads)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(
+      lambda e, p: decay * e + (1 - decay) * np.asarray(p, np.float64), ema, params
+    )
+    jax.tree.map(lambda e, x: np.testing.assert_allclose(e, x, rtol=1e-6), state[-1].ema, ema)
+  assert _trees_differ(jax.device_get(state[-1].ema), jax.device_get(params))
+
+
+def test_param_ema_rejects_bad_decay_and_missing_params():
+  for bad in (-0.1, 1.0, 1.5):
+    with pytest.raises(ValueError, match=r"config\.optimizer\.ema_decay"):
+      train.param_ema(bad)
+  opt = train.param_ema(0.5)
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match="params"):
+    opt.update(params, opt.init(params))
+
+
+def _tiny_model():
+  return models.make_mlp_vae(event_shape=EVENT_SHAPE, latents=2, encoder_hidden=(8,))
+
+
+def _batch(seed=7, n=4):
+  return jax.random.bernoulli(jax.random.key(seed), 0.3, (n, *EVENT_SHAPE)).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_eval_params_is_the_ema_when_configured(clip):
+  params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.25)}
+  grads = [jax.tree.map(lambda p, i=i: jnp.full_like(p, 0.1 * i - 0.2), params) for i in range(4)]
+  states = {}
+  for ema_decay in (None, 0.5):
+    config = _base(**{"optimizer.ema_decay": ema_decay, "optimizer.grad_clip_norm": clip})
+    optimizer = train.make_optimizer(config)
+    state = train.TrainState(jnp.int32(0), params, optimizer.init(params), jnp.int32(0))
+    for g in grads:
+      updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+      new = optax.apply_updates(state.params, updates)
+      state = train.TrainState(state.step + 1, new, opt_state, state.num_skipped)
+    states[ema_decay] = state
+  plain, with_ema = states[None], states[0.5]
+  assert train.eval_params(plain) is plain.params
+  ema = train.eval_params(with_ema)
+  assert ema is with_ema.opt_state[-1].ema
+  assert _trees_differ(jax.device_get(ema), jax.device_get(with_ema.params))
+  # The EMA does not change the training trajectory.
+  jax.tree.map(np.testing.assert_array_equal, plain.params, with_ema.params)
+
+
+def test_fresh_state_with_ema_can_be_donated():
+  """``initial_state`` then ``jax.jit(train_step, donate_argnums=0)``, as documented, with an
+  EMA: the EMA must not share the parameters' buffers, or the donation fails."""
+  config = _base(**{"optimizer.ema_decay": 0.5})
+  model = _tiny_model()
+  optimizer = train.make_optimizer(config, steps_per_epoch=4)
+  ll_fn = train.make_log_likelihood_fn(config, 3)
+  step = jax.jit(train.make_config_train_step(config, model, ll_fn, optimizer, 4), donate_argnums=0)
+  state = train.initial_state(model, optimizer, jax.random.key(0), EVENT_SHAPE)
+  state, metrics = step(state, _batch(), jax.random.key(1))
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+# --------------------------------------------------------------------------
+# 3. KL warm-up and the config checks of the training aids.
+
+
+def test_kl_weight():
+  assert float(train.kl_weight(2.0, 0, jnp.int32(5))) == 2.0
+  assert float(train.kl_weight(2.0, 10, jnp.int32(0))) == 0.0
+  assert float(train.kl_weight(2.0, 10, jnp.int32(5))) == pytest.approx(1.0)
+  assert float(train.kl_weight(2.0, 10, jnp.int32(10))) == pytest.approx(2.0)
+  assert float(train.kl_weight(2.0, 10, jnp.int32(40))) == pytest.approx(2.0)
+
+
+def test_kl_warmup_scales_beta_in_the_train_step():
+  beta, steps_per_epoch = 0.8, 4
+  config = _base(beta=beta, kl_warmup_epochs=2.5)  # 10 warm-up steps.
+  model = _tiny_model()
+  ll_fn = train.make_log_likelihood_fn(config, 3)
+  optimizer = train.make_optimizer(config, steps_per_epoch)
+  step_fn = jax.jit(train.make_config_train_step(config, model, ll_fn, optimizer, steps_per_epoch))
+  state = train.initial_state(model, optimizer, jax.random.key(0), EVENT_SHAPE)
+  batch = _batch()
+  for step in (0, 1, 5, 9, 10, 15):
+    _, metrics = step_fn(state._replace(step=jnp.int32(step)), batch, jax.random.key(1))
+    expected = beta * min(1.0, step / 10)
+    assert float(metrics["beta"]) == pytest.approx(expected, rel=1e-6, abs=1e-7), step
+    # The loss is the negative ELBO with that KL weight.
+    assert float(metrics["kl"]) > 0
+    assert float(metrics["loss"]) == pytest.approx(
+      -float(metrics["reconstruction"]) + expected * float(metrics["kl"]), rel=1e-5
+    ), step
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"objective": "iwae", "kl_warmup_epochs": 1.0}, r"config\.kl_warmup_epochs"),
+    ({"objective": "autoencoder", "kl_warmup_epochs": 1.0}, r"config\.kl_warmup_epochs"),
+    ({"kl_warmup_epochs": -1.0}, r"config\.kl_warmup_epochs"),
+    ({"free_bits": -0.5}, r"config\.free_bits"),
+    ({"validation_examples": -1}, r"config\.validation_examples"),
+    (
+      {"validation_examples": 100, "early_stopping_patience_epochs": -1},
+      r"config\.early_stopping_patience_epochs",
+    ),
+    ({"early_stopping_patience_epochs": 3}, r"needs a validation split.*config\.validation_ex"),
+  ],
+)
+def test_validate_config_rejects_bad_training_aids(overrides, message):
+  config = _base(**overrides)
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(config)
+
+
+@pytest.mark.parametrize("objective", ["iwae", "autoencoder"])
+def test_free_bits_needs_the_elbo_objective(objective):
+  config = _base(objective=objective, free_bits=0.5)
+  with pytest.raises(ValueError, match=r"config\.free_bits.*config\.objective='elbo'"):
+    train.build_trainer(config, EVENT_SHAPE, 400)
+  model = _tiny_model()
+  ll_fn = train.make_log_likelihood_fn(config, 3)
+  with pytest.raises(ValueError, match=r"config\.free_bits"):
+    train.make_loss_fn(model, ll_fn, 1.0, 1, objective, free_bits=0.5)
+  config.free_bits = 0.0  # The same config without free bits builds.
+  train.build_trainer(config, EVENT_SHAPE, 400)
+
+
+def test_valid_training_aids_pass():
+  config = _base(
+    kl_warmup_epochs=2.0, free_bits=0.1, validation_examples=100, early_stopping_patience_epochs=3
+  )
+  train.validate_config(config)
+  train.build_trainer(config, EVENT_SHAPE, 300)
+
+
+# --------------------------------------------------------------------------
+# 4. The validation split.
+
+
+def test_split_validation_holds_out_the_last_examples():
+  images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+  train_part, val = train.split_validation(images, _base(validation_examples=3))
+  np.testing.assert_array_equal(train_part[:, 0, 0, 0], np.arange(7))
+  np.testing.assert_array_equal(val[:, 0, 0, 0], [7, 8, 9])
+  train_part, val = train.split_validation(images, _base(validation_examples=0))
+  assert val is None and train_part is images
+  for too_many in (10, 11):
+    with pytest.raises(ValueError, match=rf"config\.validation_examples={too_many}"):
+      train.split_validation(images, _base(validation_examples=too_many))
+
+
+# --------------------------------------------------------------------------
+# 5. Early stopping, end to end.
+
+
+@pytest.fixture(scope="module")
+def early_stopped_run(tfds_dir, tmp_path_factory):
+  """A run that stops early: 300 training digits (9 steps per epoch), validation every
+  2 epochs, patience 1 epoch, at most 6 epochs. Adam at learning rate 0 leaves the
+  parameters unchanged, so the first validation ELBO (step 18) is never beaten and
+  the evaluation at step 36 stops the run. ``snapshot`` is a copy of the finished workdir."""
+  config = _load_config_module("mnist").get_config("smoke")
+  config.data_dir = tfds_dir
+  config.progress_bar = False
+  config.validation_examples = 100
+  config.early_stopping_patience_epochs = 1
+  config.eval_every_steps = 18
+  config.num_epochs = 6
+  config.keep_checkpoints = 5
+  config.optimizer.learning_rate = 0.0
+  config.num_image_samples = 0
+  root = tmp_path_factory.mktemp("early_stopping")
+  state = train.train_and_evaluate(config, str(root / "run"))
+  shutil.copytree(root / "run", root / "snapshot")
+  return {"config": config, "state": state, "workdir": root / "run", "snapshot": root / "snapshot"}
+
+
+def test_early_stopping_end_to_end(early_stopped_run):
+  config, state, workdir = (early_stopped_run[k] for k in ("config", "state", "workdir"))
+  assert int(state.step) == 36 < config.num_epochs * 9
+  assert _steps(workdir / train.BEST_DIR) == [18]
+  assert _steps(workdir / "checkpoints") == [9, 18, 27, 36]
+  rows = writers.read_metrics(workdir / "metrics.jsonl")
+  val = [r for r in rows if r["split"] == "validation"]
+  assert [r["step"] for r in val] == [18, 36]
+  assert val[0]["elbo"] == val[1]["elbo"] and val[0]["neg_elbo"] == -val[0]["elbo"]
+  assert max(r["step"] for r in rows) == 36
+
+  # Again, even with more epochs allowed: the run is over, nothing trains or is written.
+  again = config.copy_and_resolve_references()
+  again.num_epochs = 8
+  resumed = train.train_and_evaluate(again, str(workdir))
+  assert int(resumed.step) == 36
+  assert _steps(workdir / "checkpoints") == [9, 18, 27, 36]
+  assert writers.read_metrics(workdir / "metrics.jsonl") == rows
+
+  # A later, different checkpoint: evaluation still reads the best one.
+  later = state._replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+  checkpointer.save(45, later)
+  checkpointer.close()
+  step, _, params = evaluate.restore_params(again, workdir, EVENT_SHAPE, 300)
+  assert step == 18
+  _assert_trees_equal(params, state.params)
+
+  results = evaluate.evaluate_workdir(again, workdir, num_samples=2, batch_size=50)
+  assert results["checkpoint_step"] == 18
+  assert (workdir / "eval" / "step_00000018_k2.json").is_file()
+  assert results["train"]["num_examples"] == 300  # The validation split is held out.
+  assert math.isfinite(results["test"]["log_likelihood"]["nll_nats"])
+
+
+def test_early_stopped_run_killed_between_evaluations_resumes_like_uninterrupted(
+  early_stopped_run, tmp_path
+):
+  """Killed after the checkpoint of step 27 (patience already spent, but no evaluation
+  since step 18): the uninterrupted run went on to its evaluation at step 36."""
+  workdir = tmp_path / "run"
+  shutil.copytree(early_stopped_run["snapshot"], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "36")
+  state = train.train_and_evaluate(early_stopped_run["config"], str(workdir))
+  assert int(state.step) == 36, (
+    f"resumed at step 27, the run stopped at step {int(state.step)} without evaluating; "
+    "the uninterrupted run evaluated and stopped at step 36"
+  )
+  val = [r for r in writers.read_metrics(workdir / "metrics.jsonl") if r["split"] == "validation"]
+  assert [r["step"] for r in val] == [18, 36]
+
+
+# --------------------------------------------------------------------------
+# 6. Dequantized data.
+
+
+def test_dequantize_adds_uniform_noise_within_each_pixel_bin():
+  pixels = jnp.tile(jnp.arange(256, dtype=jnp.uint8), 64).reshape(64, 16, 16, 1)
+  x = input_pipeline.preprocess(pixels, "dequantize", jax.random.key(0))
+  assert x.dtype == jnp.float32 and x.shape == pixels.shape
+  p = np.asarray(pixels, np.float64)
+  u = np.asarray(x, np.float64) * 256 - p  # Exact: a power-of-two scale.
+  assert u.min() >= 0 and u.max() <= 1
+  assert np.mean(u) == pytest.approx(0.5, abs=0.01)
+  assert np.mean(u < 0.25) == pytest.approx(0.25, abs=0.01)
+  assert np.mean(u[0] != u[1]) > 0.99  # Noise per pixel: equal pixels, other noise.
+  again = input_pipeline.preprocess(pixels, "dequantize", jax.random.key(0))
+  np.testing.assert_array_equal(x, again)
+  other = np.asarray(input_pipeline.preprocess(pixels, "dequantize", jax.random.key(1)))
+  assert np.mean(other != np.asarray(x)) > 0.99  # Fresh noise for another key.
+  assert np.all(np.floor(other * 256) <= p) and np.all(np.floor(other * 256) >= p - 1)
+  with pytest.raises(ValueError, match="key"):
+    input_pipeline.preprocess(pixels, "dequantize")
+
+
+def test_dequantized_eval_images_are_fixed():
+  pixels = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
+  a = np.asarray(input_pipeline.eval_images(pixels, "dequantize"))
+  b = np.asarray(input_pipeline.eval_images(pixels, "dequantize"))
+  np.testing.assert_array_equal(a, b)
+  c = np.asarray(input_pipeline.eval_images(pixels, "dequantize", seed=1))
+  assert np.mean(a != c) > 0.99
+  u = a * 256 - pixels
+  assert u.min() >= 0 and u.max() <= 1 and 0.45 < u.mean() < 0.55
+
+
+# --------------------------------------------------------------------------
+# 7. One run for parameter EMA and dequantized data, end to end (evaluation is
+# slow on this machine, so both share a run): a learned-variance Gaussian on
+# dequantized digits with an EMA, 12 steps, then 12 more at learning rate 0.
+
+EMA_DECAY = 0.9
+
+
+@pytest.fixture(scope="module")
+def ema_dequantized_run(tfds_dir, tmp_path_factory):
+  config = _load_config_module("mnist").get_config("smoke")
+  config.data_dir = tfds_dir
+  config.progress_bar = False
+  config.model.likelihood = "gaussian_learned"
+  config.binarization = "dequantize"
+  config.optimizer.ema_decay = EMA_DECAY
+  config.num_epochs = 1  # 12 steps.
+  config.num_image_samples = 0
+  workdir = tmp_path_factory.mktemp("ema") / "run"
+  first = train.train_and_evaluate(config, str(workdir))
+  first_rows = writers.read_metrics(workdir / "metrics.jsonl")
+  # Resumed with frozen parameters: from here the EMA follows a known recursion.
+  frozen = config.copy_and_resolve_references()
+  frozen.num_epochs = 2
+  frozen.optimizer.learning_rate = 0.0
+  second = train.train_and_evaluate(frozen, str(workdir), allow_config_change=True)
+  return {
+    "config": config,
+    "frozen": frozen,
+    "workdir": workdir,
+    "first": first,
+    "first_rows": first_rows,
+    "second": second,
+  }
+
+
+def test_ema_is_evaluated_and_survives_the_checkpoint(ema_dequantized_run, tfds_dir):
+  run = ema_dequantized_run
+  config, first, second = run["config"], run["first"], run["second"]
+  assert int(first.step) == 12 and int(second.step) == 24
+  ema_12 = train.eval_params(first)
+  assert ema_12 is first.opt_state[-1].ema
+  assert _trees_differ(jax.device_get(ema_12), jax.device_get(first.params))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(first.params)))
+
+  # The loop's test ELBO at step 12 is that of the EMA, not of the raw parameters.
+  trainer = train.build_trainer(config, EVENT_SHAPE, 400)
+  data = input_pipeline.load_dataset("mnist", tfds_dir)
+  test_x = input_pipeline.eval_images(data["test"].images, config.binarization)
+  key = trainer.keys[train.KEY_EVAL]
+  row = [r for r in run["first_rows"] if r["split"] == "test"][-1]
+  assert row["step"] == 12
+  assert row["elbo"] == pytest.approx(float(trainer.eval_fn(ema_12, test_x, key)["elbo"]), rel=1e-6)
+  raw_elbo = float(trainer.eval_fn(first.params, test_x, key)["elbo"])
+  assert row["elbo"] != pytest.approx(raw_elbo, rel=1e-6)
+
+  # The resumed run went on from the step-12 EMA: with the parameters frozen at p,
+  # ema_24 = d**12 * ema_12 + (1 - d**12) * p (a restarted EMA would be p).
+  _assert_trees_equal(second.params, first.params)
+  w = EMA_DECAY**12
+  expected = jax.tree.map(
+    lambda e, p: w * np.asarray(e, np.float64) + (1 - w) * np.asarray(p, np.float64),
+    ema_12,
+    first.params,
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    jax.device_get(train.eval_params(second)),
+    expected,
+  )
+
+  # The checkpoint holds the EMA, and evaluation reads it rather than the parameters.
+  step, restored = checkpointing.restore_latest_read_only(
+    run["workdir"] / "checkpoints", trainer.abstract_state()
+  )
+  assert step == 24 and isinstance(restored.opt_state[-1], train.ParamEmaState)
+  _assert_trees_equal(train.eval_params(restored), train.eval_params(second))
+  step, _, params = evaluate.restore_params(run["frozen"], run["workdir"], EVENT_SHAPE, 400)
+  assert step == 24
+  _assert_trees_equal(params, train.eval_params(second))
+  assert _trees_differ(jax.device_get(params), jax.device_get(second.params))
+
+
+def test_dequantized_gaussian_run_reports_8bit_bits_per_dim(ema_dequantized_run):
+  run = ema_dequantized_run
+  workdir = run["workdir"]
+  results = evaluate.evaluate_workdir(run["frozen"], workdir, num_samples=2, batch_size=50)
+  assert results["binarization"] == "dequantize" and results["checkpoint_step"] == 24
+  ll = results["test"]["log_likelihood"]
+  d = 784
+  expected = (ll["nll_nats"] + d * math.log(256)) / (d * math.log(2))
+  assert ll["bits_per_dim_8bit"] == pytest.approx(expected, rel=1e-12)
+  assert ll["bits_per_dim_8bit"] == pytest.approx(ll["bits_per_dim"] + 8, rel=1e-12)
+  assert ll["bits_per_dim_8bit"] > 0  # An upper bound on -log2 of a probability.
+  saved = json.loads((workdir / "eval" / "step_00000024_k2.json").read_text())
+  assert saved["test"]["log_likelihood"]["bits_per_dim_8bit"] == ll["bits_per_dim_8bit"]
+
+
+# --------------------------------------------------------------------------
+# 8. configs/fashion_mnist_likelihood.py.
+
+
+@pytest.mark.parametrize("kind", ["mlp", "hvae", "conv_hvae"])
+@pytest.mark.parametrize("smoke", [False, True])
+def test_fashion_mnist_likelihood_config_resolves(kind, smoke):
+  module = _load_config_module("fashion_mnist_likelihood")
+  config = module.get_config(f"{kind},smoke" if smoke else kind)
+  train.validate_config(config)
+  assert config.dataset == "fashion_mnist" and config.binarization == "dynamic"
+  layers = 1 if kind == "mlp" else 2
+  assert config.model.stochastic_layers == layers
+  assert config.model.kind == ("conv" if kind == "conv_hvae" else "mlp")
+  if smoke:
+    assert config.num_epochs == 1 and config.batch_size == 32
+    assert config.kl_warmup_epochs == (0.0 if kind == "mlp" else 0.5)
+    trainer = train.build_trainer(config, EVENT_SHAPE, 400)
+    assert trainer.model.latents > 0 and jax.tree.leaves(trainer.abstract_state().params)
+  else:
+    assert config.num_epochs == 600 and config.batch_size == 100
+    assert config.model.latents == 40
+    assert config.kl_warmup_epochs == (0.0 if kind == "mlp" else 50.0)
+
+
+def test_fashion_mnist_likelihood_config_default_and_unknown_arguments():
+  module = _load_config_module("fashion_mnist_likelihood")
+  assert module.get_config().to_dict() == module.get_config("mlp").to_dict()
+  assert module.get_config("smoke").to_dict() == module.get_config("mlp,smoke").to_dict()
+  for bad in ("resnet", "mlp,big", "hvae,smoke,extra"):
+    with pytest.raises(ValueError, match="Unknown config argument"):
+      module.get_config(bad)
+
+
+def test_fashion_mnist_likelihood_config_argument_is_never_silently_misread():
+  module = _load_config_module("fashion_mnist_likelihood")
+  for contradictory in ("mlp,hvae", "hvae,conv_hvae"):
+    with pytest.raises(ValueError):
+      module.get_config(contradictory)
+  # "smoke,hvae" means the HVAE's smoke run, or is refused; never the MLP's.
+  try:
+    config = module.get_config("smoke,hvae")
+  except ValueError:
+    return
+  assert config.model.stochastic_layers == 2 and config.num_epochs == 1
