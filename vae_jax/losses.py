@@ -529,7 +529,8 @@ def dreg_iw_bound(log_w_encoder: Array, log_w_decoder: Array, axis: int = 0) -> 
     ``[batch]`` bound values (as ``iw_bound_from_log_weights``).
   """
   _check_same_shape("log_w_encoder", log_w_encoder, "log_w_decoder", log_w_decoder)
-  bound = iw_bound_from_log_weights(log_w_decoder, axis=axis)
+  # The value only: every gradient comes from the surrogate below.
+  bound = jax.lax.stop_gradient(iw_bound_from_log_weights(log_w_decoder, axis=axis))
   dtype = _compute_dtype(log_w_encoder, log_w_decoder)
   log_w_encoder, log_w_decoder = log_w_encoder.astype(dtype), log_w_decoder.astype(dtype)
   w = jax.lax.stop_gradient(jax.nn.softmax(log_w_decoder, axis=axis))
