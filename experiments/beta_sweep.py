@@ -100,7 +100,8 @@ def evaluate_sweep(config, workdir, num_samples: int) -> tuple[list[dict], dict]
       num_samples, s["active_units"], time.perf_counter() - start,
     )  # fmt: skip
     kl = np.asarray(s["kl_per_dim"])
-    dims = [int(d) for d in np.argsort(-kl)[: min(8, model.latents)]]
+    visible = model.layer_latents[0]  # What a (two-layer) decoder reads.
+    dims = [int(d) for d in np.argsort(-kl[:visible])[: min(8, visible)]]
     values_grid = np.linspace(np.full(len(dims), -3.0), np.full(len(dims), 3.0), 11, axis=1)
     images = pictures.traversal_images(
       lambda z, p=params: np.asarray(decode(p, z)), values["mean"][0], dims, values_grid

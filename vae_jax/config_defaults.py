@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # A NaN/Inf loss or gradient: "stop" (before anything of it is saved) or
   # "skip" (drop that update, count it; stop once more than max_nonfinite_skips).
+  # Skipped steps also leave the optimizer's step count behind, so a learning-rate
+  # schedule then lags the step by the number skipped (KL warm-up does not).
   c.nonfinite_policy = "stop"
   c.max_nonfinite_skips = 10
   return c

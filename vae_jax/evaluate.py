@@ -7,7 +7,8 @@ Two uses:
   batch is padded and masked), and ``prior_samples`` / ``reconstructions``
   give the images written at each evaluation.
 * After training, ``evaluate_workdir`` (``python -m vae_jax.main --mode=evaluate``)
-  restores a workdir's latest checkpoint and writes ``eval/step_<N>_k<K>.json``:
+  restores a workdir's parameters (the best on validation, the EMA or the
+  latest: ``params_source``) and writes ``eval/step_<N>_k<K>.json``:
   the test log-likelihood estimated by importance sampling with ``K`` samples
   from the encoder (nats, bits per dimension, standard errors), the ELBO, rate,
   distortion, KL per latent dimension and active units of each split, and a PCA
@@ -22,8 +23,10 @@ latents in one call and folding each chunk into a running ``logsumexp``, so
 memory is ``O(batch * (chunk * pixels + K * latent))`` and never
 ``[examples, K, pixels]``.
 The ``K`` samples of example ``n`` come from ``fold_in(key, n)`` alone, so the
-estimate of every example is the same whatever the batch or chunk size: exactly
-``losses.iw_bound(fold_in(key, n), x[n:n+1], ...)``, as a test checks.
+estimate of every example is the same whatever the batch or chunk size (for a
+one-layer model exactly ``losses.iw_bound(fold_in(key, n), x[n:n+1], ...)``, as a
+test checks). Every model goes through ``model.posterior``, so two-layer models
+are estimated the same way, with ``log q(z1, z2 | x)`` and ``log p(z1, z2)``.
 """
 
 from __future__ import annotations
@@ -535,6 +538,30 @@ def check_config_matches_workdir(config: ml_collections.ConfigDict, workdir: pat
     )
 
 
+PARAMS_SOURCES = {
+  "best": "best validation ELBO (WORKDIR/best)",
+  "ema": "EMA of the latest checkpoint",
+  "latest": "latest checkpoint",
+}
+
+
+def params_source(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+  """Which parameters of ``workdir`` to evaluate: a key of ``PARAMS_SOURCES``.
+
+  The best-on-validation ones if the run keeps them and has saved some (before
+  its first validation there are none: then the next choice, with a warning),
+  else the EMA if the optimizer keeps one, else the latest parameters.
+  """
+  from vae_jax import train  # Deferred: train imports this module.
+
+  if config.validation_examples:
+    best_dir = pathlib.Path(workdir) / train.BEST_DIR
+    if best_dir.is_dir() and any(p.name.isdigit() for p in best_dir.iterdir()):
+      return "best"
+    logging.warning("%s has no best checkpoint yet (no validation so far).", workdir)
+  return "ema" if config.optimizer.ema_decay is not None else "latest"
+
+
 def restore_params(
   config: ml_collections.ConfigDict,
   workdir: pathlib.Path,
@@ -543,9 +570,9 @@ def restore_params(
 ) -> tuple[int, Model, Params]:
   """Builds the model of ``config`` and restores the params to evaluate from ``workdir``.
 
-  Those are, in order of preference: the best-on-validation parameters in
-  ``workdir/best`` (runs with ``config.validation_examples``), the EMA of the
-  latest checkpoint (``config.optimizer.ema_decay``), or its parameters. The
+  Those are the ones ``params_source`` names: the best-on-validation
+  parameters in ``workdir/best``, the EMA of the latest checkpoint, or its
+  parameters. The
   restore target is ``train.build_trainer(...).abstract_state()``, exactly
   as ``train.train_and_evaluate`` resumes, so a checkpoint written on any
   number of devices or hosts restores here.
@@ -567,7 +594,7 @@ def restore_params(
 
   trainer = train.build_trainer(config, event_shape, num_train)
   abstract = trainer.abstract_state()
-  if config.validation_examples:
+  if params_source(config, workdir) == "best":
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=trainer.replicated)
     step, best = checkpointing.restore_latest_read_only(
       workdir / train.BEST_DIR, {"params": abstract.params, "elbo": scalar}
@@ -696,7 +723,7 @@ def evaluate_workdir(
   batch_size: int = IW_BATCH_SIZE,
   sample_chunk: int = IW_SAMPLE_CHUNK,
 ) -> dict[str, Any]:
-  """Evaluates the latest checkpoint in ``workdir``; writes JSON and pictures.
+  """Evaluates ``workdir``'s parameters (see ``params_source``); writes JSON and pictures.
 
   Writes ``workdir/eval/step_<N>_k<K>.json`` (``step_<N>.json`` for an
   autoencoder, which has no likelihood to estimate) and ``images/eval_*_<N>.png``
@@ -765,13 +792,7 @@ def evaluate_workdir(
     "likelihood": config.model.likelihood,
     "latents": model.latents,
     "layer_latents": list(model.layer_latents),
-    "params": (
-      "best validation ELBO (workdir/best)"
-      if config.validation_examples
-      else "EMA of the latest checkpoint"
-      if config.optimizer.ema_decay is not None
-      else "latest checkpoint"
-    ),
+    "params": PARAMS_SOURCES[params_source(config, workdir)],
     "num_importance_samples": None if deterministic else num_samples,
     "units": (
       "nats per example (sums over pixels, means over examples) unless the name says "
@@ -807,13 +828,20 @@ def evaluate_workdir(
   pca_k = pca._replace(
     components=pca.components[: model.latents], variances=pca.variances[: model.latents]
   )
+  pca_variance = config.model.gaussian_variance
+  if config.model.likelihood == "gaussian_learned":
+    # The model learns its variance; PCA gets its own maximum-likelihood one
+    # (the mean squared error per pixel on training images).
+    fit = flat_train[:10000]
+    pca_variance = float(np.mean((pca_k.reconstruct(fit) - fit) ** 2))
   results["pca"] = pca_baseline(
     pca_k,
     flat_train,
     test_x.reshape(len(test_x), -1),
     "bernoulli" if config.model.likelihood == "bernoulli" else "gaussian",
-    config.model.gaussian_variance,
+    pca_variance,
   )
+  results["pca"]["gaussian_variance"] = pca_variance
   results["pca"]["model_mse_per_image"] = results["test"]["mse_per_image"]
   results["pca"]["model_distortion_at_posterior_mean"] = results["test"][
     "distortion_at_posterior_mean"

@@ -238,10 +238,7 @@ def gaussian_log_likelihood_learned(decoded: Array, x: Array, event_ndims: int =
   if decoded.shape != (*jnp.shape(x), 2):
     raise ValueError(f"decoded must be x's shape {jnp.shape(x)} + (2,), got {decoded.shape}.")
   _check_event_ndims("x", x, event_ndims)
-  dtype = _compute_dtype(decoded, x)
-  mean, logvar = decoded[..., 0].astype(dtype), decoded[..., 1].astype(dtype)
-  x = x.astype(dtype)
-  log_p = -0.5 * (jnp.square(x - mean) * jnp.exp(-logvar) + logvar + _LOG_2PI)
+  log_p = diag_gaussian_log_prob_per_dim(x, decoded[..., 0], decoded[..., 1])
   return _sum_event(log_p, event_ndims)
 
 

@@ -4,7 +4,8 @@ Any config field can be overridden, e.g. ``--config.beta=4 --config.model.latent
 unknown fields and wrong types are errors. Running again with the same workdir
 resumes from its latest checkpoint.
 
-``--mode=evaluate`` evaluates the workdir's latest checkpoint instead (importance-
+``--mode=evaluate`` evaluates the workdir's parameters instead (the best on
+validation, the EMA or the latest; see ``evaluate.params_source``) (importance-
 sampled test log-likelihood with ``--eval_num_samples`` samples, ELBO parts, PCA
 baseline, pictures) and writes ``WORKDIR/eval/step_<N>_k<K>.json``.
 """

@@ -256,10 +256,6 @@ def _split(a: Array, k: int) -> Array:  # [K * B, ...] -> [K, B, ...]
   return a.reshape(k, a.shape[0] // k, *a.shape[1:])
 
 
-def _stop(tree: Any) -> Any:
-  return jax.tree.map(jax.lax.stop_gradient, tree)
-
-
 def from_encoder_decoder(
   init: Callable[[Array, Array], Params] | None,
   encode: Callable[[Params, Array], tuple[Array, Array]],
@@ -374,6 +370,7 @@ def _two_layer(
   def posterior(
     params: Params, x: Array, eps: Array, stop_density_gradient: bool = False
   ) -> PosteriorSample:
+    _check_x(event_shape, x, "posterior")
     _check_eps(eps, x, total)
     k = eps.shape[0]
     enc, dec = params["encoder"], params["decoder"]
@@ -383,7 +380,9 @@ def _two_layer(
     z2 = mean2 + jnp.exp(0.5 * logvar2) * eps[..., latents:]
     if stop_density_gradient:  # Densities of q at fixed parameters; z keeps its path.
       mean1, logvar1 = jax.lax.stop_gradient(mean1), jax.lax.stop_gradient(logvar1)
-      mean2, logvar2 = (_split(a, k) for a in apply(q_z2, _stop(enc["q_z2"]), _merge(z1)))
+      mean2, logvar2 = (
+        _split(a, k) for a in apply(q_z2, jax.lax.stop_gradient(enc["q_z2"]), _merge(z1))
+      )
     shape1 = z1.shape
     log_q1 = losses.diag_gaussian_log_prob_per_dim(
       z1, jnp.broadcast_to(mean1, shape1), jnp.broadcast_to(logvar1, shape1)

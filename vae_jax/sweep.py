@@ -5,7 +5,7 @@ Design, in short:
 * The per-model step is the core one, unchanged:
   ``train.make_train_step(train.make_loss_fn(model, ll_fn, beta, ...), optimizer)``,
   built inside a function that ``jax.vmap`` maps over the model axis with
-  ``beta`` a traced scalar (``losses.elbo`` accepts one). Parameters,
+  ``beta`` a traced scalar (``train.make_loss_fn`` accepts one). Parameters,
   optimizer states and step counters are stacked along a leading model axis:
   ``SweepState(step, models)`` where ``models`` is a ``train.TrainState``
   whose every leaf is ``[M, ...]``, so ``models[i]`` is a single run's state.

@@ -215,9 +215,9 @@ def make_log_likelihood_fn(
   m = config.model
   if m.likelihood == "bernoulli":
     return functools.partial(losses.bernoulli_log_likelihood, event_ndims=event_ndims)
+  if m.likelihood in ("gaussian", "gaussian_learned") and m.gaussian_variance <= 0:
+    raise ValueError(f"config.model.gaussian_variance must be > 0, got {m.gaussian_variance}.")
   if m.likelihood == "gaussian":
-    if m.gaussian_variance <= 0:
-      raise ValueError(f"config.model.gaussian_variance must be > 0, got {m.gaussian_variance}.")
     return functools.partial(
       losses.gaussian_log_likelihood, variance=m.gaussian_variance, event_ndims=event_ndims
     )
@@ -263,7 +263,9 @@ def make_loss_fn(
   bound, only the reconstruction term).
 
   Metrics: ``loss``, ``elbo`` (the beta=1 bound), ``reconstruction``
-  (``E_q log p(x|z)``) and ``kl`` (the true KL, whatever the free bits).
+  (``E_q log p(x|z)``; for ``iwae``, the mean log-weight plus ``kl``, so that
+  ``elbo`` is the mean log-weight) and ``kl`` (the true KL, whatever the free
+  bits).
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"Unknown config.objective {objective!r}; use one of {OBJECTIVES}.")
@@ -300,9 +302,15 @@ def make_loss_fn(
         if gradient_estimator == "dreg":
           # Encoder gradients only through z (decoder and q's parameters fixed);
           # decoder gradients with z fixed. Same values, two gradient paths.
-          enc_only = {"encoder": params["encoder"], "decoder": _stop(params["decoder"])}
+          enc_only = {
+            "encoder": params["encoder"],
+            "decoder": jax.lax.stop_gradient(params["decoder"]),
+          }
           log_w_enc = log_weights(enc_only, x, eps, stop_density=True)[0]
-          dec_only = {"encoder": _stop(params["encoder"]), "decoder": params["decoder"]}
+          dec_only = {
+            "encoder": jax.lax.stop_gradient(params["encoder"]),
+            "decoder": params["decoder"],
+          }
           bound = losses.dreg_iw_bound(log_w_enc, log_weights(dec_only, x, eps)[0])
         else:
           bound = losses.iw_bound_from_log_weights(log_w, axis=0)
@@ -321,10 +329,6 @@ def make_loss_fn(
     return loss, metrics
 
   return loss_fn
-
-
-def _stop(tree: Any) -> Any:
-  return jax.tree.map(jax.lax.stop_gradient, tree)
 
 
 def make_train_step(
@@ -785,9 +789,12 @@ def train_and_evaluate(
   last_saved = -1 if restored is None else int(state.step)
   best = None
   if val_x is not None:
-    best = BestCheckpoint(workdir / BEST_DIR, trainer.abstract_state().params, trainer.replicated)
-    if best.step > int(state.step):  # Saved, then the run stopped before its checkpoint.
-      logging.info("Best step %d is ahead of the resumed step; it will be recomputed.", best.step)
+    best = BestCheckpoint(
+      workdir / BEST_DIR,
+      trainer.abstract_state().params,
+      trainer.replicated,
+      resumed_step=None if restored is None else int(state.step),
+    )
 
   perm_fn = jax.jit(epoch_permutation, static_argnums=2, out_shardings=trainer.replicated)
   perms_cache: dict[int, Array] = {}
@@ -910,22 +917,51 @@ class BestCheckpoint:
 
   One Orbax checkpoint ``{"params", "elbo"}`` named by its step, replaced
   atomically when a better one comes: the value and the parameters cannot
-  disagree after a crash. Early stopping needs nothing else: the epochs since
-  the best one follow from the current step.
+  disagree after a crash. Each save completes before the train state of the
+  same step is saved, so a resumed run never lacks a best it has passed.
+  Early stopping needs nothing else: the epochs since the best one follow
+  from the current step.
+
+  A best that the resumed run has not reached (saved after its latest
+  checkpoint, or left by another run when this one starts fresh) belongs to
+  no state this run holds: it is moved to ``<directory>_superseded_<time>``
+  (kept, not deleted) and recomputed.
   """
 
-  def __init__(self, directory: pathlib.Path, abstract_params: Params, sharding) -> None:
-    self._ckpt = checkpointing.Checkpointer(directory, max_to_keep=1)
+  def __init__(
+    self,
+    directory: pathlib.Path,
+    abstract_params: Params,
+    sharding,
+    resumed_step: int | None,
+  ) -> None:
     self._sharding = sharding
     target = {
       "params": abstract_params,
       "elbo": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding),
     }
-    restored = self._ckpt.restore_latest(target)
+    self._ckpt = checkpointing.Checkpointer(directory, max_to_keep=1)
     self.step, self.elbo = -1, -float("inf")
-    if restored is not None:
-      self.step, tree = restored
-      self.elbo = float(tree["elbo"])
+    restored = self._ckpt.restore_latest(target)
+    if restored is None:
+      return
+    step, tree = restored
+    if resumed_step is not None and step <= resumed_step:
+      self.step, self.elbo = step, float(tree["elbo"])
+      return
+    self._ckpt.close()
+    if jax.process_index() == 0:
+      aside = directory.with_name(f"{directory.name}_superseded_{int(time.time())}")
+      directory.rename(aside)
+      logging.warning(
+        "Best checkpoint %d is not from this run's past (resumed at step %s); moved it to %s.",
+        step,
+        resumed_step,
+        aside,
+      )
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("vae_jax: best checkpoint set aside")
+    self._ckpt = checkpointing.Checkpointer(directory, max_to_keep=1)
 
   def update(self, step: int, elbo: float, params: Params) -> bool:
     """Saves ``params`` if ``elbo`` beats the best so far; returns whether it did."""
@@ -933,6 +969,7 @@ class BestCheckpoint:
       return False
     value = jax.device_put(jnp.asarray(elbo, jnp.float32), self._sharding)
     self._ckpt.save(step, {"params": params, "elbo": value})
+    self._ckpt.wait()  # Committed before the train state of this step is saved.
     self.step, self.elbo = step, elbo
     return True
 
