@@ -580,3 +580,35 @@ def test_fashion_mnist_likelihood_config_argument_is_never_silently_misread():
   except ValueError:
     return
   assert config.model.stochastic_layers == 2 and config.num_epochs == 1
+
+
+def test_best_checkpoint_not_from_this_runs_past_is_set_aside(tmp_path):
+  """A best saved after the resumed step (or left by another run) is moved aside, kept."""
+  mesh = train.make_mesh(1)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = {"w": jax.device_put(jnp.arange(3.0), sharding)}
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), params
+  )
+
+  def make(workdir, resumed_step):
+    return train.BestCheckpoint(workdir / "best", abstract, sharding, resumed_step=resumed_step)
+
+  for resumed in (10, None):  # Resumed before the best was saved; a fresh run.
+    workdir = tmp_path / str(resumed)
+    best = make(workdir, None)
+    assert best.update(20, -100.0, params) and not best.update(30, -101.0, params)
+    best.close()
+    kept = make(workdir, 25)
+    assert (kept.step, kept.elbo) == (20, -100.0)
+    kept.close()
+
+    stale = make(workdir, resumed)
+    assert (stale.step, stale.elbo) == (-1, -float("inf"))
+    assert stale.update(5, -200.0, params)  # A worse value wins: the stale one is not used.
+    stale.close()
+    (aside,) = workdir.glob("best_superseded_*")
+    assert (aside / "20").is_dir()  # Kept, not deleted.
+    final = make(workdir, 5)
+    assert final.step == 5
+    final.close()
