@@ -33,6 +33,8 @@ CASES = [
   ("fashion_mnist_likelihood", "conv_hvae"),
   ("fashion_mnist_likelihood", "hvae,smoke"),
   ("fashion_mnist_likelihood", "conv_hvae,smoke"),
+  ("fashion_mnist_continuous", None),
+  ("fashion_mnist_continuous", "smoke"),
   ("iwae_mnist", "vae1"),
   ("iwae_mnist", "iwae1"),
   ("iwae_mnist", "vae2"),
