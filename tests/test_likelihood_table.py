@@ -1,0 +1,43 @@
+"""experiments/likelihood_table.py trains, evaluates and records a row; a rerun replaces it."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def run(args, tfds_dir):
+  cmd = [
+    sys.executable,
+    str(REPO / "experiments" / "likelihood_table.py"),
+    f"--config={REPO / 'configs' / 'mnist.py'}:smoke",
+    f"--config.data_dir={tfds_dir}",
+    "--config.progress_bar=False",
+    "--config.num_epochs=1",
+    "--config.num_image_samples=0",
+    "--num_importance_samples=3",
+    *args,
+  ]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_row_is_written_and_replaced(tmp_path, tfds_dir):
+  out, work = tmp_path / "out", tmp_path / "run"
+  common = [f"--workdir={work}", f"--out_dir={out}", "--name=smoke VAE", "--paper_nll=86.76"]
+  first = run(common, tfds_dir)
+  assert first.returncode == 0, first.stderr[-2000:]
+  rows = json.loads((out / "table.json").read_text())
+  row = rows["smoke VAE"]
+  assert row["num_importance_samples"] == 3 and row["paper_nll"] == 86.76
+  eval_json = json.loads(next((work / "eval").glob("step_*_k3.json")).read_text())
+  assert row["nll_nats"] == eval_json["test"]["log_likelihood"]["nll_nats"]
+  assert row["checkpoint_step"] == eval_json["checkpoint_step"]
+  assert "| smoke VAE |" in (out / "table.md").read_text()
+
+  again = run([*common, "--reuse_eval"], tfds_dir)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "Reusing" in again.stderr
+  rows = json.loads((out / "table.json").read_text())
+  assert list(rows) == ["smoke VAE"] and rows["smoke VAE"]["nll_nats"] == row["nll_nats"]
