@@ -41,11 +41,10 @@ flags.mark_flags_as_required(["config", "workdir", "name"])
 def run_row(config, workdir: str, num_samples: int, reuse_eval: bool, allow_change: bool) -> dict:
   """Trains (resumes) and evaluates one run; returns its table row."""
   start = time.perf_counter()
-  train.train_and_evaluate(config, workdir, allow_config_change=allow_change)
+  state = train.train_and_evaluate(config, workdir, allow_config_change=allow_change)
   train_s = time.perf_counter() - start
-  steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-                 if p.name.isdigit())  # fmt: skip
-  cached = pathlib.Path(workdir) / "eval" / f"step_{steps[-1]:08d}_k{num_samples}.json"
+  step = int(state.step)
+  cached = pathlib.Path(workdir) / "eval" / f"step_{step:08d}_k{num_samples}.json"
   start = time.perf_counter()
   if reuse_eval and cached.exists() and not config.validation_examples:
     results = json.loads(cached.read_text())

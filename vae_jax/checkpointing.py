@@ -178,6 +178,15 @@ class Checkpointer:
     )
 
 
+def saved_steps(directory: str | pathlib.Path) -> list[int]:
+  """Steps with a checkpoint directory under ``directory`` (sorted; ``[]`` if none),
+  read from the file names without opening a manager."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def restore_latest_read_only(directory: str | pathlib.Path, target: PyTree) -> tuple[int, PyTree]:
   """``(step, state)`` of the newest readable checkpoint, for readers such as evaluation.
 
@@ -189,7 +198,7 @@ def restore_latest_read_only(directory: str | pathlib.Path, target: PyTree) -> t
     CheckpointError: as ``Checkpointer.restore_latest``.
   """
   directory = pathlib.Path(directory)
-  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+  if not saved_steps(directory):
     raise FileNotFoundError(
       f"No checkpoints in {directory}. Train first, with the same config and "
       f"--workdir={directory.parent}."

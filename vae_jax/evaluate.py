@@ -555,8 +555,7 @@ def params_source(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> s
   from vae_jax import train  # Deferred: train imports this module.
 
   if config.validation_examples:
-    best_dir = pathlib.Path(workdir) / train.BEST_DIR
-    if best_dir.is_dir() and any(p.name.isdigit() for p in best_dir.iterdir()):
+    if checkpointing.saved_steps(pathlib.Path(workdir) / train.BEST_DIR):
       return "best"
     logging.warning("%s has no best checkpoint yet (no validation so far).", workdir)
   return "ema" if config.optimizer.ema_decay is not None else "latest"

@@ -545,8 +545,7 @@ def check_config(
   unless ``allow_change`` (then they are logged). A workdir without any
   checkpoint has nothing to protect.
   """
-  ckpt_dir = workdir / "checkpoints"
-  if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+  if not checkpointing.saved_steps(workdir / "checkpoints"):
     return
   diffs = config_differences(config, workdir)
   if diffs and allow_change:
