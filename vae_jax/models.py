@@ -61,6 +61,16 @@ def soft_clamp(x: Array, low: float, high: float) -> Array:
   return x + jax.nn.softplus(low - x) - jax.nn.softplus(x - high)
 
 
+def _hidden_layers(h: Array, widths: Sequence[int], act: Callable[[Array], Array]) -> Array:
+  """Dense layers ``hidden_0, hidden_1, ...`` of the calling module, each followed by ``act``.
+
+  Called from a module's ``@nn.compact`` method, the layers belong to that module.
+  """
+  for i, width in enumerate(widths):
+    h = act(nn.Dense(width, name=f"hidden_{i}")(h))
+  return h
+
+
 class Encoder(nn.Module):
   """``x: [batch, *event_shape] -> (mean, logvar)``, each ``[batch, latents]``.
 
@@ -77,8 +87,7 @@ class Encoder(nn.Module):
   def __call__(self, x: Array) -> tuple[Array, Array]:
     act = ACTIVATIONS[self.activation]
     h = x.reshape(x.shape[0], -1)
-    for i, width in enumerate(self.hidden):
-      h = act(nn.Dense(width, name=f"hidden_{i}")(h))
+    h = _hidden_layers(h, self.hidden, act)
     mean = nn.Dense(self.latents, name="mean")(h)
     logvar = nn.Dense(self.latents, name="logvar")(h)
     if self.logvar_bound is not None:
@@ -104,8 +113,7 @@ class Decoder(nn.Module):
   def __call__(self, z: Array) -> Array:
     act = ACTIVATIONS[self.activation]
     h = z
-    for i, width in enumerate(self.hidden):
-      h = act(nn.Dense(width, name=f"hidden_{i}")(h))
+    h = _hidden_layers(h, self.hidden, act)
     out = nn.Dense(math.prod(self.output_shape), name="output")(h)
     out = out.reshape(z.shape[0], *self.output_shape)
     return _with_variance(self, out)
@@ -171,8 +179,7 @@ class ConvDecoder(nn.Module):
     height, width, channels = self.output_shape
     scale = 2 ** len(self.features)
     h = z
-    for i, w in enumerate(self.hidden):
-      h = act(nn.Dense(w, name=f"hidden_{i}")(h))
+    h = _hidden_layers(h, self.hidden, act)
     base = (height // scale, width // scale, self.features[-1])
     h = act(nn.Dense(math.prod(base), name="to_map")(h)).reshape(z.shape[0], *base)
     out_channels = (*reversed(self.features[:-1]), channels)
