@@ -48,7 +48,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from vae_jax import checkpointing, losses, pictures, writers
+from vae_jax import checkpointing, losses, models, pictures, writers
 from vae_jax.models import Model, Params
 
 Array = jax.Array
@@ -108,10 +108,8 @@ def make_eval_fn(
         out = losses.ElboOutput(elbo=rec, reconstruction=rec, kl=jnp.zeros_like(rec))
       else:  # One sample of z per example; the KL in closed form where there is one.
         eps = jax.random.normal(jax.random.fold_in(key, i), (1, bs, model.latents))
-        post = model.posterior(params, batch, eps)
-        decode = functools.partial(model.decode, params)
-        rec = losses.sample_log_likelihoods(post.z, batch, decode, log_likelihood_fn)[0]
-        kl = jnp.sum(post.kl_per_dim[0], axis=-1)
+        _, log_px_z, post = models.log_weights(model, params, batch, eps, log_likelihood_fn)
+        rec, kl = log_px_z[0], jnp.sum(post.kl_per_dim[0], axis=-1)
         out = losses.ElboOutput(elbo=rec - kl, reconstruction=rec, kl=kl)
       sums = {k: jnp.sum(getattr(out, k) * m) for k in totals}
       return {k: totals[k] + sums[k] for k in totals}, None
@@ -272,15 +270,12 @@ def make_per_example_fn(
     eps = jnp.concatenate([eps, jnp.zeros((padded - num_samples, batch, latent), eps.dtype)])
     eps = eps.reshape(num_chunks, chunk, batch, latent)
     valid = (jnp.arange(padded) < num_samples).reshape(num_chunks, chunk, 1)
-    decode = functools.partial(model.decode, params)
 
     def body(carry, inputs):
       lse, lse_sq, rec_sum, kl_sum = carry
       eps_c, valid_c = inputs  # [chunk, batch, latent], [chunk, 1]
-      post = model.posterior(params, x, eps_c)
-      log_px_z = losses.sample_log_likelihoods(post.z, x, decode, log_likelihood_fn)
-      log_w = log_px_z + post.log_prior - post.log_q  # [chunk, batch]
-      log_w = jnp.where(valid_c, log_w, -jnp.inf)  # Padding weighs nothing.
+      log_w, log_px_z, post = models.log_weights(model, params, x, eps_c, log_likelihood_fn)
+      log_w = jnp.where(valid_c, log_w, -jnp.inf)  # [chunk, batch]; padding weighs nothing.
       lse = jnp.logaddexp(lse, jax.nn.logsumexp(log_w, axis=0))
       lse_sq = jnp.logaddexp(lse_sq, jax.nn.logsumexp(2.0 * log_w, axis=0))
       rec_sum = rec_sum + jnp.sum(jnp.where(valid_c, log_px_z, 0.0), axis=0)

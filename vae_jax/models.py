@@ -23,6 +23,7 @@ first), so the caller owns the randomness and every sample is reproducible.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -238,6 +239,37 @@ class Model(NamedTuple):
   sample_prior: Callable[[Params, Array, int], Array]
   latents: int
   layer_latents: tuple[int, ...]
+
+
+class LogWeights(NamedTuple):
+  """What every objective and estimator reads off ``K`` posterior samples.
+
+  Attributes:
+    log_w: ``[K, batch]`` ``log p(x | z) + log p(z) - log q(z | x)``.
+    log_px_z: ``[K, batch]`` ``log p(x | z)``.
+    posterior: the ``PosteriorSample`` they come from.
+  """
+
+  log_w: Array
+  log_px_z: Array
+  posterior: PosteriorSample
+
+
+def log_weights(
+  model: Model,
+  params: Params,
+  x: Array,
+  eps: Array,
+  log_likelihood_fn: Callable[[Array, Array], Array],
+  *,
+  stop_density_gradient: bool = False,
+) -> LogWeights:
+  """Importance log-weights of ``model`` at the samples ``model.posterior`` draws from
+  ``eps: [K, batch, latents]``, decoding the ``K * batch`` latents in one call."""
+  post = model.posterior(params, x, eps, stop_density_gradient=stop_density_gradient)
+  decode = functools.partial(model.decode, params)
+  log_px_z = losses.sample_log_likelihoods(post.z, x, decode, log_likelihood_fn)
+  return LogWeights(log_px_z + post.log_prior - post.log_q, log_px_z, post)
 
 
 def _check_x(event_shape: tuple[int, ...], x: Array, what: str) -> None:

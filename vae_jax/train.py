@@ -36,7 +36,15 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vae_jax import checkpointing, config_defaults, evaluate, input_pipeline, losses, writers
+from vae_jax import (
+  checkpointing,
+  config_defaults,
+  evaluate,
+  input_pipeline,
+  losses,
+  models,
+  writers,
+)
 from vae_jax.models import Model, Params, make_model
 
 Array = jax.Array
@@ -280,13 +288,6 @@ def make_loss_fn(
   if free_bits and objective != "elbo":
     raise ValueError("config.free_bits applies to the ELBO's KL; use config.objective='elbo'.")
 
-  def log_weights(params: Params, x: Array, eps: Array, stop_density: bool = False):
-    post = model.posterior(params, x, eps, stop_density_gradient=stop_density)
-    log_px_z = losses.sample_log_likelihoods(
-      post.z, x, functools.partial(model.decode, params), log_likelihood_fn
-    )
-    return log_px_z + post.log_prior - post.log_q, log_px_z, post
-
   def loss_fn(params: Params, x: Array, key: Array) -> tuple[Array, Metrics]:
     if objective == "autoencoder":
       mean, _ = model.encode(params, x)
@@ -295,7 +296,7 @@ def make_loss_fn(
       loss = -jnp.mean(reconstruction)
     else:
       eps = jax.random.normal(key, (num_samples, x.shape[0], model.latents))
-      log_w, log_px_z, post = log_weights(params, x, eps)
+      log_w, log_px_z, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
       reconstruction = jnp.mean(log_px_z, axis=0)
       kl = jnp.mean(jnp.sum(post.kl_per_dim, axis=-1), axis=0)
       if objective == "iwae":
@@ -306,12 +307,15 @@ def make_loss_fn(
             "encoder": params["encoder"],
             "decoder": jax.lax.stop_gradient(params["decoder"]),
           }
-          log_w_enc = log_weights(enc_only, x, eps, stop_density=True)[0]
+          log_w_enc = models.log_weights(
+            model, enc_only, x, eps, log_likelihood_fn, stop_density_gradient=True
+          ).log_w
           dec_only = {
             "encoder": jax.lax.stop_gradient(params["encoder"]),
             "decoder": params["decoder"],
           }
-          bound = losses.dreg_iw_bound(log_w_enc, log_weights(dec_only, x, eps)[0])
+          log_w_dec = models.log_weights(model, dec_only, x, eps, log_likelihood_fn).log_w
+          bound = losses.dreg_iw_bound(log_w_enc, log_w_dec)
         else:
           bound = losses.iw_bound_from_log_weights(log_w, axis=0)
         loss = -jnp.mean(bound)
