@@ -589,9 +589,8 @@ def restore_params(
   trainer = train.build_trainer(config, event_shape, num_train)
   abstract = trainer.abstract_state()
   if params_source(config, workdir) == "best":
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=trainer.replicated)
     step, best = checkpointing.restore_latest_read_only(
-      workdir / train.BEST_DIR, {"params": abstract.params, "elbo": scalar}
+      workdir / train.BEST_DIR, train.BestCheckpoint.target(abstract.params, trainer.replicated)
     )
     logging.info("Best validation ELBO %.3f at step %d.", float(best["elbo"]), step)
     return step, trainer.model, best["params"]

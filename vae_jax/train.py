@@ -939,10 +939,7 @@ class BestCheckpoint:
     resumed_step: int | None,
   ) -> None:
     self._sharding = sharding
-    target = {
-      "params": abstract_params,
-      "elbo": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding),
-    }
+    target = self.target(abstract_params, sharding)
     self._ckpt = checkpointing.Checkpointer(directory, max_to_keep=1)
     self.step, self.elbo = -1, -float("inf")
     restored = self._ckpt.restore_latest(target)
@@ -965,6 +962,14 @@ class BestCheckpoint:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("vae_jax: best checkpoint set aside")
     self._ckpt = checkpointing.Checkpointer(directory, max_to_keep=1)
+
+  @staticmethod
+  def target(abstract_params: Params, sharding) -> dict[str, Any]:
+    """The saved tree's structure, for restoring it: ``{"params", "elbo"}``."""
+    return {
+      "params": abstract_params,
+      "elbo": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding),
+    }
 
   def update(self, step: int, elbo: float, params: Params) -> bool:
     """Saves ``params`` if ``elbo`` beats the best so far; returns whether it did."""
