@@ -1,7 +1,8 @@
 """Fingerprints of short CPU runs: the final parameters' hash and the test ELBO of each.
 
   python experiments/fingerprint.py --out=results/fingerprints/after.json
-  python experiments/fingerprint.py --compare=results/fingerprints/before.json,results/fingerprints/after.json
+  python experiments/fingerprint.py \
+    --compare=results/fingerprints/before.json,results/fingerprints/after.json
 
 Every config's ``:smoke`` variant (and a few overrides that reach the training
 aids: DReG, free bits, EMA, early stopping, sweep schedules) is trained as a
@@ -152,8 +153,7 @@ def run_case(name: str, config_arg: str, overrides: list[str], tfds_dir: str) ->
     params = models["params"] if isinstance(models, dict) else models[1]
     out["params_sha256"] = hash_params(params)
     out["test_elbo"] = {
-      d.name: last_test_elbo(d / "metrics.jsonl")
-      for d in sorted((workdir / "models").iterdir())
+      d.name: last_test_elbo(d / "metrics.jsonl") for d in sorted((workdir / "models").iterdir())
     }
   else:
     params = tree["params"] if isinstance(tree, dict) else tree[1]
