@@ -29,10 +29,19 @@ CASES = [
   ("fashion_mnist_ae", None),
   ("beta_sweep", None),
   ("fashion_mnist_likelihood", None),
+  ("fashion_mnist_likelihood", "vae_vampprior"),
   ("fashion_mnist_likelihood", "hvae"),
-  ("fashion_mnist_likelihood", "conv_hvae"),
+  ("fashion_mnist_likelihood", "hvae_vampprior"),
+  ("fashion_mnist_likelihood", "vae,iwae"),
+  ("fashion_mnist_likelihood", "hvae_vampprior,iwae"),
+  ("fashion_mnist_likelihood", "vae,smoke"),
+  ("fashion_mnist_likelihood", "vae_vampprior,smoke"),
   ("fashion_mnist_likelihood", "hvae,smoke"),
-  ("fashion_mnist_likelihood", "conv_hvae,smoke"),
+  ("fashion_mnist_likelihood", "hvae_vampprior,smoke"),
+  ("fashion_mnist_likelihood", "hvae_vampprior,iwae,smoke"),
+  ("fashion_mnist_likelihood", "legacy_mlp"),
+  ("fashion_mnist_likelihood", "legacy_hvae"),
+  ("fashion_mnist_likelihood", "legacy_conv_hvae,smoke"),
   ("fashion_mnist_continuous", None),
   ("fashion_mnist_continuous", "smoke"),
   ("iwae_mnist", "vae1"),
@@ -81,3 +90,34 @@ def test_iwae_mnist_matches_the_paper():
 def test_unknown_argument_is_one_clear_error(name, arg):
   with pytest.raises(ValueError, match="argument|needs one of"):
     load(name).get_config(arg)
+
+
+@pytest.mark.parametrize("row", ["vae", "vae_vampprior", "hvae", "hvae_vampprior"])
+def test_likelihood_rows_follow_the_vampprior_protocol(row):
+  """The settings of Tomczak & Welling's and the Exemplar VAE's public code."""
+  c = load("fashion_mnist_likelihood").get_config(row)
+  assert (c.dataset, c.binarization, c.validation_examples) == ("fashion_mnist", "dynamic", 10000)
+  m = c.model
+  assert (m.latents, m.encoder_hidden, m.gated, m.logvar_clip) == (40, (300, 300), True, (-6, 2))
+  assert m.kernel_init == "he_normal"
+  assert (c.optimizer.name, c.optimizer.learning_rate, c.batch_size) == ("adam_normgrad", 5e-4, 100)
+  assert (c.kl_warmup_epochs, c.early_stopping_patience_epochs, c.num_epochs) == (100, 50, 2000)
+  assert m.stochastic_layers == (2 if row.startswith("hvae") else 1)
+  if row.startswith("hvae"):
+    assert (m.hierarchy, m.top_latents, m.top_hidden) == ("vampprior", 40, (300, 300))
+  assert m.prior == ("vampprior" if row.endswith("vampprior") else "standard")
+  if m.prior == "vampprior":
+    assert (m.num_pseudo_inputs, m.pseudo_inputs_mean, m.pseudo_inputs_std) == (500, 0.05, 0.01)
+  iwae = load("fashion_mnist_likelihood").get_config(f"{row},iwae")
+  assert (iwae.objective, iwae.num_samples, iwae.kl_warmup_epochs) == ("iwae", 5, 0.0)
+  assert iwae.gradient_estimator == ("plain" if m.prior == "vampprior" else "dreg")
+
+
+def test_likelihood_config_arguments_are_never_silently_misread():
+  module = load("fashion_mnist_likelihood")
+  assert module.get_config().to_dict() == module.get_config("vae").to_dict()
+  for bad in ("resnet", "vae,hvae", "hvae,big", "mlp", "legacy_mlp,vae"):
+    with pytest.raises(ValueError, match="Unknown config argument"):
+      module.get_config(bad)
+  config = module.get_config("smoke,hvae")  # Order does not matter.
+  assert config.model.stochastic_layers == 2 and config.num_epochs == 1

@@ -271,3 +271,12 @@ def test_iwae_trains_and_rejects_beta():
   assert float(m["loss"]) < first
   with pytest.raises(ValueError, match="IWAE bound has no KL weight"):
     train.make_loss_fn(model, losses.bernoulli_log_likelihood, 4.0, 10, "iwae")
+
+
+def test_normalize_each_gradient_is_adam_normgrads_first_step():
+  """Tomczak & Welling's AdamNormGrad: each parameter's gradient g / (||g|| + 1e-7)."""
+  grads = {"w": jnp.array([[3.0, 4.0]]), "b": jnp.array([0.0, 0.0]), "s": jnp.array(-2.0)}
+  updates, _ = train.normalize_each_gradient().update(grads, optax.EmptyState())
+  np.testing.assert_allclose(updates["w"], [[0.6, 0.8]], rtol=1e-6)
+  np.testing.assert_array_equal(updates["b"], [0.0, 0.0])  # A zero gradient stays zero.
+  np.testing.assert_allclose(updates["s"], -1.0, rtol=1e-6)

@@ -535,53 +535,6 @@ def test_dequantized_gaussian_run_reports_8bit_bits_per_dim(ema_dequantized_run)
   assert saved["test"]["log_likelihood"]["bits_per_dim_8bit"] == ll["bits_per_dim_8bit"]
 
 
-# --------------------------------------------------------------------------
-# 8. configs/fashion_mnist_likelihood.py.
-
-
-@pytest.mark.parametrize("kind", ["mlp", "hvae", "conv_hvae"])
-@pytest.mark.parametrize("smoke", [False, True])
-def test_fashion_mnist_likelihood_config_resolves(kind, smoke):
-  module = _load_config_module("fashion_mnist_likelihood")
-  config = module.get_config(f"{kind},smoke" if smoke else kind)
-  train.validate_config(config)
-  assert config.dataset == "fashion_mnist" and config.binarization == "dynamic"
-  layers = 1 if kind == "mlp" else 2
-  assert config.model.stochastic_layers == layers
-  assert config.model.kind == ("conv" if kind == "conv_hvae" else "mlp")
-  if smoke:
-    assert config.num_epochs == 1 and config.batch_size == 32
-    assert config.kl_warmup_epochs == (0.0 if kind == "mlp" else 0.5)
-    trainer = train.build_trainer(config, EVENT_SHAPE, 400)
-    assert trainer.model.latents > 0 and jax.tree.leaves(trainer.abstract_state().params)
-  else:
-    assert config.num_epochs == 600 and config.batch_size == 100
-    assert config.model.latents == 40
-    assert config.kl_warmup_epochs == (0.0 if kind == "mlp" else 50.0)
-
-
-def test_fashion_mnist_likelihood_config_default_and_unknown_arguments():
-  module = _load_config_module("fashion_mnist_likelihood")
-  assert module.get_config().to_dict() == module.get_config("mlp").to_dict()
-  assert module.get_config("smoke").to_dict() == module.get_config("mlp,smoke").to_dict()
-  for bad in ("resnet", "mlp,big", "hvae,smoke,extra"):
-    with pytest.raises(ValueError, match="Unknown config argument"):
-      module.get_config(bad)
-
-
-def test_fashion_mnist_likelihood_config_argument_is_never_silently_misread():
-  module = _load_config_module("fashion_mnist_likelihood")
-  for contradictory in ("mlp,hvae", "hvae,conv_hvae"):
-    with pytest.raises(ValueError):
-      module.get_config(contradictory)
-  # "smoke,hvae" means the HVAE's smoke run, or is refused; never the MLP's.
-  try:
-    config = module.get_config("smoke,hvae")
-  except ValueError:
-    return
-  assert config.model.stochastic_layers == 2 and config.num_epochs == 1
-
-
 def test_best_checkpoint_not_from_this_runs_past_is_set_aside(tmp_path):
   """A best saved after the resumed step (or left by another run) is moved aside, kept."""
   mesh = train.make_mesh(1)

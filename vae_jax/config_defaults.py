@@ -36,10 +36,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv_features = (32, 64)  # "conv": channels of the stride-2 4x4 convolutions.
   c.model.activation = "relu"
   c.model.logvar_bound = 30.0  # Soft bound on |logvar|; keeps exp(logvar) and KL finite.
+  # (low, high): clip the encoders' log-variances instead (VampPrior code: (-6, 2)).
+  c.model.logvar_clip = ml_collections.FieldReference(None, field_type=tuple)
+  # Gated dense units (W1 h + b1) * sigmoid(W2 h + b2) instead of activation(W h + b).
+  c.model.gated = False
+  c.model.kernel_init = "lecun_normal"  # "lecun_normal" (Flax) | "he_normal" (VampPrior code).
   # 2: q(z1|x) q(z2|z1), p(z2) p(z1|z2) p(x|z1), the IWAE paper's hierarchy.
   c.model.stochastic_layers = 1
   c.model.top_latents = 50  # Dimensions of z2 (two layers only).
   c.model.top_hidden = (100, 100)  # Widths of the z1 -> z2 MLP; z2 -> z1 mirrors them.
+  # Two layers: "iwae" (q(z1|x) q(z2|z1), p(x|z1); Burda et al. 2015) | "vampprior"
+  # (q(z2|x) q(z1|x,z2), p(z1|z2) p(x|z1,z2); Tomczak & Welling 2018).
+  c.model.hierarchy = "iwae"
+  # Prior of the top layer: "standard" (N(0, I)) | "vampprior" (mixture of the
+  # encoder's posteriors at num_pseudo_inputs learned pseudo-inputs).
+  c.model.prior = "standard"
+  c.model.num_pseudo_inputs = 500
+  c.model.pseudo_inputs_mean = 0.05  # Their initialization N(mean, std^2), clipped to [0, 1].
+  c.model.pseudo_inputs_std = 0.01
   # "bernoulli" (decoder gives logits) | "gaussian" (means, fixed variance) |
   # "gaussian_learned" (means and one learned variance shared by all pixels).
   c.model.likelihood = "bernoulli"
@@ -57,7 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optimization.
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adam"  # "adam" | "adam_iwae" (eps=1e-4) | "adamw" | "sgd" | "rmsprop".
+  # "adam" | "adam_iwae" (eps=1e-4) | "adam_normgrad" (each parameter's gradient
+  # divided by its norm first, the VampPrior code's AdamNormGrad) | "adamw" | "sgd" | "rmsprop".
+  c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 0.0  # adamw only.
   c.optimizer.momentum = 0.0  # sgd only.
@@ -75,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Early stopping on the validation split's ELBO (needs validation_examples):
   # stop after this many epochs without a better one (0: never). The best
   # parameters are saved in WORKDIR/best and are what --mode=evaluate reads.
+  # Epochs of KL warm-up do not count against the patience (as in the VampPrior code).
   c.early_stopping_patience_epochs = 0
 
   # Devices: the batch is split over a 1-D "data" mesh of this many devices

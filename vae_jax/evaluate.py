@@ -109,7 +109,7 @@ def make_eval_fn(
       else:  # One sample of z per example; the KL in closed form where there is one.
         eps = jax.random.normal(jax.random.fold_in(key, i), (1, bs, model.latents))
         _, log_px_z, post = models.log_weights(model, params, batch, eps, log_likelihood_fn)
-        rec, kl = log_px_z[0], jnp.sum(post.kl_per_dim[0], axis=-1)
+        rec, kl = log_px_z[0], post.kl[0]
         out = losses.ElboOutput(elbo=rec - kl, reconstruction=rec, kl=kl)
       sums = {k: jnp.sum(getattr(out, k) * m) for k in totals}
       return {k: totals[k] + sums[k] for k in totals}, None
@@ -224,7 +224,10 @@ def make_per_example_fn(
     ``(sum w)**2 / sum w**2``, between 1 and ``K``;
   * ``reconstruction``: ``[batch]`` ``E_q[log p(x | z)]``, the mean over the
     same ``K`` samples;
-  * ``kl_per_dim``: ``[batch, latent]`` the per-dimension KL: closed form
+  * ``kl``: ``[batch]`` the KL (rate) of each example, the mean over the ``K``
+    samples of ``models.PosteriorSample.kl``;
+  * ``kl_per_dim``: ``[batch, latent]`` (where the prior factorizes) per-dimension KL: closed
+    form
     ``KL(q(z_d | x) || N(0, 1))`` for a standard-normal prior, else the mean
     over the ``K`` samples of ``log q - log p`` (see ``models.PosteriorSample``).
 
@@ -271,29 +274,37 @@ def make_per_example_fn(
     eps = eps.reshape(num_chunks, chunk, batch, latent)
     valid = (jnp.arange(padded) < num_samples).reshape(num_chunks, chunk, 1)
 
+    factorized = []  # Whether the prior gives per-dimension KL terms (known when traced).
+
     def body(carry, inputs):
-      lse, lse_sq, rec_sum, kl_sum = carry
+      lse, lse_sq, rec_sum, kl_sum, kl_dim_sum = carry
       eps_c, valid_c = inputs  # [chunk, batch, latent], [chunk, 1]
       log_w, log_px_z, post = models.log_weights(model, params, x, eps_c, log_likelihood_fn)
       log_w = jnp.where(valid_c, log_w, -jnp.inf)  # [chunk, batch]; padding weighs nothing.
       lse = jnp.logaddexp(lse, jax.nn.logsumexp(log_w, axis=0))
       lse_sq = jnp.logaddexp(lse_sq, jax.nn.logsumexp(2.0 * log_w, axis=0))
       rec_sum = rec_sum + jnp.sum(jnp.where(valid_c, log_px_z, 0.0), axis=0)
-      kl_sum = kl_sum + jnp.sum(jnp.where(valid_c[..., None], post.kl_per_dim, 0.0), axis=0)
-      return (lse, lse_sq, rec_sum, kl_sum), None
+      kl_sum = kl_sum + jnp.sum(jnp.where(valid_c, post.kl, 0.0), axis=0)
+      factorized[:] = [post.kl_per_dim is not None]
+      if post.kl_per_dim is not None:
+        kl_dim = jnp.where(valid_c[..., None], post.kl_per_dim, 0.0)
+        kl_dim_sum = kl_dim_sum + jnp.sum(kl_dim, axis=0)
+      return (lse, lse_sq, rec_sum, kl_sum, kl_dim_sum), None
 
     neg_inf = jnp.full((batch,), -jnp.inf, jnp.float32)
     zeros = jnp.zeros((batch,), jnp.float32)
-    init = (neg_inf, neg_inf, zeros, jnp.zeros((batch, latent), jnp.float32))
-    (lse, lse_sq, rec_sum, kl_sum), _ = jax.lax.scan(body, init, (eps, valid))
+    init = (neg_inf, neg_inf, zeros, zeros, jnp.zeros((batch, latent), jnp.float32))
+    (lse, lse_sq, rec_sum, kl_sum, kl_dim_sum), _ = jax.lax.scan(body, init, (eps, valid))
     mean, _ = model.encode(params, x)
     out = at_mean(params, x, mean)
     out.update(
       log_px=lse - math.log(num_samples),
       ess=jnp.exp(2.0 * lse - lse_sq),
       reconstruction=rec_sum / num_samples,
-      kl_per_dim=kl_sum / num_samples,
+      kl=kl_sum / num_samples,
     )
+    if factorized[0]:
+      out["kl_per_dim"] = kl_dim_sum / num_samples
     return out
 
   return per_example
@@ -369,7 +380,7 @@ def summarize_split(
       "ess_min": float(f64["ess"].min()),
     }
   if vae:
-    kl = f64["kl_per_dim"].sum(-1)
+    kl = f64["kl"]
     elbo = f64["reconstruction"] - kl
     out.update(
       elbo=float(elbo.mean()),
@@ -379,8 +390,9 @@ def summarize_split(
       rate_standard_error=standard_error(kl),
       distortion=float(-f64["reconstruction"].mean()),
       distortion_standard_error=standard_error(f64["reconstruction"]),
-      kl_per_dim=[float(v) for v in f64["kl_per_dim"].mean(0)],
     )
+    if "kl_per_dim" in f64:
+      out["kl_per_dim"] = [float(v) for v in f64["kl_per_dim"].mean(0)]
   count, variances = active_units(f64["mean"])
   out.update(
     distortion_at_posterior_mean=float(-f64["reconstruction_at_mean"].mean()),
@@ -658,7 +670,7 @@ def _write_pictures(
   paths.append(writer.write_image(step, "eval_interpolations", grid))
 
   # Traversals of the most informative dimensions around test image 0's code.
-  if deterministic:
+  if deterministic or "kl_per_dim" not in summary:
     score, score_name = np.asarray(summary["posterior_mean_variance"]), "var"
     low, high = np.percentile(codes, [1, 99], axis=0)
     how = "from the 1st to the 99th percentile of the test codes"
@@ -666,8 +678,8 @@ def _write_pictures(
     score, score_name = np.asarray(summary["kl_per_dim"]), "KL"
     low, high = np.full(model.latents, -3.0), np.full(model.latents, 3.0)
     how = "from -3 to 3"
-  # A hierarchical decoder reads only the bottom layer: sweep dimensions of it.
-  visible = model.layer_latents[0]
+  # A hierarchical decoder may read only the bottom layer: sweep dimensions it reads.
+  visible = model.decoder_reads or model.latents
   dims = [int(d) for d in np.argsort(-score[:visible])[: min(10, visible)]]
   values = np.linspace(low[dims], high[dims], 11, axis=1)
   images = pictures.traversal_images(decode_mean, codes[0], dims, values)

@@ -80,13 +80,55 @@ def _sum_event(a: Array, event_ndims: int) -> Array:
 # Sampling.
 
 
+def sample_eps(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+  """Standard-normal noise ``eps ~ N(0, I)`` of ``shape``: the one place vae_jax draws it.
+
+  Every sample of ``z`` in training, evaluation and the importance-sampling
+  estimator is ``gaussian_sample(mean, logvar, eps)`` with ``eps`` from this
+  function, so equal keys give equal samples everywhere.
+
+  Args:
+    key: a PRNG key.
+    shape: e.g. ``[num_samples, batch, latent]``.
+    dtype: a floating dtype.
+  """
+  return jax.random.normal(key, shape, dtype=dtype)
+
+
+def gaussian_sample(mean: Array, logvar: Array, eps: Array) -> Array:
+  """``z = mean + exp(logvar / 2) * eps``: a reparameterized draw from given noise.
+
+  Args:
+    mean: ``[..., latent]`` means.
+    logvar: log-variances, the shape of ``mean``.
+    eps: noise of ``mean``'s shape, or with one extra leading sample axis
+      ``[S, *mean.shape]`` (then ``z`` has it too).
+
+  Returns:
+    ``z`` of ``eps``'s shape.
+
+  Raises:
+    ValueError: ``eps`` is neither ``mean``'s shape nor ``[S, *mean.shape]``.
+  """
+  _check_same_shape("mean", mean, "logvar", logvar)
+  if eps.shape != mean.shape:
+    if eps.shape[1:] != mean.shape:
+      raise ValueError(
+        f"eps must have mean's shape {mean.shape} or [samples, *{mean.shape}], got {eps.shape}."
+      )
+    mean, logvar = mean[None], logvar[None]  # Explicit sample axis: no rank promotion.
+  return mean + jnp.exp(0.5 * logvar) * eps
+
+
 def reparameterize(
   key: Array,
   mean: Array,
   logvar: Array,
   num_samples: int | None = None,
 ) -> Array:
-  """Draws ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``.
+  """Draws ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` (Kingma & Welling 2014).
+
+  ``gaussian_sample(mean, logvar, sample_eps(key, shape))``.
 
   Args:
     key: PRNG key for ``eps``; the only source of randomness.
@@ -98,6 +140,10 @@ def reparameterize(
   Returns:
     ``z`` of shape ``mean.shape`` (``num_samples=None``) or
     ``[num_samples, *mean.shape]``, in ``mean``'s dtype.
+
+  Raises:
+    ValueError: ``num_samples`` is not a positive int, or the shapes differ.
+    TypeError: ``mean`` or ``logvar`` is not floating-point.
   """
   _check_float("mean", mean)
   _check_float("logvar", logvar)
@@ -111,10 +157,7 @@ def reparameterize(
       raise ValueError(f"num_samples must be None or a positive int, got {num_samples!r}.")
     num_samples = count
   shape = mean.shape if num_samples is None else (num_samples, *mean.shape)
-  eps = jax.random.normal(key, shape, dtype=mean.dtype)
-  if num_samples is not None:  # Explicit sample axis: no implicit rank promotion.
-    mean, logvar = mean[None], logvar[None]
-  return mean + jnp.exp(0.5 * logvar) * eps
+  return gaussian_sample(mean, logvar, sample_eps(key, shape, mean.dtype))
 
 
 # --------------------------------------------------------------------------
@@ -276,6 +319,37 @@ def standard_normal_log_prob(z: Array) -> Array:
   _check_float("z", z)
   z = z.astype(_compute_dtype(z))
   return jnp.sum(-0.5 * (jnp.square(z) + _LOG_2PI), axis=-1)
+
+
+def diag_gaussian_mixture_log_prob(z: Array, means: Array, logvars: Array) -> Array:
+  """``log (1/C) sum_c N(z | means_c, diag(exp(logvars_c)))``: an equal-weight mixture.
+
+  The VampPrior (Tomczak & Welling 2018, eq. 9) is this mixture with the
+  encoder's posteriors at ``C`` pseudo-inputs as components. Computed with
+  ``logsumexp`` over components, stable for densities of any magnitude.
+
+  Args:
+    z: ``[..., latent]`` points.
+    means: ``[C, latent]`` component means.
+    logvars: ``[C, latent]`` component log-variances.
+
+  Returns:
+    ``[...]`` log-densities in nats.
+  """
+  _check_float("z", z)
+  _check_same_shape("means", means, "logvars", logvars)
+  if means.ndim != 2 or z.shape[-1] != means.shape[-1]:
+    raise ValueError(
+      f"means and logvars must be [components, latent] with z's latent size {z.shape[-1]}, "
+      f"got {means.shape}."
+    )
+  shape = (*z.shape[:-1], *means.shape)
+  per_component = diag_gaussian_log_prob(
+    jnp.broadcast_to(z[..., None, :], shape),
+    jnp.broadcast_to(means, shape),
+    jnp.broadcast_to(logvars, shape),
+  )
+  return jax.nn.logsumexp(per_component, axis=-1) - math.log(means.shape[0])
 
 
 # --------------------------------------------------------------------------

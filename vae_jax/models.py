@@ -1,20 +1,25 @@
-"""Encoders and decoders (Flax linen), exposed as pure functions.
+"""VAEs as pure functions: posteriors, priors and likelihood parameters behind ``Model``.
 
-This is the only module that imports Flax. Everything else sees a ``Model``:
-pure functions over a plain parameter pytree ``{"encoder": ..., "decoder":
-...}``, where ``"encoder"`` holds every parameter of the inference network
-``q(z | x)`` and ``"decoder"`` every parameter of the generative model
+Everything outside this module and ``networks.py`` (the Flax layers) sees a
+``Model``: pure functions over a plain parameter pytree ``{"encoder": ...,
+"decoder": ...}``, where ``"encoder"`` holds every parameter of the inference
+network ``q(z | x)`` and ``"decoder"`` every parameter of the generative model
 ``p(z) p(x | z)`` (the split DReG's gradients rely on).
 
-Three families, each usable with every objective and with the evaluation:
+The families, each usable with every objective and with the evaluation:
 
-* ``kind="mlp"``: one stochastic layer, MLP encoder and decoder (the Flax
-  example; the VAE of Kingma & Welling 2014 and Burda et al. 2015).
-* ``kind="conv"``: one stochastic layer, stride-2 convolutional encoder and
-  transposed-convolutional decoder.
-* ``stochastic_layers=2`` with either: the two-stochastic-layer model of Burda
-  et al. (2015), ``q(z1 | x) q(z2 | z1)`` and ``p(z2) p(z1 | z2) p(x | z1)``,
-  whose ``x``-facing networks are the MLP or convolutional ones.
+* one stochastic layer, ``kind="mlp"`` (the Flax example; Kingma & Welling
+  2014) or ``kind="conv"`` (stride-2 convolutions), dense layers optionally
+  gated (the VampPrior paper's ``GatedDense``);
+* two stochastic layers, ``hierarchy="iwae"``: ``q(z1 | x) q(z2 | z1)`` and
+  ``p(z2) p(z1 | z2) p(x | z1)`` (Burda et al. 2015), with the MLP or
+  convolutional networks at ``x``;
+* two stochastic layers, ``hierarchy="vampprior"``: ``q(z2 | x) q(z1 | x, z2)``
+  and ``p(z2) p(z1 | z2) p(x | z1, z2)`` (Tomczak & Welling 2018, section 3);
+* the prior of the top layer: ``N(0, I)`` (``prior="standard"``) or the
+  VampPrior, ``p(z) = (1/C) sum_c q(z | u_c)`` at ``C`` learned pseudo-inputs
+  (``prior="vampprior"``; its KL has no closed form and is estimated by
+  ``log q - log p`` at the samples).
 
 Every model draws its latents from given standard-normal noise ``eps`` of
 shape ``[K, batch, latents]`` (all layers' latents concatenated, bottom layer
@@ -28,167 +33,24 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vae_jax import losses
+from vae_jax import losses, networks
 
 Array = jax.Array
 Params = Any
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-  "relu": jax.nn.relu,
-  "tanh": jnp.tanh,
-  "gelu": jax.nn.gelu,
-  "elu": jax.nn.elu,
-  "softplus": jax.nn.softplus,
-  "swish": jax.nn.swish,
-}
+# Kept here for users of vae_jax.models (they moved to vae_jax.networks).
+ACTIVATIONS = networks.ACTIVATIONS
+LOG_VARIANCE_BOUND = networks.LOG_VARIANCE_BOUND
+soft_clamp = networks.soft_clamp
+Encoder, Decoder = networks.Encoder, networks.Decoder
+ConvEncoder, ConvDecoder = networks.ConvEncoder, networks.ConvDecoder
 
-
-def soft_clamp(x: Array, low: float, high: float) -> Array:
-  """Smoothly bounds ``x`` to about ``[low, high]``; the identity well inside.
-
-  ``x + softplus(low - x) - softplus(x - high)``: at distance ``d`` from the
-  nearer bound the deviation from ``x`` is ``softplus(-d)`` (below 1e-8 for
-  ``d > 18``, and ``x`` itself to float precision in the middle), and far
-  outside the result approaches the bound. Used on the encoder's log-variance
-  so that ``exp(logvar)`` and the KL stay finite by construction. The gradient
-  ``1 - sigmoid(low - x) - sigmoid(x - high)`` is 1 inside and decays smoothly
-  beyond the bounds.
-  """
-  return x + jax.nn.softplus(low - x) - jax.nn.softplus(x - high)
-
-
-def _hidden_layers(h: Array, widths: Sequence[int], act: Callable[[Array], Array]) -> Array:
-  """Dense layers ``hidden_0, hidden_1, ...`` of the calling module, each followed by ``act``.
-
-  Called from a module's ``@nn.compact`` method, the layers belong to that module.
-  """
-  for i, width in enumerate(widths):
-    h = act(nn.Dense(width, name=f"hidden_{i}")(h))
-  return h
-
-
-class Encoder(nn.Module):
-  """``x: [batch, *event_shape] -> (mean, logvar)``, each ``[batch, latents]``.
-
-  An MLP over the flattened input. ``logvar`` is soft-clamped to
-  ``[-logvar_bound, logvar_bound]`` (``None`` disables the clamp).
-  """
-
-  hidden: Sequence[int]
-  latents: int
-  activation: str = "relu"
-  logvar_bound: float | None = 30.0
-
-  @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
-    act = ACTIVATIONS[self.activation]
-    h = x.reshape(x.shape[0], -1)
-    h = _hidden_layers(h, self.hidden, act)
-    mean = nn.Dense(self.latents, name="mean")(h)
-    logvar = nn.Dense(self.latents, name="logvar")(h)
-    if self.logvar_bound is not None:
-      logvar = soft_clamp(logvar, -self.logvar_bound, self.logvar_bound)
-    return mean, logvar
-
-
-class Decoder(nn.Module):
-  """``z: [batch, latents] -> [batch, *output_shape]`` logits or means.
-
-  With ``learned_variance`` the output gains a last axis of size 2: the means
-  and a learned log-variance shared by all pixels (one parameter, initialized
-  to ``init_log_variance``; the sigma-VAE of Rybkin et al. 2021).
-  """
-
-  hidden: Sequence[int]
-  output_shape: Sequence[int]
-  activation: str = "relu"
-  learned_variance: bool = False
-  init_log_variance: float = 0.0
-
-  @nn.compact
-  def __call__(self, z: Array) -> Array:
-    act = ACTIVATIONS[self.activation]
-    h = z
-    h = _hidden_layers(h, self.hidden, act)
-    out = nn.Dense(math.prod(self.output_shape), name="output")(h)
-    out = out.reshape(z.shape[0], *self.output_shape)
-    return _with_variance(self, out)
-
-
-def _with_variance(module: nn.Module, out: Array) -> Array:
-  if not module.learned_variance:
-    return out
-  log_variance = module.param(
-    "log_variance", nn.initializers.constant(module.init_log_variance), ()
-  )
-  # Soft-bounded like the encoder's, so exp() stays finite whatever the step size.
-  log_variance = soft_clamp(log_variance, -LOG_VARIANCE_BOUND, LOG_VARIANCE_BOUND)
-  return jnp.stack([out, jnp.broadcast_to(log_variance, out.shape).astype(out.dtype)], -1)
-
-
-# Bound on the learned observation log-variance: variances in [4.5e-5, 2.2e4].
-LOG_VARIANCE_BOUND = 10.0
-
-
-class ConvEncoder(nn.Module):
-  """``x: [batch, h, w, c] -> (mean, logvar)``: stride-2 convolutions, then an MLP.
-
-  Each entry of ``features`` is one 4x4 convolution with stride 2 ("SAME"
-  padding), halving the height and width; the flattened result goes through
-  ``hidden`` dense layers and the two linear heads.
-  """
-
-  features: Sequence[int]
-  hidden: Sequence[int]
-  latents: int
-  activation: str = "relu"
-  logvar_bound: float | None = 30.0
-
-  @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
-    act = ACTIVATIONS[self.activation]
-    h = x
-    for i, f in enumerate(self.features):
-      h = act(nn.Conv(f, (4, 4), strides=(2, 2), padding="SAME", name=f"conv_{i}")(h))
-    return Encoder(self.hidden, self.latents, self.activation, self.logvar_bound, name="mlp")(h)
-
-
-class ConvDecoder(nn.Module):
-  """``z -> [batch, h, w, c]``: an MLP, then stride-2 transposed convolutions.
-
-  The mirror of ``ConvEncoder``: dense layers ``hidden``, a dense layer to a
-  ``[h / 2**n, w / 2**n, features[-1]]`` map, then ``n = len(features)``
-  4x4 transposed convolutions with stride 2 (to ``features[-2], ...,
-  features[0]`` channels, the last one to the image's channels, linear).
-  """
-
-  features: Sequence[int]
-  hidden: Sequence[int]
-  output_shape: Sequence[int]
-  activation: str = "relu"
-  learned_variance: bool = False
-  init_log_variance: float = 0.0
-
-  @nn.compact
-  def __call__(self, z: Array) -> Array:
-    act = ACTIVATIONS[self.activation]
-    height, width, channels = self.output_shape
-    scale = 2 ** len(self.features)
-    h = z
-    h = _hidden_layers(h, self.hidden, act)
-    base = (height // scale, width // scale, self.features[-1])
-    h = act(nn.Dense(math.prod(base), name="to_map")(h)).reshape(z.shape[0], *base)
-    out_channels = (*reversed(self.features[:-1]), channels)
-    for i, f in enumerate(out_channels):
-      h = nn.ConvTranspose(f, (4, 4), strides=(2, 2), padding="SAME", name=f"deconv_{i}")(h)
-      if i < len(out_channels) - 1:
-        h = act(h)
-    return _with_variance(self, h)
+PRIORS = ("standard", "vampprior")
+HIERARCHIES = ("iwae", "vampprior")
 
 
 class PosteriorSample(NamedTuple):
@@ -198,16 +60,20 @@ class PosteriorSample(NamedTuple):
     z: ``[K, batch, latents]`` the samples (all layers, bottom first).
     log_q: ``[K, batch]`` ``log q(z | x)`` at the samples.
     log_prior: ``[K, batch]`` ``log p(z)`` at the samples.
-    kl_per_dim: ``[K, batch, latents]`` per-dimension KL terms whose sum over
-      dimensions is an unbiased estimate of ``KL(q(z | x) || p(z))``: exact
-      (closed form) for a layer with a standard-normal prior, and the
-      single-sample ``log q - log p`` for a layer whose prior is conditional.
+    kl: ``[K, batch]`` an unbiased estimate of ``KL(q(z | x) || p(z))`` (the
+      rate): the closed form for a layer whose prior is ``N(0, I)``, and the
+      single-sample ``log q - log p`` for a layer whose prior is conditional
+      or a mixture.
+    kl_per_dim: ``[K, batch, latents]`` per-dimension terms that sum to
+      ``kl``, where the prior factorizes over dimensions; ``None`` for the
+      VampPrior, whose density does not.
   """
 
   z: Array
   log_q: Array
   log_prior: Array
-  kl_per_dim: Array
+  kl: Array
+  kl_per_dim: Array | None
 
 
 class Model(NamedTuple):
@@ -216,12 +82,11 @@ class Model(NamedTuple):
   Attributes:
     init: ``(key, x) -> params``; ``x: [batch, *event_shape]`` fixes the shapes.
     encode: ``(params, x) -> (mean, logvar)``, each ``[batch, latents]``: the
-      posterior's means and log-variances; for two layers, those of ``z1`` and
-      of ``q(z2 | z1 = mean of z1)`` concatenated (the "mean path").
+      posterior's means and log-variances; for two layers, both layers' along
+      the "mean path" (each layer conditioned on the other's mean).
     decode: ``(params, z) -> [batch, *event_shape]`` (logits for a Bernoulli
       likelihood, means for a Gaussian one, ``[..., 2]`` means and
-      log-variances for a learned variance). ``z: [batch, latents]``; a
-      hierarchical decoder reads the bottom layer only.
+      log-variances for a learned variance). ``z: [batch, latents]``.
     posterior: ``(params, x, eps, stop_density_gradient=False) ->
       PosteriorSample`` from noise ``eps: [K, batch, latents]``. With
       ``stop_density_gradient``, ``log q`` is evaluated with
@@ -230,6 +95,10 @@ class Model(NamedTuple):
     sample_prior: ``(params, key, n) -> z [n, latents]`` ancestral samples.
     latents: total latent dimensionality.
     layer_latents: latents per stochastic layer, bottom (``x``-facing) first.
+    closed_form_kl: one diagonal-Gaussian layer under ``N(0, I)``: ``encode``
+      gives ``q``'s parameters and ``decode`` reads ``z``, so
+      ``losses.elbo(key, x, *encode(params, x), decode)`` is its ELBO.
+    decoder_reads: how many of the latents (bottom first) ``decode`` reads.
   """
 
   init: Callable[[Array, Array], Params]
@@ -239,6 +108,8 @@ class Model(NamedTuple):
   sample_prior: Callable[[Params, Array, int], Array]
   latents: int
   layer_latents: tuple[int, ...]
+  closed_form_kl: bool = False
+  decoder_reads: int | None = None
 
 
 class LogWeights(NamedTuple):
@@ -272,6 +143,10 @@ def log_weights(
   return LogWeights(log_px_z + post.log_prior - post.log_q, log_px_z, post)
 
 
+# --------------------------------------------------------------------------
+# Checks and reshapes.
+
+
 def _check_x(event_shape: tuple[int, ...], x: Array, what: str) -> None:
   if tuple(x.shape[1:]) != event_shape:
     raise ValueError(
@@ -287,12 +162,93 @@ def _check_eps(eps: Array, x: Array, latents: int) -> None:
     )
 
 
+def _check_z(z: Array, latents: int) -> None:
+  if z.ndim != 2 or z.shape[-1] != latents:
+    raise ValueError(f"decode expects z of shape [batch, {latents}], got {z.shape}.")
+
+
 def _merge(a: Array) -> Array:  # [K, B, ...] -> [K * B, ...]
   return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
 def _split(a: Array, k: int) -> Array:  # [K * B, ...] -> [K, B, ...]
   return a.reshape(k, a.shape[0] // k, *a.shape[1:])
+
+
+def _apply(module, params: Params, *inputs: Array):
+  return module.apply({"params": params}, *inputs)
+
+
+def _stop(tree):
+  return jax.tree.map(jax.lax.stop_gradient, tree)
+
+
+def _gaussian_log_q(z: Array, mean: Array, logvar: Array) -> Array:
+  """``log q(z_d)`` per dimension for ``z: [K, B, d]`` and ``mean, logvar: [B, d]`` or
+  ``[K, B, d]``."""
+  return losses.diag_gaussian_log_prob_per_dim(
+    z, jnp.broadcast_to(mean, z.shape), jnp.broadcast_to(logvar, z.shape)
+  )
+
+
+# --------------------------------------------------------------------------
+# Priors of the top layer.
+
+
+class _Prior(NamedTuple):
+  """A prior over the top layer's latents ``[..., d]``.
+
+  ``init(key) -> params or None``; ``log_prob(params, encoder_params, z)``;
+  ``sample(params, encoder_params, key, n) -> [n, d]``; ``standard``: it is
+  ``N(0, I)`` (closed-form KL).
+  """
+
+  init: Callable[[Array], Params]
+  log_prob: Callable[[Params, Params, Array], Array]
+  sample: Callable[[Params, Params, Array, int], Array]
+  standard: bool
+
+
+def _standard_prior(latents: int) -> _Prior:
+  def sample(params, enc, key, n):
+    del params, enc
+    return losses.sample_eps(key, (n, latents))
+
+  return _Prior(
+    init=lambda key: None,
+    log_prob=lambda params, enc, z: losses.standard_normal_log_prob(z),
+    sample=sample,
+    standard=True,
+  )
+
+
+def _vamp_prior(
+  pseudo: networks.PseudoInputs, encode_top: Callable[[Params, Array], tuple[Array, Array]]
+) -> _Prior:
+  """``p(z) = (1/C) sum_c q(z | u_c)``, ``q`` the encoder of the top layer (``encode_top``)."""
+
+  def components(params, enc):
+    return encode_top(enc, pseudo.apply({"params": params}))
+
+  def log_prob(params, enc, z):
+    means, logvars = components(params, enc)
+    return losses.diag_gaussian_mixture_log_prob(z, means, logvars)
+
+  def sample(params, enc, key, n):
+    pick_key, eps_key = jax.random.split(key)
+    means, logvars = components(params, enc)
+    c = jax.random.randint(pick_key, (n,), 0, pseudo.num)
+    return losses.gaussian_sample(
+      means[c], logvars[c], losses.sample_eps(eps_key, (n, means.shape[1]))
+    )
+
+  return _Prior(
+    init=lambda key: pseudo.init(key)["params"], log_prob=log_prob, sample=sample, standard=False
+  )
+
+
+# --------------------------------------------------------------------------
+# One stochastic layer.
 
 
 def from_encoder_decoder(
@@ -307,63 +263,86 @@ def from_encoder_decoder(
   JAX functions (Flax or not); this adds the ``posterior`` and
   ``sample_prior`` every objective and the evaluation use.
   """
+  return _one_layer(init, encode, decode, latents, _standard_prior(latents), lambda p: p)
+
+
+def _one_layer(init, encode, decode, latents: int, prior: _Prior, prior_params) -> Model:
+  """``q(z | x)`` a diagonal Gaussian from ``encode``; ``prior_params(params)`` selects the
+  prior's parameters (``None`` for ``N(0, I)``)."""
 
   def posterior(
     params: Params, x: Array, eps: Array, stop_density_gradient: bool = False
   ) -> PosteriorSample:
     _check_eps(eps, x, latents)
     mean, logvar = encode(params, x)
-    # losses.reparameterize's formula, from given noise.
-    z = mean[None] + jnp.exp(0.5 * logvar)[None] * eps
+    z = losses.gaussian_sample(mean, logvar, eps)
     if stop_density_gradient:
       mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
-    shape = z.shape
-    log_q = losses.diag_gaussian_log_prob(
-      z, jnp.broadcast_to(mean, shape), jnp.broadcast_to(logvar, shape)
-    )
-    kl = jnp.broadcast_to(losses.kl_divergence_per_dim(mean, logvar), shape)
-    return PosteriorSample(z, log_q, losses.standard_normal_log_prob(z), kl)
+    log_q = jnp.sum(_gaussian_log_q(z, mean, logvar), -1)
+    if prior.standard:
+      kl_per_dim = jnp.broadcast_to(losses.kl_divergence_per_dim(mean, logvar), z.shape)
+      kl = jnp.sum(kl_per_dim, -1)
+      log_prior = losses.standard_normal_log_prob(z)
+    else:
+      log_prior = prior.log_prob(prior_params(params), params["encoder"], z)
+      kl, kl_per_dim = log_q - log_prior, None
+    return PosteriorSample(z, log_q, log_prior, kl, kl_per_dim)
 
   def sample_prior(params: Params, key: Array, n: int) -> Array:
-    del params
-    return jax.random.normal(key, (n, latents))
+    enc = params["encoder"] if not prior.standard else None
+    return prior.sample(prior_params(params), enc, key, n)
 
-  return Model(init, encode, decode, posterior, sample_prior, latents, (latents,))
+  return Model(
+    init, encode, decode, posterior, sample_prior, latents, (latents,), prior.standard, latents
+  )
 
 
-def _single_layer(encoder: nn.Module, decoder: nn.Module, event_shape, latents: int) -> Model:
-  """A one-stochastic-layer VAE with prior N(0, I) from Flax encoder/decoder modules."""
+def _single_layer(encoder, decoder, event_shape, latents: int, prior_kind: str, pseudo) -> Model:
+  """A one-stochastic-layer VAE from Flax encoder/decoder modules."""
+  vamp = prior_kind == "vampprior"
+
+  def encode(params: Params, x: Array) -> tuple[Array, Array]:
+    _check_x(event_shape, x, "encode")
+    return _apply(encoder, params["encoder"], x)
+
+  def decoder_params(params: Params) -> Params:
+    return params["decoder"]["p_x"] if vamp else params["decoder"]
 
   def init(key: Array, x: Array) -> Params:
     _check_x(event_shape, x, "init")
     enc_key, dec_key = jax.random.split(key)
     z = jnp.zeros((x.shape[0], latents), x.dtype)
-    return {
+    params = {
       "encoder": encoder.init(enc_key, x)["params"],
       "decoder": decoder.init(dec_key, z)["params"],
     }
-
-  def encode(params: Params, x: Array) -> tuple[Array, Array]:
-    _check_x(event_shape, x, "encode")
-    return encoder.apply({"params": params["encoder"]}, x)
+    if vamp:
+      prior_key = jax.random.fold_in(key, 2)
+      params["decoder"] = {"p_x": params["decoder"], "p_z": prior.init(prior_key)}
+    return params
 
   def decode(params: Params, z: Array) -> Array:
-    if z.ndim != 2 or z.shape[-1] != latents:
-      raise ValueError(f"decode expects z of shape [batch, {latents}], got {z.shape}.")
-    return decoder.apply({"params": params["decoder"]}, z)
+    _check_z(z, latents)
+    return _apply(decoder, decoder_params(params), z)
 
-  return from_encoder_decoder(init, encode, decode, latents)
+  if vamp:
+    prior = _vamp_prior(pseudo, lambda enc, u: _apply(encoder, enc, u))
+    return _one_layer(init, encode, decode, latents, prior, lambda p: p["decoder"]["p_z"])
+  return _one_layer(init, encode, decode, latents, _standard_prior(latents), lambda p: None)
 
 
-def _two_layer(
-  x_encoder: nn.Module,
-  x_decoder: nn.Module,
+# --------------------------------------------------------------------------
+# Two stochastic layers.
+
+
+def _two_layer_iwae(
+  x_encoder,
+  x_decoder,
   top_hidden: Sequence[int],
   event_shape,
   latents: int,
   top_latents: int,
-  activation: str,
-  logvar_bound: float | None,
+  net_options: dict[str, Any],
 ) -> Model:
   """``q(z1 | x) q(z2 | z1)`` and ``p(z2) p(z1 | z2) p(x | z1)`` (Burda et al. 2015).
 
@@ -371,8 +350,8 @@ def _two_layer(
   conditionals between the layers are MLPs with ``top_hidden`` widths (up) and
   their mirror (down), as in the IWAE paper's 100-100 layers.
   """
-  q_z2 = Encoder(tuple(top_hidden), top_latents, activation, logvar_bound)
-  p_z1 = Encoder(tuple(reversed(tuple(top_hidden))), latents, activation, logvar_bound)
+  q_z2 = networks.Encoder(tuple(top_hidden), top_latents, **net_options)
+  p_z1 = networks.Encoder(tuple(reversed(tuple(top_hidden))), latents, **net_options)
   total = latents + top_latents
 
   def init(key: Array, x: Array) -> Params:
@@ -391,20 +370,16 @@ def _two_layer(
       },
     }
 
-  def apply(module, p, inputs):
-    return module.apply({"params": p}, inputs)
-
   def encode(params: Params, x: Array) -> tuple[Array, Array]:
     _check_x(event_shape, x, "encode")
     enc = params["encoder"]
-    mean1, logvar1 = apply(x_encoder, enc["q_z1"], x)
-    mean2, logvar2 = apply(q_z2, enc["q_z2"], mean1)
+    mean1, logvar1 = _apply(x_encoder, enc["q_z1"], x)
+    mean2, logvar2 = _apply(q_z2, enc["q_z2"], mean1)
     return jnp.concatenate([mean1, mean2], -1), jnp.concatenate([logvar1, logvar2], -1)
 
   def decode(params: Params, z: Array) -> Array:
-    if z.ndim != 2 or z.shape[-1] != total:
-      raise ValueError(f"decode expects z of shape [batch, {total}], got {z.shape}.")
-    return apply(x_decoder, params["decoder"]["p_x"], z[:, :latents])
+    _check_z(z, total)
+    return _apply(x_decoder, params["decoder"]["p_x"], z[:, :latents])
 
   def posterior(
     params: Params, x: Array, eps: Array, stop_density_gradient: bool = False
@@ -413,39 +388,170 @@ def _two_layer(
     _check_eps(eps, x, total)
     k = eps.shape[0]
     enc, dec = params["encoder"], params["decoder"]
-    mean1, logvar1 = apply(x_encoder, enc["q_z1"], x)
-    z1 = mean1[None] + jnp.exp(0.5 * logvar1)[None] * eps[..., :latents]
-    mean2, logvar2 = (_split(a, k) for a in apply(q_z2, enc["q_z2"], _merge(z1)))
-    z2 = mean2 + jnp.exp(0.5 * logvar2) * eps[..., latents:]
+    mean1, logvar1 = _apply(x_encoder, enc["q_z1"], x)
+    z1 = losses.gaussian_sample(mean1, logvar1, eps[..., :latents])
+    mean2, logvar2 = (_split(a, k) for a in _apply(q_z2, enc["q_z2"], _merge(z1)))
+    z2 = losses.gaussian_sample(mean2, logvar2, eps[..., latents:])
     if stop_density_gradient:  # Densities of q at fixed parameters; z keeps its path.
       mean1, logvar1 = jax.lax.stop_gradient(mean1), jax.lax.stop_gradient(logvar1)
-      mean2, logvar2 = (
-        _split(a, k) for a in apply(q_z2, jax.lax.stop_gradient(enc["q_z2"]), _merge(z1))
-      )
-    shape1 = z1.shape
-    log_q1 = losses.diag_gaussian_log_prob_per_dim(
-      z1, jnp.broadcast_to(mean1, shape1), jnp.broadcast_to(logvar1, shape1)
-    )
+      mean2, logvar2 = (_split(a, k) for a in _apply(q_z2, _stop(enc["q_z2"]), _merge(z1)))
+    log_q1 = _gaussian_log_q(z1, mean1, logvar1)
     log_q2 = losses.diag_gaussian_log_prob(z2, mean2, logvar2)
-    prior_mean1, prior_logvar1 = (_split(a, k) for a in apply(p_z1, dec["p_z1"], _merge(z2)))
+    prior_mean1, prior_logvar1 = (_split(a, k) for a in _apply(p_z1, dec["p_z1"], _merge(z2)))
     log_p1 = losses.diag_gaussian_log_prob_per_dim(z1, prior_mean1, prior_logvar1)
     log_p2 = losses.standard_normal_log_prob(z2)
-    kl = jnp.concatenate([log_q1 - log_p1, losses.kl_divergence_per_dim(mean2, logvar2)], -1)
+    kl_per_dim = jnp.concatenate(
+      [log_q1 - log_p1, losses.kl_divergence_per_dim(mean2, logvar2)], -1
+    )
     return PosteriorSample(
       z=jnp.concatenate([z1, z2], -1),
       log_q=jnp.sum(log_q1, -1) + log_q2,
       log_prior=jnp.sum(log_p1, -1) + log_p2,
-      kl_per_dim=kl,
+      kl=jnp.sum(kl_per_dim, -1),
+      kl_per_dim=kl_per_dim,
     )
 
   def sample_prior(params: Params, key: Array, n: int) -> Array:
     key2, key1 = jax.random.split(key)
-    z2 = jax.random.normal(key2, (n, top_latents))
-    mean1, logvar1 = apply(p_z1, params["decoder"]["p_z1"], z2)
+    z2 = losses.sample_eps(key2, (n, top_latents))
+    mean1, logvar1 = _apply(p_z1, params["decoder"]["p_z1"], z2)
     z1 = losses.reparameterize(key1, mean1, logvar1)
     return jnp.concatenate([z1, z2], -1)
 
-  return Model(init, encode, decode, posterior, sample_prior, total, (latents, top_latents))
+  return Model(
+    init, encode, decode, posterior, sample_prior, total, (latents, top_latents), False, latents
+  )
+
+
+def _two_layer_vampprior(
+  event_shape,
+  latents: int,
+  top_latents: int,
+  encoder_hidden: Sequence[int],
+  decoder_hidden: Sequence[int],
+  top_hidden: Sequence[int],
+  prior_kind: str,
+  pseudo,
+  net_options: dict[str, Any],
+  variance: dict[str, Any],
+) -> Model:
+  """``q(z2 | x) q(z1 | x, z2)`` and ``p(z2) p(z1 | z2) p(x | z1, z2)`` (Tomczak & Welling
+  2018, "HVAE"; their models/HVAE_2level.py).
+
+  With ``encoder_hidden = decoder_hidden = top_hidden = (300, 300)`` these are
+  the paper's networks: ``q(z2 | x)`` an MLP of ``encoder_hidden``;
+  ``q(z1 | x, z2)`` one layer of ``encoder_hidden[0]`` on each input, joined
+  by one of ``encoder_hidden[-1]``; ``p(z1 | z2)`` an MLP of ``top_hidden``;
+  ``p(x | z1, z2)`` one layer of ``decoder_hidden[0]`` on each input, joined by
+  one of ``decoder_hidden[-1]``.
+  """
+  q_z2 = networks.Encoder(tuple(encoder_hidden), top_latents, **net_options)
+  q_z1 = networks.JointEncoder(
+    (encoder_hidden[0],), (encoder_hidden[0],), (encoder_hidden[-1],), latents, **net_options
+  )
+  p_z1 = networks.Encoder(tuple(top_hidden), latents, **net_options)
+  dec_options = {k: v for k, v in net_options.items() if k not in ("logvar_bound", "logvar_clip")}
+  p_x = networks.JointDecoder(
+    (decoder_hidden[0],),
+    (decoder_hidden[0],),
+    (decoder_hidden[-1],),
+    event_shape,
+    **dec_options,
+    **variance,
+  )
+  total = latents + top_latents
+  vamp = prior_kind == "vampprior"
+  prior = (
+    _vamp_prior(pseudo, lambda enc, u: _apply(q_z2, enc["q_z2"], u))
+    if vamp
+    else _standard_prior(top_latents)
+  )
+
+  def init(key: Array, x: Array) -> Params:
+    _check_x(event_shape, x, "init")
+    keys = jax.random.split(key, 5)
+    b = x.shape[0]
+    z1, z2 = jnp.zeros((b, latents), x.dtype), jnp.zeros((b, top_latents), x.dtype)
+    params = {
+      "encoder": {
+        "q_z2": q_z2.init(keys[0], x)["params"],
+        "q_z1": q_z1.init(keys[1], x, z2)["params"],
+      },
+      "decoder": {
+        "p_z1": p_z1.init(keys[2], z2)["params"],
+        "p_x": p_x.init(keys[3], z1, z2)["params"],
+      },
+    }
+    if vamp:
+      params["decoder"]["p_z2"] = prior.init(keys[4])
+    return params
+
+  def tile(x: Array, k: int) -> Array:  # [B, ...] -> [K * B, ...]
+    return _merge(jnp.broadcast_to(x[None], (k, *x.shape)))
+
+  def encode(params: Params, x: Array) -> tuple[Array, Array]:
+    _check_x(event_shape, x, "encode")
+    enc = params["encoder"]
+    mean2, logvar2 = _apply(q_z2, enc["q_z2"], x)
+    mean1, logvar1 = _apply(q_z1, enc["q_z1"], x, mean2)
+    return jnp.concatenate([mean1, mean2], -1), jnp.concatenate([logvar1, logvar2], -1)
+
+  def decode(params: Params, z: Array) -> Array:
+    _check_z(z, total)
+    return _apply(p_x, params["decoder"]["p_x"], z[:, :latents], z[:, latents:])
+
+  def posterior(
+    params: Params, x: Array, eps: Array, stop_density_gradient: bool = False
+  ) -> PosteriorSample:
+    _check_x(event_shape, x, "posterior")
+    _check_eps(eps, x, total)
+    k = eps.shape[0]
+    enc, dec = params["encoder"], params["decoder"]
+    mean2, logvar2 = _apply(q_z2, enc["q_z2"], x)
+    z2 = losses.gaussian_sample(mean2, logvar2, eps[..., latents:])
+    xk = tile(x, k)
+    mean1, logvar1 = (_split(a, k) for a in _apply(q_z1, enc["q_z1"], xk, _merge(z2)))
+    z1 = losses.gaussian_sample(mean1, logvar1, eps[..., :latents])
+    if stop_density_gradient:  # Densities of q at fixed parameters; z keeps its path.
+      mean2, logvar2 = jax.lax.stop_gradient(mean2), jax.lax.stop_gradient(logvar2)
+      mean1, logvar1 = (_split(a, k) for a in _apply(q_z1, _stop(enc["q_z1"]), xk, _merge(z2)))
+    log_q1 = losses.diag_gaussian_log_prob_per_dim(z1, mean1, logvar1)
+    log_q2 = _gaussian_log_q(z2, mean2, logvar2)
+    prior_mean1, prior_logvar1 = (_split(a, k) for a in _apply(p_z1, dec["p_z1"], _merge(z2)))
+    log_p1 = losses.diag_gaussian_log_prob_per_dim(z1, prior_mean1, prior_logvar1)
+    kl1 = log_q1 - log_p1
+    if prior.standard:
+      log_p2 = losses.standard_normal_log_prob(z2)
+      kl2 = jnp.broadcast_to(losses.kl_divergence_per_dim(mean2, logvar2), z2.shape)
+      kl_per_dim = jnp.concatenate([kl1, kl2], -1)
+      kl = jnp.sum(kl_per_dim, -1)
+    else:
+      log_p2 = prior.log_prob(dec["p_z2"], enc, z2)
+      kl = jnp.sum(kl1, -1) + jnp.sum(log_q2, -1) - log_p2
+      kl_per_dim = None
+    return PosteriorSample(
+      z=jnp.concatenate([z1, z2], -1),
+      log_q=jnp.sum(log_q1, -1) + jnp.sum(log_q2, -1),
+      log_prior=jnp.sum(log_p1, -1) + log_p2,
+      kl=kl,
+      kl_per_dim=kl_per_dim,
+    )
+
+  def sample_prior(params: Params, key: Array, n: int) -> Array:
+    key2, key1 = jax.random.split(key)
+    dec = params["decoder"]
+    z2 = prior.sample(dec.get("p_z2"), params["encoder"], key2, n)
+    mean1, logvar1 = _apply(p_z1, dec["p_z1"], z2)
+    z1 = losses.reparameterize(key1, mean1, logvar1)
+    return jnp.concatenate([z1, z2], -1)
+
+  return Model(
+    init, encode, decode, posterior, sample_prior, total, (latents, top_latents), False, total
+  )
+
+
+# --------------------------------------------------------------------------
+# Construction.
 
 
 def make_vae(
@@ -458,9 +564,16 @@ def make_vae(
   conv_features: Sequence[int] = (32, 64),
   activation: str = "relu",
   logvar_bound: float | None = 30.0,
+  logvar_clip: tuple[float, float] | None = None,
+  gated: bool = False,
+  kernel_init: str = "lecun_normal",
   stochastic_layers: int = 1,
+  hierarchy: str = "iwae",
   top_latents: int = 50,
   top_hidden: Sequence[int] = (100, 100),
+  prior: str = "standard",
+  num_pseudo_inputs: int = 500,
+  pseudo_inputs_init: tuple[float, float] = (0.05, 0.01),
   learned_variance: bool = False,
   init_log_variance: float = 0.0,
 ) -> Model:
@@ -475,31 +588,88 @@ def make_vae(
     decoder_hidden: dense widths of the decoder, latent to output (default:
       the encoder's, mirrored).
     conv_features: channels of the stride-2 convolutions (``"conv"`` only).
-    activation: a key of ``ACTIVATIONS``.
+    activation: a key of ``networks.ACTIVATIONS`` (not used by gated layers).
     logvar_bound: soft bound on ``|logvar|`` (see ``soft_clamp``), or ``None``.
-    stochastic_layers: 1, or 2 for ``q(z1|x) q(z2|z1)``, ``p(z2) p(z1|z2) p(x|z1)``.
+    logvar_clip: ``(low, high)``: clip the encoders' log-variances to this range
+      instead (the VampPrior code's ``Hardtanh(-6, 2)``).
+    gated: gated dense layers ``(W1 h + b1) * sigmoid(W2 h + b2)`` (MLP only).
+    kernel_init: a key of ``networks.KERNEL_INITS``.
+    stochastic_layers: 1 or 2.
+    hierarchy: two layers only: ``"iwae"`` or ``"vampprior"`` (module docstring).
     top_latents: dimensionality of ``z2`` (two layers only).
-    top_hidden: widths of the MLP ``z1 -> z2`` (and, mirrored, ``z2 -> z1``).
+    top_hidden: widths of the MLP between the layers (``"iwae"``: ``z1 -> z2``,
+      mirrored for ``z2 -> z1``; ``"vampprior"``: ``z2 -> z1``).
+    prior: ``"standard"`` or ``"vampprior"``, the prior of the top layer.
+    num_pseudo_inputs: ``C``, the VampPrior's pseudo-inputs.
+    pseudo_inputs_init: ``(mean, std)`` of their normal initialization.
     learned_variance: the decoder also outputs a learned, shared observation
       log-variance (for a Gaussian likelihood).
     init_log_variance: its initial value.
+
+  Raises:
+    ValueError: an unknown or inconsistent option, naming it.
   """
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+  if activation not in networks.ACTIVATIONS:
+    raise ValueError(
+      f"Unknown activation {activation!r}; choose one of {sorted(networks.ACTIVATIONS)}."
+    )
+  if kernel_init not in networks.KERNEL_INITS:
+    raise ValueError(
+      f"Unknown kernel_init {kernel_init!r}; choose one of {sorted(networks.KERNEL_INITS)}."
+    )
   if latents < 1:
     raise ValueError(f"latents must be positive, got {latents}.")
   if stochastic_layers not in (1, 2):
     raise ValueError(f"stochastic_layers must be 1 or 2, got {stochastic_layers}.")
   if stochastic_layers == 2 and top_latents < 1:
     raise ValueError(f"top_latents must be positive, got {top_latents}.")
+  if prior not in PRIORS:
+    raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIORS}.")
+  if hierarchy not in HIERARCHIES:
+    raise ValueError(f"Unknown hierarchy {hierarchy!r}; choose one of {HIERARCHIES}.")
+  if prior == "vampprior" and stochastic_layers == 2 and hierarchy == "iwae":
+    raise ValueError(
+      "prior='vampprior' with two layers needs hierarchy='vampprior' (its top layer is "
+      "encoded from x); the 'iwae' hierarchy encodes z2 from z1."
+    )
+  if gated and kind != "mlp":
+    raise ValueError("gated=True is for kind='mlp' (the convolutional networks are not gated).")
+  if stochastic_layers == 2 and hierarchy == "vampprior" and kind != "mlp":
+    raise ValueError("hierarchy='vampprior' is built from MLPs: use kind='mlp'.")
+  if num_pseudo_inputs < 1:
+    raise ValueError(f"num_pseudo_inputs must be positive, got {num_pseudo_inputs}.")
+  if logvar_clip is not None and not logvar_clip[0] < logvar_clip[1]:
+    raise ValueError(f"logvar_clip must be (low, high) with low < high, got {logvar_clip}.")
   event_shape = tuple(event_shape)
   encoder_hidden = tuple(encoder_hidden)
   if decoder_hidden is None:
     decoder_hidden = tuple(reversed(encoder_hidden))
+  decoder_hidden = tuple(decoder_hidden)
   variance = {"learned_variance": learned_variance, "init_log_variance": init_log_variance}
+  top = top_latents if stochastic_layers == 2 else latents
+  pseudo = networks.PseudoInputs(num_pseudo_inputs, event_shape, *pseudo_inputs_init)
+  clip = tuple(logvar_clip) if logvar_clip is not None else None
+  enc_options = {"activation": activation, "logvar_bound": logvar_bound, "logvar_clip": clip}
+  enc_options["kernel_init"] = kernel_init
+  dec_options = {"activation": activation, "kernel_init": kernel_init, **variance}
+  if gated:  # The convolutional networks have no gated form (checked above).
+    enc_options["gated"] = dec_options["gated"] = True
+  if stochastic_layers == 2 and hierarchy == "vampprior":
+    return _two_layer_vampprior(
+      event_shape,
+      latents,
+      top,
+      encoder_hidden,
+      decoder_hidden,
+      top_hidden,
+      prior,
+      pseudo,
+      enc_options,
+      variance,
+    )
   if kind == "mlp":
-    encoder = Encoder(encoder_hidden, latents, activation, logvar_bound)
-    decoder = Decoder(tuple(decoder_hidden), event_shape, activation, **variance)
+    encoder = networks.Encoder(encoder_hidden, latents, **enc_options)
+    decoder = networks.Decoder(decoder_hidden, event_shape, **dec_options)
   elif kind == "conv":
     conv_features = tuple(conv_features)
     scale = 2 ** len(conv_features)
@@ -509,14 +679,14 @@ def make_vae(
         f"with h and w multiples of {scale}; got {event_shape}. Use fewer "
         "config.model.conv_features, or kind='mlp'."
       )
-    encoder = ConvEncoder(conv_features, encoder_hidden, latents, activation, logvar_bound)
-    decoder = ConvDecoder(conv_features, tuple(decoder_hidden), event_shape, activation, **variance)
+    encoder = networks.ConvEncoder(conv_features, encoder_hidden, latents, **enc_options)
+    decoder = networks.ConvDecoder(conv_features, decoder_hidden, event_shape, **dec_options)
   else:
     raise ValueError(f"Unknown model kind {kind!r}; available: 'mlp', 'conv'.")
   if stochastic_layers == 1:
-    return _single_layer(encoder, decoder, event_shape, latents)
-  return _two_layer(
-    encoder, decoder, top_hidden, event_shape, latents, top_latents, activation, logvar_bound
+    return _single_layer(encoder, decoder, event_shape, latents, prior, pseudo)
+  return _two_layer_iwae(
+    encoder, decoder, top_hidden, event_shape, latents, top_latents, enc_options
   )
 
 
@@ -552,9 +722,16 @@ def make_model(config: ml_collections.ConfigDict, event_shape: Sequence[int]) ->
     conv_features=tuple(m.conv_features),
     activation=m.activation,
     logvar_bound=m.logvar_bound,
+    logvar_clip=tuple(m.logvar_clip) if m.logvar_clip is not None else None,
+    gated=m.gated,
+    kernel_init=m.kernel_init,
     stochastic_layers=m.stochastic_layers,
+    hierarchy=m.hierarchy,
     top_latents=m.top_latents,
     top_hidden=tuple(m.top_hidden),
+    prior=m.prior,
+    num_pseudo_inputs=m.num_pseudo_inputs,
+    pseudo_inputs_init=(m.pseudo_inputs_mean, m.pseudo_inputs_std),
     learned_variance=m.likelihood == "gaussian_learned",
     init_log_variance=math.log(m.gaussian_variance) if m.gaussian_variance > 0 else 0.0,
   )

@@ -173,6 +173,20 @@ def param_ema(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def normalize_each_gradient(eps: float = 1e-7) -> optax.GradientTransformation:
+  """Divides each parameter's gradient by its own L2 norm: ``g / (||g|| + eps)``.
+
+  The first step of the VampPrior code's ``AdamNormGrad`` (Tomczak & Welling
+  2018, utils/optimizer.py), which then applies Adam to the normalized gradient.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda g: g / (jnp.sqrt(jnp.sum(jnp.square(g))) + eps), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int = 1
 ) -> optax.GradientTransformation:
@@ -184,6 +198,8 @@ def make_optimizer(
     opt = optax.adam(lr)
   elif o.name == "adam_iwae":  # Burda et al. (2015): Adam with eps = 1e-4.
     opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-4)
+  elif o.name == "adam_normgrad":  # Tomczak & Welling (2018)'s code: utils/optimizer.py.
+    opt = optax.chain(normalize_each_gradient(), optax.adam(lr))
   elif o.name == "adamw":
     opt = optax.adamw(lr, weight_decay=o.weight_decay)
   elif o.name == "sgd":
@@ -192,7 +208,8 @@ def make_optimizer(
     opt = optax.rmsprop(lr)
   else:
     raise ValueError(
-      f"Unknown config.optimizer.name {o.name!r}; choose adam, adam_iwae, adamw, sgd or rmsprop."
+      f"Unknown config.optimizer.name {o.name!r}; choose adam, adam_iwae, adam_normgrad, adamw, "
+      "sgd or rmsprop."
     )
   if o.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
@@ -298,7 +315,7 @@ def make_loss_fn(
       eps = jax.random.normal(key, (num_samples, x.shape[0], model.latents))
       log_w, log_px_z, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
       reconstruction = jnp.mean(log_px_z, axis=0)
-      kl = jnp.mean(jnp.sum(post.kl_per_dim, axis=-1), axis=0)
+      kl = jnp.mean(post.kl, axis=0)
       if objective == "iwae":
         if gradient_estimator == "dreg":
           # Encoder gradients only through z (decoder and q's parameters fixed);
@@ -503,6 +520,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.schedule not in SCHEDULES:
     raise ValueError(
       f"Unknown config.optimizer.schedule {config.optimizer.schedule!r}; use one of {SCHEDULES}."
+    )
+  if config.model.prior == "vampprior" and config.gradient_estimator == "dreg":
+    raise ValueError(
+      "config.gradient_estimator='dreg' assumes a prior that does not depend on the encoder; "
+      "the VampPrior does. Use gradient_estimator='plain' with model.prior='vampprior'."
+    )
+  if config.model.prior == "vampprior" and config.free_bits:
+    raise ValueError(
+      "config.free_bits needs a KL per latent dimension, which the VampPrior does not have; "
+      "set free_bits=0 or model.prior='standard'."
     )
 
 
@@ -814,10 +841,12 @@ def train_and_evaluate(
   step = int(state.step)
   num_skipped = int(state.num_skipped)
   patience_steps = config.early_stopping_patience_epochs * steps_per_epoch
+  # The patience runs from the best step, but not before the KL warm-up ends.
+  patience_start = round(config.kl_warmup_epochs * steps_per_epoch)
   if best is not None and patience_steps and best.step >= 0:
     # Checked where the loop checks it, after an evaluation: a run killed between
     # evaluations goes on to the next one, as it would have without the kill.
-    if step % eval_every == 0 and step - best.step >= patience_steps:
+    if step % eval_every == 0 and step - max(best.step, patience_start) >= patience_steps:
       logging.info("This run stopped early at step %d (best: step %d).", step, best.step)
       total_steps = step
   pending: list[tuple[int, int, Metrics]] = []  # (first step, num steps, device metrics)
@@ -883,7 +912,8 @@ def train_and_evaluate(
             writer.write_scalars(step, "validation", {**val, "neg_elbo": -val["elbo"]})
             if best.update(step, val["elbo"], params):
               logging.info("step %d: best validation ELBO so far, %.3f", step, val["elbo"])
-            stop_early = bool(patience_steps) and step - best.step >= patience_steps
+            since = step - max(best.step, patience_start)
+            stop_early = bool(patience_steps) and since >= patience_steps
         if step % ckpt_every == 0 or step == total_steps or stop_early:
           logging.info("Saving checkpoint at step %d", step)
           checkpointer.save(step, state)
