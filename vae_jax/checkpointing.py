@@ -43,6 +43,23 @@ def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
+# Orbax's name for the single, unnamed item of a checkpoint: ``<step>/default/``.
+_ITEM = "default"
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """The one item of every checkpoint, a pytree saved and restored by one standard handler.
+
+  The ``default`` item name keeps the layout ``<step>/default/`` that checkpoints
+  written through the older ``item_handlers=`` argument have, so they restore.
+  """
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  handler = ocp.StandardCheckpointHandler()
+  registry.add(_ITEM, ocp.args.StandardSave, handler)
+  registry.add(_ITEM, ocp.args.StandardRestore, handler)
+  return registry
+
+
 class Checkpointer:
   """Saves and restores one pytree (the train state) under ``directory``."""
 
@@ -60,9 +77,13 @@ class Checkpointer:
     self.read_only = read_only
     self._manager = ocp.CheckpointManager(
       self.directory,
-      item_handlers=ocp.StandardCheckpointHandler(),
+      handler_registry=_handler_registry(),
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        # After each save, every checkpoint but the newest max_to_keep is deleted
+        # (never when read-only). This replaces the deprecated max_to_keep option.
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        # Orbax forces 0 when read-only, with a warning; saying so keeps logs quiet.
+        save_interval_steps=0 if read_only else 1,
         create=not read_only,
         read_only=read_only,
         # A save killed half-way leaves a *.orbax-checkpoint-tmp* directory that
@@ -104,7 +125,7 @@ class Checkpointer:
 
   def _check_compatible(self, step: int, target: PyTree) -> None:
     try:
-      stored = self._manager.item_metadata(step)
+      stored = self._manager.metadata(step).item_metadata
     except Exception:  # noqa: BLE001 - unreadable metadata is handled by restore's fallback.
       return
     if stored is None:

@@ -1,0 +1,86 @@
+"""Checkpointer on Orbax's current API: which steps survive, read-only readers, no warnings."""
+
+import logging
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vae_jax import checkpointing
+
+
+def _state(step: int) -> dict:
+  return {"w": jnp.full((3, 2), float(step)), "b": jnp.arange(2.0) + step}
+
+
+def _target() -> dict:
+  return {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+
+
+def _mentions_max_to_keep(records) -> list[str]:
+  return [str(r) for r in records if "max_to_keep" in str(r)]
+
+
+def test_keeps_the_newest_k_without_deprecation_warnings(tmp_path, caplog):
+  directory = tmp_path / "checkpoints"
+  caplog.set_level(logging.WARNING)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    checkpointer = checkpointing.Checkpointer(directory, max_to_keep=2)
+    for step in range(5):
+      checkpointer.save(step, _state(step))
+    checkpointer.close()
+    reader = checkpointing.Checkpointer(directory, max_to_keep=2, read_only=True)
+    steps, latest = reader.all_steps(), reader.latest_step()
+    step, restored = reader.restore_latest(_target())
+    reader.close()
+
+  python_warnings = [
+    w.message for w in caught if issubclass(w.category, (DeprecationWarning, UserWarning))
+  ]
+  assert _mentions_max_to_keep(python_warnings) == []
+  assert _mentions_max_to_keep(r.getMessage() for r in caplog.records) == []
+  assert steps == [3, 4] and latest == 4
+  assert sorted(p.name for p in directory.iterdir() if p.name.isdigit()) == ["3", "4"]
+  assert (directory / "4" / "default").is_dir()  # The layout older checkpoints have.
+  assert checkpointing.saved_steps(directory) == [3, 4]
+  assert step == 4
+  np.testing.assert_array_equal(restored["w"], np.full((3, 2), 4.0))
+
+
+def test_read_only_creates_and_deletes_nothing(tmp_path):
+  directory = tmp_path / "checkpoints"
+  reader = checkpointing.Checkpointer(directory, read_only=True)
+  assert not directory.exists() and reader.restore_latest(_target()) is None
+  with pytest.raises(checkpointing.CheckpointError, match="read-only"):
+    reader.save(0, _state(0))
+  reader.close()
+
+  writer = checkpointing.Checkpointer(directory, max_to_keep=1)
+  writer.save(7, _state(7))
+  writer.close()
+  junk = directory / "8.orbax-checkpoint-tmp-1234"  # A save killed half-way.
+  junk.mkdir()
+  reader = checkpointing.Checkpointer(directory, read_only=True)
+  assert reader.restore_latest(_target())[0] == 7
+  reader.close()
+  assert junk.exists()  # A reader beside a running job leaves it alone;
+  writer = checkpointing.Checkpointer(directory, max_to_keep=1)
+  writer.save(8, _state(8))  # Orbax finishes its clean-up before the first save.
+  writer.close()
+  assert not junk.exists()  # the training run cleans it up when it saves again,
+  assert checkpointing.saved_steps(directory) == [8]  # keeping one, as best/ does.
+  step, restored = checkpointing.restore_latest_read_only(directory, _target())
+  assert step == 8
+  np.testing.assert_array_equal(restored["b"], [8.0, 9.0])
+
+
+def test_restore_refuses_other_shapes(tmp_path):
+  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints")
+  checkpointer.save(1, _state(1))
+  checkpointer.wait()
+  wrong = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(2)}
+  with pytest.raises(checkpointing.CheckpointError, match=r"w: checkpoint \(3, 2\) vs this"):
+    checkpointer.restore_latest(wrong)
+  checkpointer.close()
