@@ -305,9 +305,16 @@ def sap(
   and scored by plain accuracy on the test points, giving ``S[j, k]``; SAP is the mean over
   factors of the gap between the largest and second-largest ``S[:, k]``.
 
-  A one-vs-rest linear classifier on one number separates only the extreme values of a factor,
-  so even a perfect code scores well below 1 on a factor with many values (e.g. dSprites'
-  positions); SAP compares representations, it does not measure distance from ideal.
+  SAP does not reach 1 for a perfect code. Accuracy has its floor at chance, not 0: an
+  uninformative code still classifies a balanced binary factor half right, so a perfect code
+  of binary factors scores 1 - 1/2 = 1/2. And a one-vs-rest linear classifier on one number
+  separates only the extreme values of a factor, so on a factor with many values (e.g.
+  dSprites' positions) even the perfect code's accuracy is far below 1. SAP compares
+  representations; it does not measure distance from an ideal.
+
+  scikit-learn >= 1.5 picks LinearSVC's primal or dual solver automatically
+  (``dual="auto"``: the primal here, with more points than features); the versions
+  disentanglement_lib ran under used the dual. Both solve the same convex problem.
 
   Args:
     codes_train: ``[n_train, num_codes]`` codes, ``num_codes >= 2``.
@@ -553,9 +560,10 @@ def beta_vae_score(
   ``sklearn.linear_model.LogisticRegression`` with default settings is fitted on ``num_train``
   points and scored on ``num_eval`` fresh points. Chance accuracy is ``1 / num_factors``.
 
-  The classifier is today's scikit-learn default (L2, C = 1, lbfgs, multinomial, 100
-  iterations); disentanglement_lib ran under scikit-learn versions whose default was
-  one-vs-rest liblinear, so its numbers may differ slightly.
+  The classifier is the installed scikit-learn's default (since 0.22: L2, C = 1, lbfgs,
+  multinomial, 100 iterations). Before 0.22 the default was one-vs-rest liblinear, which is
+  what disentanglement_lib's 2018-19 studies will have used (its setup.py does not pin
+  scikit-learn), so numbers may differ slightly from theirs.
 
   Args:
     sample_factors: draws factors, see :data:`FactorSampler`.
