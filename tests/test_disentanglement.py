@@ -218,8 +218,9 @@ def test_fixed_factor_scores_known_answers(metric):
 
 
 def test_factor_vae_prunes_collapsed_codes():
-  # Two extra codes: one constant, one with standard deviation 0.01 < 0.05. They never vote,
-  # and the vote goes to the winning code itself (not its position among active codes).
+  # Two extra codes: one constant, one with standard deviation 0.01 < 0.05 (the threshold is
+  # on the standard deviation, as in disentanglement_lib). They are not counted as active and
+  # never vote; the aligned codes still carry every vote.
   rng_noise = np.random.default_rng(1)
 
   def with_collapsed(factors):

@@ -650,7 +650,9 @@ def factor_vae_score(
   One deliberate difference: when some codes are pruned, disentanglement_lib records the vote
   at the position of the winner *among active codes* in a table indexed by *all* codes, and
   reports the number of all codes as ``num_active_dims``; here the vote goes to the winning
-  code itself and ``num_active_dims`` counts active codes. With no code pruned the two agree.
+  code itself and ``num_active_dims`` counts active codes. The accuracies are the same either
+  way (the misplacement relabels columns consistently in training and evaluation votes); only
+  the vote table and ``num_active_dims`` differ.
 
   Args:
     sample_factors: draws factors, see :data:`FactorSampler`.
