@@ -218,18 +218,21 @@ def test_fixed_factor_scores_known_answers(metric):
 
 
 def test_factor_vae_prunes_collapsed_codes():
-  # Two extra codes: one constant, one with standard deviation 0.01 < 0.05 (the threshold is
-  # on the standard deviation, as in disentanglement_lib). They are not counted as active and
-  # never vote; the aligned codes still carry every vote.
+  # Three extra codes: constant, standard deviation 0.01 and standard deviation 0.1. The
+  # threshold 0.05 applies to the standard deviation (disentanglement_lib ``_prune_dims``), so
+  # the first two are pruned and the third, whose variance 0.01 is below 0.05, stays active.
+  # The aligned codes still win every vote.
   rng_noise = np.random.default_rng(1)
 
   def with_collapsed(factors):
-    codes = _aligned(factors)
     n = factors.shape[0]
-    return np.concatenate([np.zeros((n, 1)), 0.01 * rng_noise.normal(size=(n, 1)), codes], 1)
+    extra = np.concatenate(
+      [np.zeros((n, 1)), rng_noise.normal(scale=[0.01, 0.1], size=(n, 2))], axis=1
+    )
+    return np.concatenate([extra, _aligned(factors)], axis=1)
 
   scores = _score(dis.factor_vae_score, with_collapsed)
-  assert scores.num_active_dims == 4
+  assert scores.num_active_dims == 5
   assert scores.eval_accuracy > 0.98
   everything_collapsed = _score(dis.factor_vae_score, lambda f: np.zeros((f.shape[0], 3)))
   assert everything_collapsed == dis.FactorVaeScores(0.0, 0.0, 0)
