@@ -9,7 +9,7 @@ comparison with the Flax and PyTorch example VAEs uses
 about 128.5 nats or lower.
 """
 
-from vae_jax.config_defaults import base_config, shrink_for_smoke
+from vae_jax.config import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):

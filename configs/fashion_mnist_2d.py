@@ -13,7 +13,7 @@ and the images decoded over a grid of the latent plane. ``:smoke`` is a
 seconds-long version.
 """
 
-from vae_jax.config_defaults import base_config, shrink_for_smoke
+from vae_jax.config import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):

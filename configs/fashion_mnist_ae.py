@@ -15,7 +15,7 @@ components (an autoencoder has no likelihood, ELBO or KL to report).
 beside configs/fashion_mnist_2d.py's VAE; ``:smoke`` is a seconds-long version.
 """
 
-from vae_jax.config_defaults import base_config, shrink_for_smoke
+from vae_jax.config import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):

@@ -17,7 +17,7 @@ Model: the MLP of ``fashion_mnist_likelihood.py`` (784-300-300-(40)), Adam
 5e-4, batch 100, 100 epochs. ``:smoke`` for a seconds-long run.
 """
 
-from vae_jax.config_defaults import base_config, shrink_for_smoke
+from vae_jax.config import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):

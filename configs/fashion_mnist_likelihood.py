@@ -52,7 +52,7 @@ Legacy arguments (the earlier, shorter protocol of results/likelihood/table.md:
 ``legacy_mlp``, ``legacy_hvae`` (the IWAE paper's hierarchy), ``legacy_conv_hvae``.
 """
 
-from vae_jax.config_defaults import base_config, shrink_for_smoke
+from vae_jax.config import base_config, shrink_for_smoke
 
 ROWS = ("vae", "vae_vampprior", "hvae", "hvae_vampprior")
 LEGACY = ("legacy_mlp", "legacy_hvae", "legacy_conv_hvae")

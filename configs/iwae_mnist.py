@@ -32,7 +32,7 @@ access they are downloaded on first use (see the README's data section).
 Append ``,smoke`` (e.g. ``:iwae2,smoke``) for a seconds-long run of the same code.
 """
 
-from vae_jax.config_defaults import base_config, shrink_for_smoke
+from vae_jax.config import base_config, shrink_for_smoke
 
 ARGS = ("vae1", "iwae1", "vae2", "iwae2")
 

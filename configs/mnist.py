@@ -9,7 +9,7 @@ images binarized once with a fixed seed.
 point ``--config.idx_dir`` (or ``$VAE_JAX_IDX_DIR``) at the four MNIST IDX files.
 """
 
-from vae_jax.config_defaults import base_config, shrink_for_smoke
+from vae_jax.config import base_config, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):

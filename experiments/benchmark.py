@@ -42,6 +42,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from vae_jax import input_pipeline, train  # noqa: E402
+from vae_jax import step as step_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -128,9 +129,9 @@ def steady_state(config, images):
   trainer = train.build_trainer(config, images.shape[1:], images.shape[0])
   state = trainer.init_state()
   # The permutations of epochs 0 and 1, as main uses them (random gathers).
-  shuffle = trainer.keys[train.KEY_SHUFFLE]
-  perms = jnp.stack([train.epoch_permutation(shuffle, e, images.shape[0]) for e in (0, 1)])
-  eps, binz = trainer.keys[train.KEY_EPS], trainer.keys[train.KEY_BINARIZE]
+  shuffle = trainer.keys[step_lib.KEY_SHUFFLE]
+  perms = jnp.stack([step_lib.epoch_permutation(shuffle, e, images.shape[0]) for e in (0, 1)])
+  eps, binz = trainer.keys[step_lib.KEY_EPS], trainer.keys[step_lib.KEY_BINARIZE]
   n = trainer.chunk_len
 
   start = time.perf_counter()
@@ -162,7 +163,7 @@ def per_step_loop(trainer, config, host_images: np.ndarray, num_steps: int) -> f
   """
   step = jax.jit(trainer.train_step, donate_argnums=0)
   state = trainer.init_state()
-  eps = trainer.keys[train.KEY_EPS]
+  eps = trainer.keys[step_lib.KEY_EPS]
   rng = np.random.default_rng(0)
   bs, n = config.batch_size, host_images.shape[0]
 

@@ -1,50 +1,57 @@
-"""A beta sweep trained as one compiled program, then evaluated: table, plot, traversals.
+"""The report of a beta sweep: table, rate-distortion plot, metrics against beta, traversals.
 
-  python experiments/beta_sweep.py --config=configs/beta_sweep.py --workdir=runs/beta_sweep \\
-    --config.num_epochs=5 --num_importance_samples=100
+Train and evaluate with the main command, then report:
 
-Trains (or resumes: run the same command again) every ``(beta, seed)`` of
-``config.sweep`` with ``vae_jax.sweep.train_sweep``, then evaluates each
-model's latest parameters on the test split with ``evaluate.make_per_example_fn``
-(``K`` importance samples per example) and writes:
+  python -m vae_jax.main --config=configs/beta_sweep.py --workdir=runs/beta_sweep
+  python -m vae_jax.main --config=configs/beta_sweep.py --workdir=runs/beta_sweep \\
+    --mode=evaluate --eval_num_samples=100
+  python experiments/beta_sweep.py --workdir=runs/beta_sweep
+
+Reads each model's newest evaluation (``WORKDIR/models/<name>/eval/*.json``, the
+largest K of the latest step) and the sweep's checkpoint, and writes:
 
 * ``--out_dir/results.csv`` and ``results.json``: per model beta, seed, test
   ELBO, rate, distortion, importance-sampled log-likelihood (with ``K`` and
-  standard errors), active units;
-* ``--docs_dir/beta_sweep_rate_distortion.png``: rate against distortion,
-  labelled by beta, over lines of equal ELBO; ``beta_sweep_traversals.png``:
-  the 3 most informative latents of each model swept from -3 to 3;
-  ``beta_sweep_table.md``: the table as Markdown;
-* ``--out_dir/traversals/<model>.png``: 8 traversal rows per model.
+  standard errors), active units, and the disentanglement scores when the
+  evaluation computed them;
+* ``--docs_dir/beta_sweep_table.md``: the table as Markdown;
+* ``--docs_dir/beta_sweep_rate_distortion.{png,pdf}``: rate against distortion,
+  labelled by beta, over lines of equal ELBO;
+* ``--docs_dir/beta_sweep_metrics.{png,pdf}``: each metric against beta, seeds as
+  points;
+* ``--docs_dir/beta_sweep_traversals.{png,pdf}``: the 3 most informative latents
+  of each model swept around test image 0's code.
 """
 
 import csv
 import json
 import logging as py_logging
-import math
 import pathlib
-import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import evaluate, input_pipeline, pictures, sweep, train, writers
+from vae_jax import checkpointing, evaluate, figures, input_pipeline, pictures, sweep, train
+from vae_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", str(REPO / "configs/beta_sweep.py"), "Sweep config.")
-flags.DEFINE_string("workdir", None, "Directory for the sweep's checkpoints and metrics.")
-flags.DEFINE_integer("num_importance_samples", 100, "K: importance samples per test example.")
+config_flags.DEFINE_config_file(
+  "config", None, "The sweep's config (default: the workdir's config.json)."
+)
+flags.DEFINE_string("workdir", None, "The sweep's directory, trained and evaluated.")
 flags.DEFINE_string("out_dir", str(REPO / "results/beta_sweep"), "Where the table goes.")
-flags.DEFINE_string("docs_dir", str(REPO / "docs"), "Where the plot and table for people go.")
+flags.DEFINE_string("docs_dir", str(REPO / "docs"), "Where the plots and table for people go.")
 flags.mark_flags_as_required(["workdir"])
 
 COLUMNS = (
   "beta",
   "seed",
+  "step",
   "test_elbo",
+  "elbo_se",
   "rate",
   "distortion",
   "log_likelihood",
@@ -52,147 +59,147 @@ COLUMNS = (
   "num_importance_samples",
   "active_units",
   "latents",
-  "elbo_se",
 )
+# Disentanglement scores copied from the evaluation JSON when present.
+SCORES = ("mig", "sap", "dci_disentanglement", "dci_completeness", "beta_vae", "factor_vae")
 
 
-def evaluate_sweep(config, workdir, num_samples: int) -> tuple[list[dict], dict]:
-  """Per-model test metrics of the sweep's latest checkpoint, and its traversal images."""
+def latest_eval(model_dir: pathlib.Path) -> dict:
+  """The newest evaluation of a model: the latest step, the largest K among its files.
+
+  Raises:
+    FileNotFoundError: the model was not evaluated.
+  """
+  paths = sorted((model_dir / "eval").glob("step_*.json"))
+  if not paths:
+    raise FileNotFoundError(
+      f"{model_dir} has no evaluation: run the main command with --mode=evaluate first."
+    )
+
+  def key(p: pathlib.Path):
+    parts = p.stem.split("_")
+    return int(parts[1]), int(parts[2][1:]) if len(parts) > 2 else 0
+
+  return json.loads(max(paths, key=key).read_text())
+
+
+def rows_of(config, workdir: pathlib.Path) -> list[dict]:
+  """One row per model of the sweep, from its newest evaluation."""
+  betas, seeds = config_lib.sweep_grid(config)
+  rows = []
+  for beta, seed in zip(betas, seeds, strict=True):
+    e = latest_eval(workdir / "models" / config_lib.model_name(beta, seed))
+    t = e["test"]
+    row = {
+      "beta": beta,
+      "seed": seed,
+      "step": e["checkpoint_step"],
+      "test_elbo": t["elbo"],
+      "elbo_se": t["elbo_standard_error"],
+      "rate": t["rate"],
+      "distortion": t["distortion"],
+      "log_likelihood": -t["log_likelihood"]["nll_nats"],
+      "log_likelihood_se": t["log_likelihood"]["standard_error_nats"],
+      "num_importance_samples": e["num_importance_samples"],
+      "active_units": t["active_units"],
+      "latents": e["latents"],
+      "kl_per_dim": t.get("kl_per_dim"),
+      "posterior_mean_variance": t["posterior_mean_variance"],
+    }
+    for name in SCORES:
+      if name in e.get("disentanglement", {}):
+        row[name] = e["disentanglement"][name]
+    rows.append(row)
+  return rows
+
+
+def traversal_figure(config, workdir: pathlib.Path, rows: list[dict]):
+  """The top-3 latents of every model swept around test image 0's code, one figure."""
   data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-  num_train, *event_shape = data["train"].images.shape
-  step, trainer, state = sweep.restore_sweep(config, workdir, event_shape, num_train)
-  model, likelihood = trainer.base.model, config.model.likelihood
-  test_x = np.asarray(input_pipeline.eval_images(data["test"].images, config.binarization))
-  fn = evaluate.make_per_example_fn(
-    model, trainer.base.log_likelihood_fn, likelihood, num_samples=num_samples
+  train_images, _ = train.split_validation(data["train"].images, config)
+  test_x = np.asarray(input_pipeline.eval_images(data["test"].images[:1], config.binarization))
+  trainer = sweep.build_sweep_trainer(config, test_x.shape[1:], len(train_images))
+  _, state = checkpointing.restore_read_only(workdir / "checkpoints", trainer.state_shape())
+  stacked = sweep.eval_params(state)
+  model, images, labels = trainer.base.model, [], []
+  for i, row in enumerate(rows):
+    params = jax.tree.map(lambda x, i=i: x[i], stacked)
+    code = np.asarray(jax.jit(model.encode)(params, test_x)[0])
+    summary = {k: row[k] for k in ("kl_per_dim", "posterior_mean_variance") if row[k] is not None}
+    dims, values, names, _ = evaluate.traversal_rows(model, summary, code, False, max_rows=3)
+    decode = evaluate._decoder(model, params, config.model.likelihood)
+    images.append(pictures.traversal_images(decode, code[0], dims, values))
+    labels += [f"beta={row['beta']:g} {n}" for n in names]
+  return figures.traversal_figure(
+    np.concatenate(images),
+    labels,
+    values[0],
+    title="Top-3 latents by KL, swept around test image 0",
   )
-  decode = jax.jit(lambda params, z: evaluate.decoder_mean(model.decode(params, z), likelihood))
-  rows, traversals = [], {}
-  for i, (beta, seed) in enumerate(zip(trainer.betas, trainer.seeds, strict=True)):
-    start = time.perf_counter()
-    params = sweep.model_state(state, i).params
-    # The key evaluate_workdir uses for the test split of a run with this seed.
-    key = jax.random.fold_in(sweep.model_keys(seed)[train.KEY_EVAL], 0)
-    values = evaluate.per_example_values(
-      fn, params, test_x, key, evaluate.IW_BATCH_SIZE, progress=config.progress_bar
-    )
-    s = evaluate.summarize_split(values, math.prod(event_shape))
-    rows.append(
-      {
-        "beta": beta,
-        "seed": seed,
-        "step": step,
-        "test_elbo": s["elbo"],
-        "elbo_se": s["elbo_standard_error"],
-        "rate": s["rate"],
-        "distortion": s["distortion"],
-        "log_likelihood": -s["log_likelihood"]["nll_nats"],
-        "log_likelihood_se": s["log_likelihood"]["standard_error_nats"],
-        "num_importance_samples": num_samples,
-        "active_units": s["active_units"],
-        "latents": model.latents,
-        "kl_per_dim": s["kl_per_dim"],
-      }
-    )
-    logging.info(
-      "beta=%g seed=%d: ELBO %.2f, R %.2f, D %.2f, log p(x) %.2f (K=%d), %d active, %.0f s",
-      beta, seed, s["elbo"], s["rate"], s["distortion"], rows[-1]["log_likelihood"],
-      num_samples, s["active_units"], time.perf_counter() - start,
-    )  # fmt: skip
-    kl = np.asarray(s["kl_per_dim"])
-    visible = model.layer_latents[0]  # What a (two-layer) decoder reads.
-    dims = [int(d) for d in np.argsort(-kl[:visible])[: min(8, visible)]]
-    values_grid = np.linspace(np.full(len(dims), -3.0), np.full(len(dims), 3.0), 11, axis=1)
-    images = pictures.traversal_images(
-      lambda z, p=params: np.asarray(decode(p, z)), values["mean"][0], dims, values_grid
-    )
-    traversals[(beta, seed)] = (images, dims, kl)
-  return rows, traversals
 
 
-def rate_distortion_figure(rows: list[dict]) -> np.ndarray:
-  """The rate-distortion plot of the table's rows, points in order of beta."""
-  order = np.argsort([r["beta"] for r in rows])
-  return pictures.rate_distortion_plot(
+def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Path) -> None:
+  out_dir.mkdir(parents=True, exist_ok=True)
+  docs_dir.mkdir(parents=True, exist_ok=True)
+  scores = [s for s in SCORES if any(s in r for r in rows)]
+  with open(out_dir / "results.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=(*COLUMNS, *scores), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  summary = {
+    "units": "nats per test example; rate = E KL(q(z|x)||p(z)), distortion = "
+    "-E_q log p(x|z), test_elbo = -(rate + distortion), log_likelihood = "
+    "importance-weighted bound with num_importance_samples samples per example",
+    "models": rows,
+  }
+  (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+  order = np.argsort([r["beta"] for r in rows], kind="stable")
+  fig = figures.rate_distortion_figure(
     np.array([rows[i]["rate"] for i in order]),
     np.array([rows[i]["distortion"] for i in order]),
     [f"beta={rows[i]['beta']:g}" for i in order],
     title="Test rate and distortion per beta (grey: equal ELBO; red: best)",
-    size=420,
   )
-
-
-def write_outputs(rows, traversals, out_dir: pathlib.Path, docs_dir: pathlib.Path) -> None:
-  out_dir.mkdir(parents=True, exist_ok=True)
-  docs_dir.mkdir(parents=True, exist_ok=True)
-  with open(out_dir / "results.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-  (out_dir / "results.json").write_text(
-    json.dumps(
-      {
-        "units": "nats per test example; rate = E KL(q(z|x)||p(z)), distortion = "
-        "-E_q log p(x|z), test_elbo = -(rate + distortion), log_likelihood = "
-        "importance-weighted bound with num_importance_samples samples per example",
-        "models": rows,
-      },
-      indent=2,
-    )
-    + "\n"
+  figures.save_figure(fig, docs_dir / "beta_sweep_rate_distortion")
+  values = {
+    "rate (nats)": [r["rate"] for r in rows],
+    "distortion (nats)": [r["distortion"] for r in rows],
+    "active units": [r["active_units"] for r in rows],
+    **{s: [r.get(s, np.nan) for r in rows] for s in scores},
+  }
+  fig = figures.metric_vs_beta_figure(
+    [r["beta"] for r in rows], [r["seed"] for r in rows], values, title="Per model, by beta"
   )
-  order = np.argsort([r["beta"] for r in rows])
-  figure = rate_distortion_figure(rows)
-  writers.save_png(docs_dir / "beta_sweep_rate_distortion.png", figure)
-
-  panels, labels = [], []
-  for (beta, seed), (images, dims, kl) in traversals.items():
-    grid = pictures.upscale(writers.image_grid(images, columns=11), 2)
-    row_labels = [f"z{d} KL {kl[d]:.2f}" for d in dims]
-    head = f"beta={beta:g}, seed={seed}: one latent swept from -3 to 3, others at test image 0"
-    labelled = pictures.label_rows(grid, row_labels, cell=56, pad=2, header=head)
-    writers.save_png(out_dir / "traversals" / f"{sweep.model_name(beta, seed)}.png", labelled)
-    top = writers.image_grid(images[: 3 * 11], columns=11)
-    panels.append(top)
-    labels += [f"beta={beta:g} z{d} KL {kl[d]:.1f}" for d in dims[:3]]
-  combined = pictures.label_rows(
-    np.concatenate(panels), labels, cell=28, pad=1, header="Top-3 latents by KL, -3..3"
-  )
-  writers.save_png(docs_dir / "beta_sweep_traversals.png", combined)
-
-  lines = [
-    "| beta | seed | test ELBO | rate | distortion | log p(x) (IS, K) | active units |",
-    "|---:|---:|---:|---:|---:|---:|---:|",
-  ]
+  figures.save_figure(fig, docs_dir / "beta_sweep_metrics")
+  header = "| beta | seed | test ELBO | rate | distortion | log p(x) (IS, K) | active units |"
+  lines = [header + "".join(f" {s} |" for s in scores)]
+  lines.append("|---:" * (7 + len(scores)) + "|")
   for i in order:
     r = rows[i]
-    lines.append(
+    line = (
       f"| {r['beta']:g} | {r['seed']} | {r['test_elbo']:.2f} | {r['rate']:.2f} | "
       f"{r['distortion']:.2f} | {r['log_likelihood']:.2f} +- {r['log_likelihood_se']:.2f} "
       f"(K={r['num_importance_samples']}) | {r['active_units']}/{r['latents']} |"
     )
+    lines.append(line + "".join(f" {r.get(s, float('nan')):.3f} |" for s in scores))
   (docs_dir / "beta_sweep_table.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Orbax reports every save step at INFO; keep its warnings, drop the chatter.
   logging.get_absl_handler().addFilter(
     lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
   )
+  workdir = pathlib.Path(FLAGS.workdir)
   config = FLAGS.config
-  start = time.perf_counter()
-  try:
-    sweep.train_sweep(config, FLAGS.workdir)
-  except train.Preempted as e:
-    logging.warning("%s Run the same command to resume.", e)
-    raise SystemExit(train.EXIT_CODE_PREEMPTED) from e
-  train_s = time.perf_counter() - start
-  rows, traversals = evaluate_sweep(config, FLAGS.workdir, FLAGS.num_importance_samples)
-  for r in rows:
-    r["sweep_train_wall_s"] = train_s
-  write_outputs(rows, traversals, pathlib.Path(FLAGS.out_dir), pathlib.Path(FLAGS.docs_dir))
+  if config is None:
+    config = config_lib.read_record(workdir)
+  rows = rows_of(config, workdir)
+  write_outputs(rows, pathlib.Path(FLAGS.out_dir), pathlib.Path(FLAGS.docs_dir))
+  figures.save_figure(
+    traversal_figure(config, workdir, rows), pathlib.Path(FLAGS.docs_dir) / "beta_sweep_traversals"
+  )
   logging.info("Wrote %s and %s", FLAGS.out_dir, FLAGS.docs_dir)
 
 

@@ -71,8 +71,14 @@ CASES: dict[str, tuple[str, list[str]]] = {
     ],
   ),
   "sweep": ("configs/beta_sweep.py:smoke", []),
-  "sweep_warmup": ("configs/beta_sweep.py:smoke", ["--config.sweep.schedule=warmup"]),
-  "sweep_capacity": ("configs/beta_sweep.py:smoke", ["--config.sweep.schedule=capacity"]),
+  # Before the redesign these were --config.sweep.schedule=warmup (warmup_steps=5000)
+  # and =capacity (capacity_nats=25, capacity_steps=20000); the smoke run has 12
+  # steps per epoch, so these epochs are the same numbers of steps.
+  "sweep_warmup": ("configs/beta_sweep.py:smoke", ["--config.kl_warmup_epochs=416.6666666666667"]),
+  "sweep_capacity": (
+    "configs/beta_sweep.py:smoke",
+    ["--config.capacity_nats=25", "--config.capacity_epochs=1666.6666666666667"],
+  ),
 }
 
 # How a sweep config is trained. Before the one-loop redesign (commit 0091dbe)

@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vae_jax import input_pipeline, sweep, train
+from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -56,8 +57,8 @@ def _run_single(trainer: train.Trainer, state, images, perms_of, steps: int):
       perms_of(epoch),
       epoch,
       n,
-      trainer.keys[train.KEY_EPS],
-      trainer.keys[train.KEY_BINARIZE],
+      trainer.keys[step_lib.KEY_EPS],
+      trainer.keys[step_lib.KEY_BINARIZE],
     )
     step += n
   jax.block_until_ready((state, metrics))
@@ -73,8 +74,8 @@ def main(argv):
   num_train, *event_shape = data["train"].images.shape
   images = jax.device_put(data["train"].images)
 
-  perm_fn = jax.jit(train.epoch_permutation, static_argnums=2)
-  shuffle = sweep.model_keys(config.seed)[train.KEY_SHUFFLE]
+  perm_fn = jax.jit(step_lib.epoch_permutation, static_argnums=2)
+  shuffle = step_lib.run_keys(config.seed)[step_lib.KEY_SHUFFLE]
   perms = {}
 
   def perms_of(epoch):
@@ -86,7 +87,7 @@ def main(argv):
   t = time.perf_counter()
   st = sweep.build_sweep_trainer(config, event_shape, num_train)
   sweep_state = st.init_state()
-  sweep_state, pending = sweep.run_steps(st, sweep_state, images, st.base.chunk_len, perms_of)
+  sweep_state, pending = sweep.run_steps(st, sweep_state, images, st.base.chunk_len)
   jax.block_until_ready((sweep_state, pending))
   sweep_first_s = time.perf_counter() - t
 
@@ -105,7 +106,7 @@ def main(argv):
   for r in range(FLAGS.repeats):
     load_before = _load()
     t = time.perf_counter()
-    sweep_state, pending = sweep.run_steps(st, sweep_state, images, FLAGS.steps, perms_of)
+    sweep_state, pending = sweep.run_steps(st, sweep_state, images, FLAGS.steps)
     jax.block_until_ready((sweep_state, pending))
     sweep_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -71,7 +71,7 @@ def test_read_only_creates_and_deletes_nothing(tmp_path):
   writer.close()
   assert not junk.exists()  # the training run cleans it up when it saves again,
   assert checkpointing.saved_steps(directory) == [8]  # keeping one, as best/ does.
-  step, restored = checkpointing.restore_latest_read_only(directory, _target())
+  step, restored = checkpointing.restore_read_only(directory, _target())
   assert step == 8
   np.testing.assert_array_equal(restored["b"], [8.0, 9.0])
 

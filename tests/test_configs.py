@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vae_jax import config as config_lib
 from vae_jax import train
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
@@ -55,7 +56,7 @@ CASES = [
 @pytest.mark.parametrize("name, arg", CASES)
 def test_config_validates_and_builds(name, arg):
   config = load(name).get_config(arg)
-  train.validate_config(config)
+  config_lib.validate(config)
   trainer = train.build_trainer(config, (28, 28, 1), num_train=60000)
   assert trainer.model.latents == sum(trainer.model.layer_latents)
 

@@ -20,7 +20,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_jax import checkpointing, evaluate, input_pipeline, losses, models, train, writers
+from vae_jax import (
+  baselines,
+  checkpointing,
+  evaluate,
+  input_pipeline,
+  likelihood,
+  losses,
+  models,
+  objectives,
+  train,
+  writers,
+)
+from vae_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).parents[1]
 _NUM_SIGMA = 4.0
@@ -88,7 +100,7 @@ class _LinearGaussian:
 
   def estimates(self, params, num_samples, repeats, sample_chunk=500):
     """``repeats`` independent runs of the estimator: {name: [repeats, batch, ...]}."""
-    fn = evaluate.make_per_example_fn(
+    fn = likelihood.make_per_example_fn(
       self.model,
       self.log_likelihood_fn,
       "gaussian",
@@ -188,14 +200,14 @@ def test_chunked_estimate_equals_unchunked_iw_bound(unchunked_reference, sample_
   """Example n's estimate is losses.iw_bound with key fold_in(key, n), however it is cut."""
   model, params, x = _tiny_vae()
   key, log_px, rec, kl = unchunked_reference
-  fn = evaluate.make_per_example_fn(
+  fn = likelihood.make_per_example_fn(
     model,
     functools.partial(losses.bernoulli_log_likelihood, event_ndims=3),
     "bernoulli",
     num_samples=50,
     sample_chunk=sample_chunk,
   )
-  got = evaluate.per_example_values(fn, params, x, key, batch_size)
+  got = likelihood.per_example_values(fn, params, x, key, batch_size)
   np.testing.assert_allclose(got["log_px"], log_px, rtol=1e-5)
   np.testing.assert_allclose(got["reconstruction"], rec, rtol=1e-5)
   np.testing.assert_allclose(got["kl_per_dim"].sum(-1), kl, rtol=1e-5)
@@ -207,22 +219,22 @@ def test_chunked_estimate_equals_unchunked_iw_bound(unchunked_reference, sample_
 
 
 def test_bits_per_dim():
-  assert evaluate.bits_per_dim(-784 * math.log(2.0), 784) == pytest.approx(1.0, rel=1e-12)
-  assert evaluate.bits_per_dim(-100.0, 784) == pytest.approx(0.18401722460318412, rel=1e-12)
+  assert likelihood.bits_per_dim(-784 * math.log(2.0), 784) == pytest.approx(1.0, rel=1e-12)
+  assert likelihood.bits_per_dim(-100.0, 784) == pytest.approx(0.18401722460318412, rel=1e-12)
 
 
 def test_standard_error():
-  assert evaluate.standard_error(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
+  assert likelihood.standard_error(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
     0.6454972243679028, rel=1e-12
   )  # sqrt(5/3) / 2
 
 
 def test_active_units():
   means = np.array([[-1.0, 0.05, 0.15], [1.0, -0.05, -0.15]] * 3)
-  count, variances = evaluate.active_units(means)
+  count, variances = likelihood.active_units(means)
   np.testing.assert_allclose(variances, [1.0, 0.0025, 0.0225], rtol=1e-12)
   assert count == 2  # Var 0.0025 is below the 0.01 threshold.
-  assert evaluate.active_units(means, threshold=0.001)[0] == 3
+  assert likelihood.active_units(means, threshold=0.001)[0] == 3
 
 
 def test_summarize_split_by_hand():
@@ -230,12 +242,13 @@ def test_summarize_split_by_hand():
     "log_px": np.array([-100.0, -102.0]),
     "ess": np.array([10.0, 30.0]),
     "reconstruction": np.array([-90.0, -94.0]),
+    "kl": np.array([5.0, 7.0]),
     "kl_per_dim": np.array([[4.0, 1.0], [6.0, 1.0]]),
     "mean": np.array([[1.0, 0.0], [-1.0, 0.0]]),
     "reconstruction_at_mean": np.array([-80.0, -82.0]),
     "squared_error": np.array([10.0, 20.0]),
   }
-  s = evaluate.summarize_split(values, num_dims=784)
+  s = likelihood.summarize_split(values, num_dims=784)
   assert s["log_likelihood"]["nll_nats"] == 101.0
   assert s["log_likelihood"]["standard_error_nats"] == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
   assert s["log_likelihood"]["bits_per_dim"] == pytest.approx(101.0 / (784 * math.log(2)))
@@ -245,7 +258,11 @@ def test_summarize_split_by_hand():
   assert s["kl_per_dim"] == [5.0, 1.0]
   assert s["active_units"] == 1 and s["posterior_mean_variance"] == [1.0, 0.0]
   assert s["distortion_at_posterior_mean"] == 81.0 and s["mse_per_image"] == 15.0
-  assert "log_likelihood" not in evaluate.summarize_split(values, 784, log_likelihood=False)
+  assert "log_likelihood" not in likelihood.summarize_split(values, 784, log_likelihood=False)
+  # A prior without per-dimension KL terms (the VampPrior): the rate, no kl_per_dim.
+  del values["kl_per_dim"]
+  s = likelihood.summarize_split(values, num_dims=784)
+  assert s["rate"] == 6.0 and "kl_per_dim" not in s
 
 
 # --------------------------------------------------------------------------
@@ -260,17 +277,17 @@ def test_pca_recovers_a_known_subspace():
   b = np.tile([1.0, -1.0, 1.0, -1.0], 1000)
   offset = rng.normal(size=5)
   x = offset + a[:, None] * basis[:, 0] + b[:, None] * basis[:, 1]
-  pca = evaluate.fit_pca(x, 2, chunk=1000)
+  pca = baselines.fit_pca(x, 2, chunk=1000)
   np.testing.assert_allclose(pca.variances, [4.0, 1.0], rtol=1e-10)
   np.testing.assert_allclose(np.abs(pca.components @ basis), np.eye(2), atol=1e-10)
   np.testing.assert_allclose(pca.reconstruct(x), x, atol=1e-10)
-  one = evaluate.fit_pca(x, 1)
+  one = baselines.fit_pca(x, 1)
   # Dropping u2 costs b^2 per example: mean squared error = Var(b).
   mse = np.mean(np.sum((one.reconstruct(x) - x) ** 2, -1))
   assert mse == pytest.approx(1.0, rel=1e-10)
   # Fewer examples than dimensions takes the SVD path: the same answer.
-  few = evaluate.fit_pca(x[:3], 2)  # 3 examples of 5 dimensions.
-  cov = evaluate.fit_pca(np.tile(x[:3], (2, 1)), 2)  # The same points twice: 6 > 5.
+  few = baselines.fit_pca(x[:3], 2)  # 3 examples of 5 dimensions.
+  cov = baselines.fit_pca(np.tile(x[:3], (2, 1)), 2)  # The same points twice: 6 > 5.
   np.testing.assert_allclose(few.variances, cov.variances, rtol=1e-10)
   np.testing.assert_allclose(np.abs(few.components @ cov.components.T), np.eye(2), atol=1e-8)
   assert few.total_variance == pytest.approx(cov.total_variance, rel=1e-12)
@@ -280,8 +297,8 @@ def test_pca_baseline_bernoulli_on_exactly_representable_data():
   rng = np.random.default_rng(1)
   patterns = (rng.uniform(size=(2, 30)) > 0.5).astype(np.float64)
   x = patterns[rng.integers(0, 2, size=200)]  # One direction of variation.
-  pca = evaluate.fit_pca(x, 1)
-  out = evaluate.pca_baseline(pca, x, x, "bernoulli")
+  pca = baselines.fit_pca(x, 1)
+  out = baselines.pca_baseline(pca, x, x, "bernoulli")
   assert out["mse_per_image"] == pytest.approx(0.0, abs=1e-12)
   assert out["explained_variance_fraction"] == pytest.approx(1.0)
   # Exact reconstructions: the smallest clip wins, NLL = 30 * -log(1 - 1e-6) = 3e-5 up to
@@ -310,10 +327,10 @@ def test_config_mismatch_is_refused_and_missing_fields_default(tfds_dir, tmp_pat
   saved = json.loads(config.to_json())
   del saved["objective"]  # Written before the field existed: counts as its default.
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  evaluate.check_config_matches_workdir(config, tmp_path)
+  config_lib.check_evaluation(config, tmp_path)
   config.binarization = "threshold"
   with pytest.raises(ValueError, match=r"binarization: workdir has 'dynamic'"):
-    evaluate.check_config_matches_workdir(config, tmp_path)
+    config_lib.check_evaluation(config, tmp_path)
   with pytest.raises(FileNotFoundError, match="Train first"):
     evaluate.restore_params(config, tmp_path, (28, 28, 1), 400)
 
@@ -350,11 +367,16 @@ def test_evaluate_workdir_end_to_end(vae_workdir):
   assert pca["num_components"] == 2 and pca["mse_per_image"] > 0 and pca["distortion"] > 0
   assert pca["model_mse_per_image"] == test["mse_per_image"]
   assert saved["skipped"] == {} and saved["wall_time_s"] > 0 and saved["peak_rss_mib"] > 100
-  for name in ("prior_samples", "reconstructions", "interpolations", "traversals", "latent_map"):
+  for name in ("prior_samples", "reconstructions"):  # Image grids, as arrays in TensorBoard.
     png = workdir / "images" / f"eval_{name}_00000012.png"
     assert f"images/{png.name}" in saved["images"]
     image = np.asarray(Image.open(png))
     assert image.shape[0] > 56 and image.shape[1] > 56 and image.std() > 0
+  # Figures, with matplotlib: PNG and PDF of each.
+  for name in ("training_curves", "interpolations", "traversals", "latent_map"):
+    for ext in ("png", "pdf"):
+      assert f"figures/{name}_00000012.{ext}" in saved["images"], (name, ext)
+      assert (workdir / "figures" / f"{name}_00000012.{ext}").stat().st_size > 1000
 
 
 def test_evaluate_command_line(vae_workdir, tfds_dir):
@@ -377,7 +399,12 @@ def test_evaluate_command_line(vae_workdir, tfds_dir):
   rows = [r for r in writers.read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"]
   assert saved["test"]["rate"] == pytest.approx(rows[-1]["kl"], rel=1e-4)
   assert saved["test"]["log_likelihood"]["nll_nats"] > 0
-  assert all((workdir / p).is_file() for p in saved["images"]) and len(saved["images"]) == 5
+  assert all((workdir / p).is_file() for p in saved["images"])
+  names = {pathlib.Path(p).name for p in saved["images"]}
+  assert {"eval_prior_samples_00000012.png", "eval_reconstructions_00000012.png"} <= names
+  for figure in ("training_curves", "interpolations", "traversals", "latent_map"):
+    assert {f"{figure}_00000012.png", f"{figure}_00000012.pdf"} <= names, figure
+  assert saved["matmul_precision"] == "highest"
 
 
 def test_evaluate_autoencoder_skips_likelihoods(tfds_dir, tmp_path):
@@ -401,8 +428,8 @@ def test_evaluate_autoencoder_skips_likelihoods(tfds_dir, tmp_path):
   # Its distortion is the training loop's deterministic test reconstruction.
   data = input_pipeline.load_dataset("mnist", tfds_dir)
   test_x = input_pipeline.eval_images(data["test"].images, config.binarization)
-  ll_fn = train.make_log_likelihood_fn(config, 3)
-  loop = evaluate.make_eval_fn(model, ll_fn, 64, deterministic=True)(
+  ll_fn = objectives.make_log_likelihood_fn(config.model.likelihood, 3)
+  loop = likelihood.make_eval_fn(model, ll_fn, 64, deterministic=True)(
     state.params, test_x, jax.random.key(0)
   )
   assert saved["test"]["distortion_at_posterior_mean"] == pytest.approx(
@@ -410,6 +437,7 @@ def test_evaluate_autoencoder_skips_likelihoods(tfds_dir, tmp_path):
   )
   assert saved["pca"]["mse_per_image"] > 0 and saved["test"]["mse_per_image"] > 0
   names = {pathlib.Path(p).name for p in saved["images"]}
-  expected = ("reconstructions", "interpolations", "traversals", "latent_map")
-  assert names == {f"eval_{n}_00000007.png" for n in expected}
+  figures = ("training_curves", "interpolations", "traversals", "latent_map")
+  expected = {f"{n}_00000007.{e}" for n in figures for e in ("png", "pdf")}
+  assert names == {"eval_reconstructions_00000007.png", *expected}
   assert all((workdir / p).is_file() for p in saved["images"])

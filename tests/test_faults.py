@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import FIXTURE_IDX_DIR
 
-from vae_jax import input_pipeline, losses, models, train, writers
+from vae_jax import input_pipeline, loop, losses, models, train, writers
+from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).parents[1]
 # 4 epochs of 12 steps; a checkpoint every 6 steps; 16-sample evaluation images.
@@ -146,7 +147,7 @@ def test_sigterm_saves_current_step_and_exits_143(reference, tfds_dir, tmp_path)
   sent = time.monotonic()
   run.kill(signal.SIGTERM)
   code = run.finish()
-  assert code == train.EXIT_CODE_PREEMPTED, "".join(run.log[-20:])
+  assert code == loop.EXIT_CODE_PREEMPTED, "".join(run.log[-20:])
   assert time.monotonic() - sent < 30
   (line,) = [x for x in run.log if "SIGTERM: saving checkpoint at step" in x]
   step = int(re.search(r"step (\d+)", line).group(1))
@@ -196,11 +197,11 @@ def poisoning(monkeypatch):
 
 
 def _poisoned_steps(config, num_train=400):
-  shuffle_key = jax.random.fold_in(jax.random.key(config.seed), train.KEY_SHUFFLE)
+  shuffle_key = jax.random.fold_in(jax.random.key(config.seed), step_lib.KEY_SHUFFLE)
   steps_per_epoch = num_train // config.batch_size
   steps = []
   for epoch in range(config.num_epochs):
-    order = np.asarray(train.epoch_permutation(shuffle_key, epoch, num_train))
+    order = np.asarray(step_lib.epoch_permutation(shuffle_key, epoch, num_train))
     pos = int(np.argmax(order == POISON_IMAGE))
     if pos < steps_per_epoch * config.batch_size:
       steps.append(epoch * steps_per_epoch + pos // config.batch_size)
@@ -215,7 +216,7 @@ def test_poisoned_batch_stops_the_run_naming_the_step(
   config.checkpoint_every_steps = 1
   first_bad = _poisoned_steps(config)[0]
   assert first_bad == 4
-  with pytest.raises(train.NonFiniteError, match=rf"at step {first_bad} \(loss=nan"):
+  with pytest.raises(loop.NonFiniteError, match=rf"at step {first_bad} \(loss=nan"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   ckpts = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
   assert ckpts and max(ckpts) == first_bad  # The state before the bad step, not after.
@@ -249,7 +250,7 @@ def test_skip_policy_stops_after_the_limit(smoke_config, poisoned_tfds_dir, pois
   config.data_dir = poisoned_tfds_dir
   config.nonfinite_policy = "skip"
   config.max_nonfinite_skips = 1
-  with pytest.raises(train.NonFiniteError, match=r"2 non-finite steps were skipped"):
+  with pytest.raises(loop.NonFiniteError, match=r"2 non-finite steps were skipped"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -338,8 +339,8 @@ def _cli(*args, timeout=120):
   [
     ("--config.batch_size=abc", r"batch_size"),
     ("--config.model.latentz=3", r"latentz"),
-    ("--config.dataset=cifar10", r"Unknown dataset 'cifar10'"),
-    ("--config.binarization=otsu", r"binarization must be one of"),
+    ("--config.dataset=cifar10", r"config.dataset='cifar10' is not one of \('mnist'"),
+    ("--config.binarization=otsu", r"config.binarization='otsu' is not one of"),
     ("--config.idx_dir=/nonexistent", r"lacks train-images-idx3-ubyte.gz"),
   ],
   ids=["wrong_type", "unknown_field", "unknown_dataset", "bad_value", "missing_idx_files"],

@@ -19,7 +19,18 @@ import numpy as np
 import optax
 import pytest
 
-from vae_jax import config_defaults, evaluate, losses, models, train
+from vae_jax import config as config_lib
+from vae_jax import likelihood, losses, models, objectives
+from vae_jax import step as step_lib
+
+
+def _loss(model, ll_fn, beta, num_samples, objective="elbo", **options):
+  """``objectives.make_loss_fn`` of these options; ``step`` defaults to 0."""
+  fn = objectives.make_loss_fn(
+    model, ll_fn, objectives.Spec(objective, num_samples, **options), beta
+  )
+  return lambda params, x, key, step=0: fn(params, x, key, jnp.asarray(step, jnp.int32))
+
 
 _NUM_SIGMA = 4.0
 _EVENT = (4, 4, 1)
@@ -140,7 +151,7 @@ def test_iwae_k1_loss_is_minus_the_mean_log_weight():
   x = _binary(1, (_BATCH, *_EVENT))
   params = model.init(jax.random.key(0), x)
   key = jax.random.key(11)
-  loss, metrics = train.make_loss_fn(model, _BERNOULLI, 1.0, 1, "iwae")(params, x, key)
+  loss, metrics = _loss(model, _BERNOULLI, 1.0, 1, "iwae")(params, x, key)
   # By hand from encode/decode, with the eps make_loss_fn draws from key.
   eps = jax.random.normal(key, (1, _BATCH, model.latents))[0]
   mean, logvar = model.encode(params, x)
@@ -164,8 +175,8 @@ def test_iwae_k1_agrees_with_the_elbo_in_expectation(layers):
   model = _tiny_vae("mlp", layers)
   x = _binary(2, (4, *_EVENT))
   params = model.init(jax.random.key(0), x)
-  iwae = train.make_loss_fn(model, _BERNOULLI, 1.0, 1, "iwae")
-  elbo = train.make_loss_fn(model, _BERNOULLI, 1.0, 1, "elbo")
+  iwae = _loss(model, _BERNOULLI, 1.0, 1, "iwae")
+  elbo = _loss(model, _BERNOULLI, 1.0, 1, "elbo")
   num = 2000
   keys = jax.random.split(jax.random.key(5), num)
 
@@ -234,8 +245,8 @@ def test_dreg_value_and_decoder_gradients_equal_plain_iwae(layers):
   model = _tiny_vae("mlp", layers)
   x = _binary(3, (4, *_EVENT))
   params = model.init(jax.random.key(1), x)
-  plain = train.make_loss_fn(model, _BERNOULLI, 1.0, _K, "iwae")
-  dreg = train.make_loss_fn(model, _BERNOULLI, 1.0, _K, "iwae", gradient_estimator="dreg")
+  plain = _loss(model, _BERNOULLI, 1.0, _K, "iwae")
+  dreg = _loss(model, _BERNOULLI, 1.0, _K, "iwae", gradient_estimator="dreg")
   key = jax.random.key(7)
   (loss_p, metrics_p), grads_p = jax.value_and_grad(plain, has_aux=True)(params, x, key)
   (loss_d, metrics_d), grads_d = jax.value_and_grad(dreg, has_aux=True)(params, x, key)
@@ -279,8 +290,8 @@ def encoder_gradient_samples(request):
     return _flat(_jit(per_key)(keys)).astype(np.float64)
 
   out = {
-    "plain": samples(train.make_loss_fn(model, ll, 1.0, k, "iwae")),
-    "dreg": samples(train.make_loss_fn(model, ll, 1.0, k, "iwae", gradient_estimator="dreg")),
+    "plain": samples(_loss(model, ll, 1.0, k, "iwae")),
+    "dreg": samples(_loss(model, ll, 1.0, k, "iwae", gradient_estimator="dreg")),
   }
   if layers == 1:  # A known-biased estimator, to show that the test can tell.
     out["stl"] = samples(stl)
@@ -481,10 +492,10 @@ def test_one_training_step(kind, layers, objective):
   x = _binary(10, (_BATCH, *_EVENT))
   options = dict(_OBJECTIVES[objective])
   num_samples, name = options.pop("num_samples"), options.pop("objective")
-  loss_fn = train.make_loss_fn(model, _BERNOULLI, 1.0, num_samples, name, **options)
+  loss_fn = _loss(model, _BERNOULLI, 1.0, num_samples, name, **options)
   # Eager: the steps share JAX's per-operation cache; 16 jit compilations cost more.
-  step = train.make_train_step(loss_fn, optimizer)
-  state = train.initial_state(model, optimizer, jax.random.key(0), _EVENT)
+  step = step_lib.make_train_step(loss_fn, optimizer)
+  state = step_lib.initial_state(model, optimizer, jax.random.key(0), _EVENT)
   new_state, metrics = step(state, x, jax.random.key(1))
   assert set(metrics) >= {"loss", "elbo", "reconstruction", "kl", "grad_norm", "finite"}
   for key in ("loss", "elbo", "reconstruction", "kl", "grad_norm"):
@@ -500,17 +511,17 @@ def test_free_bits_loss_floors_every_dimension():
   x = _binary(10, (_BATCH, *_EVENT))
   params = model.init(jax.random.key(0), x)
   key = jax.random.key(2)
-  elbo = train.make_loss_fn(model, _BERNOULLI, 0.5, _K, "elbo")
+  elbo = _loss(model, _BERNOULLI, 0.5, _K, "elbo")
   loss, metrics = elbo(params, x, key)
   # A floor above every dimension's KL: the KL term is the constant latents * lambda.
-  high = train.make_loss_fn(model, _BERNOULLI, 0.5, _K, "elbo", free_bits=50.0)
+  high = _loss(model, _BERNOULLI, 0.5, _K, "elbo", free_bits=50.0)
   loss_high, metrics_high = high(params, x, key)
   np.testing.assert_allclose(
     loss_high, -metrics["reconstruction"] + 0.5 * 50.0 * model.latents, rtol=1e-6
   )
   assert float(metrics_high["kl"]) == pytest.approx(float(metrics["kl"]))  # True KL reported.
   # A floor below every dimension's KL: the plain beta-ELBO.
-  low = train.make_loss_fn(model, _BERNOULLI, 0.5, _K, "elbo", free_bits=1e-9)
+  low = _loss(model, _BERNOULLI, 0.5, _K, "elbo", free_bits=1e-9)
   np.testing.assert_allclose(low(params, x, key)[0], loss, rtol=1e-6)
 
 
@@ -569,7 +580,7 @@ def test_gaussian_log_likelihood_learned_matches_fixed_variance():
 
 @pytest.mark.parametrize(("kind", "layers"), [("mlp", 1), ("conv", 2)])
 def test_learned_variance_decoder_and_training(kind, layers):
-  config = config_defaults.base_config()
+  config = config_lib.base_config()
   config.model.likelihood = "gaussian_learned"
   config.model.gaussian_variance = 0.5  # The learned variance's initial value.
   config.model.update(
@@ -582,7 +593,9 @@ def test_learned_variance_decoder_and_training(kind, layers):
     top_latents=_TOP_LATENTS,
     top_hidden=(3,),
   )
-  log_likelihood = train.make_log_likelihood_fn(config, _EVENT_NDIMS)
+  log_likelihood = objectives.make_log_likelihood_fn(
+    config.model.likelihood, _EVENT_NDIMS, config.model.gaussian_variance
+  )
   model = models.make_model(config, _EVENT)
   x = jax.random.uniform(jax.random.key(3), (4, *_EVENT))
   params = model.init(jax.random.key(0), x)
@@ -596,14 +609,14 @@ def test_learned_variance_decoder_and_training(kind, layers):
   expected = float(models.soft_clamp(jnp.float32(math.log(0.5)), -bound, bound))
   np.testing.assert_allclose(decoded[..., 1], np.full((4, *_EVENT), expected), rtol=1e-6)
   np.testing.assert_allclose(expected, math.log(0.5), atol=1e-4)
-  loss_fn = train.make_loss_fn(model, log_likelihood, 1.0, _K, "elbo")
+  loss_fn = _loss(model, log_likelihood, 1.0, _K, "elbo")
   grads = jax.grad(lambda p: loss_fn(p, x, jax.random.key(1))[0])(params)
   g_decoder = grads["decoder"] if layers == 1 else grads["decoder"]["p_x"]
   assert abs(float(g_decoder["log_variance"])) > 1e-3
   # A training step moves it.
   optimizer = optax.adam(1e-2)
-  state = train.initial_state(model, optimizer, jax.random.key(0), _EVENT)
-  new_state, metrics = train.make_train_step(loss_fn, optimizer)(state, x, jax.random.key(1))
+  state = step_lib.initial_state(model, optimizer, jax.random.key(0), _EVENT)
+  new_state, metrics = step_lib.make_train_step(loss_fn, optimizer)(state, x, jax.random.key(1))
   assert np.isfinite(metrics["loss"]) and bool(metrics["finite"])
   before = state.params["decoder"] if layers == 1 else state.params["decoder"]["p_x"]
   after = new_state.params["decoder"] if layers == 1 else new_state.params["decoder"]["p_x"]
@@ -621,7 +634,7 @@ def test_per_example_estimator_two_layers_chunking():
   key, indices = jax.random.key(14), jnp.arange(5, 8, dtype=jnp.int32)
   k = 20
   outs = {
-    chunk: evaluate.make_per_example_fn(
+    chunk: likelihood.make_per_example_fn(
       model, _BERNOULLI, "bernoulli", num_samples=k, sample_chunk=chunk
     )(params, x, key, indices)
     for chunk in (7, 20)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import evaluate, models, pictures, writers
+from vae_jax import baselines, figures, models, pictures, writers
 
 
 def _coordinate_decoder(z):
@@ -53,52 +53,14 @@ def test_data_limits_ignore_outliers():
   assert -1.2 < x0 < -0.9 and 0.9 < x1 < 1.2 and -1.2 < y0 < -0.9 and 0.9 < y1 < 1.2
 
 
-@pytest.mark.parametrize(
-  ("lo", "hi", "expected"),
-  [
-    (0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
-    (-3.0, 3.0, [-2.0, 0.0, 2.0]),
-    (-0.7, 0.3, [-0.6, -0.4, -0.2, 0.0, 0.2]),
-  ],
-)
-def test_nice_ticks(lo, hi, expected):
-  np.testing.assert_allclose(pictures.nice_ticks(lo, hi), expected)
-
-
-def test_scatter_plot_puts_points_where_they_belong():
-  size = 100
-  points = np.array([[0.0, 0.0], [0.5, 0.5], [5.0, 5.0]])  # The last is off the plot.
-  image = pictures.scatter_plot(
-    points, np.array([3, 1, 2]), xlim=(-1, 1), ylim=(-1, 1), size=size, radius=2, title="t"
-  )
-  axes = pictures._Axes
-  assert image.shape == (axes.top + size + axes.bottom, axes.left + size + axes.right, 3)
-  assert image.dtype == np.uint8
-  centre = (axes.top + size // 2, axes.left + size // 2)
-  assert tuple(image[centre]) == pictures.PALETTE[3]
-  upper_right = (axes.top + size // 4, axes.left + 3 * size // 4)  # (0.5, 0.5): y grows upward.
-  assert tuple(image[upper_right]) == pictures.PALETTE[1]
-  assert not np.any(np.all(image == pictures.PALETTE[2], axis=-1))
-  with pytest.raises(ValueError, match="points must be"):
-    pictures.scatter_plot(points[:, :1], np.zeros(3), xlim=(0, 1), ylim=(0, 1))
-
-
-def test_label_rows_adds_a_margin_and_header():
-  grid = writers.image_grid(np.zeros((6, 8, 8, 1)), columns=3)  # 2 rows.
-  out = pictures.label_rows(grid, ["first", "second"], cell=8, header="hello")
-  assert out.shape[0] == grid.shape[0] + 24 and out.shape[1] > grid.shape[1] + 20
-  np.testing.assert_array_equal(out[24:, -grid.shape[1] :, 0], grid[..., 0])
-  with pytest.raises(ValueError, match="3 labels for a grid of 2 rows"):
-    pictures.label_rows(grid, ["a", "b", "c"], cell=8)
-
-
 def test_latent_map_figure_from_a_tiny_model():
+  """The decoded latent plane lines up with the scatter plots' limits (matplotlib figure)."""
   model = models.make_mlp_vae(event_shape=(28, 28, 1), latents=2, encoder_hidden=(8,))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   x = (np.random.default_rng(1).uniform(size=(50, 28, 28, 1)) < 0.3).astype(np.float32)
   codes = np.asarray(jax.jit(model.encode)(params, x)[0])
   labels = np.arange(50) % 10
-  decode = jax.jit(lambda z: evaluate.decoder_mean(model.decode(params, z), "bernoulli"))
+  decode = jax.jit(lambda z: models.decoder_mean(model.decode(params, z), "bernoulli"))
 
   def decode_mean(z):
     return np.asarray(decode(np.asarray(z, np.float32)))
@@ -106,22 +68,17 @@ def test_latent_map_figure_from_a_tiny_model():
   limits = pictures.data_limits(codes)
   manifold = writers.image_grid(decode_mean(pictures.manifold_latents(*limits, 5)), 5, pad=0)
   assert manifold.shape == (140, 140, 1)
-  pca = evaluate.fit_pca(np.asarray(x).reshape(50, -1), 2)
-  size = 120
-  figure = pictures.latent_map_figure(
+  pca = baselines.fit_pca(np.asarray(x).reshape(50, -1), 2)
+  figure = figures.latent_map_figure(
     codes,
     pca.project(np.asarray(x).reshape(50, -1)),
     labels,
     manifold,
     latent_limits=limits,
     class_names=pictures.CLASS_NAMES["fashion_mnist"],
-    size=size,
   )
-  panel_w = pictures._Axes.left + size + pictures._Axes.right
-  panel_h = pictures._Axes.top + size + pictures._Axes.bottom
-  assert figure.dtype == np.uint8 and figure.shape[2] == 3
-  assert figure.shape[1] == 3 * panel_w + 2 * 10
-  assert figure.shape[0] > panel_h  # Plus the legend.
-  # Every class colour appears (in the scatter plots and the legend).
-  for color in pictures.PALETTE:
-    assert np.any(np.all(figure == color, axis=-1))
+  scatter, _, plane = figure.axes[:3]
+  assert scatter.get_xlim() == pytest.approx(limits[0]) and plane.get_xlim() == pytest.approx(
+    limits[0]
+  )
+  assert len(scatter.collections[0].get_offsets()) == 50

@@ -6,16 +6,36 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from vae_jax import input_pipeline, losses, models, pictures, sweep, train, writers
+from vae_jax import config as config_lib
+from vae_jax import (
+  input_pipeline,
+  loop,
+  losses,
+  models,
+  objectives,
+  sweep,
+  train,
+  writers,
+)
+from vae_jax import step as step_lib
+
+
+def _loss(model, ll_fn, beta, num_samples, objective="elbo", **options):
+  """``objectives.make_loss_fn`` of these options; ``step`` defaults to 0."""
+  fn = objectives.make_loss_fn(
+    model, ll_fn, objectives.Spec(objective, num_samples, **options), beta
+  )
+  return lambda params, x, key, step=0: fn(params, x, key, jnp.asarray(step, jnp.int32))
+
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -23,7 +43,7 @@ REPO = pathlib.Path(__file__).parents[1]
 def _sweep_config(smoke_config, betas=(0.5, 1.0, 4.0), seeds=(0, 0, 3)):
   config = smoke_config
   config.num_image_samples = 0
-  config.sweep = ml_collections.ConfigDict({"betas": betas, "seeds": seeds})
+  config.sweep.betas, config.sweep.seeds = betas, seeds
   return config
 
 
@@ -35,7 +55,7 @@ def _single_run_with_sweep_data(config, beta, seed):
   single = config.copy_and_resolve_references()
   single.beta, single.seed = beta, seed
   trainer = train.build_trainer(single, images.shape[1:], images.shape[0])
-  data_keys = sweep.model_keys(config.seed)
+  data_keys = step_lib.run_keys(config.seed)
   state = trainer.init_state()
   total = config.num_epochs * trainer.steps_per_epoch
   step = 0
@@ -44,12 +64,18 @@ def _single_run_with_sweep_data(config, beta, seed):
     epoch = step // trainer.steps_per_epoch
     perms = jnp.stack(
       [
-        train.epoch_permutation(data_keys[train.KEY_SHUFFLE], e, images.shape[0])
+        step_lib.epoch_permutation(data_keys[step_lib.KEY_SHUFFLE], e, images.shape[0])
         for e in (epoch, epoch + 1)
       ]
     )
     state, _ = trainer.train_chunk(
-      state, images, perms, epoch, n, trainer.keys[train.KEY_EPS], data_keys[train.KEY_BINARIZE]
+      state,
+      images,
+      perms,
+      epoch,
+      n,
+      trainer.keys[step_lib.KEY_EPS],
+      data_keys[step_lib.KEY_BINARIZE],
     )
     step += n
   return state
@@ -65,7 +91,7 @@ def test_each_model_is_its_single_run_and_resume_is_exact(smoke_config, tmp_path
   # Model 1 (beta=1, seed=0 == config.seed) is exactly train_and_evaluate's run.
   single_config = config.copy_and_resolve_references()
   single_config.beta = 1.0
-  del single_config["sweep"]
+  single_config.sweep.betas = ()
   single = train.train_and_evaluate(single_config, str(tmp_path / "single"))
   chex.assert_trees_all_close(
     sweep.model_state(state, 1).params, single.params, rtol=1e-5, atol=1e-6
@@ -108,22 +134,25 @@ def test_sweep_chunk_compiles_once_for_any_chunk_length(smoke_config):
   trainer = sweep.build_sweep_trainer(config, images.shape[1:], images.shape[0])
   state = trainer.init_state()
   for n in (3, 4, 1, 7):  # Partial chunks and an epoch boundary.
-    state, pending = sweep.run_steps(trainer, state, images, n)
+    state, metrics = sweep.run_steps(trainer, state, images, n)
   assert int(state.step) == 15
-  assert pending[-1][2]["loss"].shape == (trainer.base.chunk_len, 3)
+  assert metrics["loss"].shape == (trainer.base.chunk_len, 3)
   assert trainer.sweep_chunk._cache_size() == 1
 
 
 def test_bad_sweep_grids_are_clear_errors(smoke_config):
   config = _sweep_config(smoke_config, betas=(1.0, 2.0), seeds=(0, 1, 2))
   with pytest.raises(ValueError, match="one seed"):
-    sweep.sweep_grid(config)
+    config_lib.sweep_grid(config)
   config.sweep.seeds, config.sweep.betas = (0,), (1.0, -1.0)
   with pytest.raises(ValueError, match=">= 0"):
-    sweep.sweep_grid(config)
-  del config["sweep"]
-  with pytest.raises(ValueError, match="configs/beta_sweep.py"):
-    sweep.sweep_grid(config)
+    config_lib.validate(config)
+  config.sweep.betas = (1.0, 1.0)
+  with pytest.raises(ValueError, match="repeated"):
+    config_lib.validate(config)
+  config.sweep.betas = ()
+  with pytest.raises(ValueError, match="empty"):
+    config_lib.sweep_grid(config)
 
 
 _SHARDED = """
@@ -132,10 +161,15 @@ import jax, chex, ml_collections
 sys.path.insert(0, {tests!r})
 from test_sweep import _single_run_with_sweep_data
 from vae_jax import input_pipeline, sweep
+
+
 config = ml_collections.ConfigDict(json.loads({config!r}))
 config.model.encoder_hidden = tuple(config.model.encoder_hidden)
 config.num_epochs = 1
 config.sweep.betas, config.sweep.seeds = (0.5, 4.0), (0,)
+for k in ("encoder_hidden", "conv_features", "top_hidden"):
+  config.model[k] = tuple(config.model[k])
+config.sweep.betas, config.sweep.seeds = tuple(config.sweep.betas), tuple(config.sweep.seeds)
 data = input_pipeline.load_dataset(config.dataset, config.data_dir)
 images = data["train"].images
 trainer = sweep.build_sweep_trainer(config, images.shape[1:], images.shape[0])
@@ -174,23 +208,11 @@ def test_model_and_batch_axes_are_sharded_over_host_devices(smoke_config):
   assert out["mesh_3_models"] == {"model": 1, "batch": 4}  # gcd(3, 4) = 1.
 
 
-def test_rate_distortion_plot_draws_points_and_elbo_lines():
-  image = pictures.rate_distortion_plot(
-    np.array([2.0, 10.0, 25.0]),
-    np.array([300.0, 260.0, 240.0]),
-    ["16", "1", "0.25"],
-    title="test",
-  )
-  assert image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8
-  coloured = np.any(image != image[..., :1], axis=-1)  # Non-grey pixels: points and lines.
-  assert coloured.sum() > 50
-
-
 def _tiny_model_and_state(num_models=2):
   model = models.make_mlp_vae(event_shape=(28, 28, 1), latents=2, encoder_hidden=(8,))
   optimizer = optax.adam(1e-3)
   ll_fn = functools.partial(losses.bernoulli_log_likelihood, event_ndims=3)
-  init = functools.partial(train.initial_state, model, optimizer, event_shape=(28, 28, 1))
+  init = functools.partial(step_lib.initial_state, model, optimizer, event_shape=(28, 28, 1))
   keys = jax.random.split(jax.random.key(0), num_models)
   state = sweep.SweepState(jnp.zeros((), jnp.int32), jax.jit(jax.vmap(init))(keys))
   batch = jax.random.bernoulli(jax.random.key(1), 0.3, (8, 28, 28, 1)).astype(jnp.float32)
@@ -202,79 +224,61 @@ def _at_step(state, step):
   return sweep.SweepState(jnp.int32(step), models)
 
 
-def test_kl_warmup_and_capacity_are_the_core_step_with_a_scheduled_loss():
+def test_kl_warmup_and_capacity_are_the_single_runs_step_with_each_models_beta():
+  """The sweep step is the single run's step (objectives.make_loss_fn with the same
+  schedule), vmapped with each model's beta: warm-up and capacity over steps included."""
   model, optimizer, ll_fn, state, batch = _tiny_model_and_state()
   betas, eps = jnp.array([1.0, 4.0]), jax.random.split(jax.random.key(2), 2)
   keys = sweep.SweepKeys(eps, betas)
-
-  @jax.jit
-  def core_step(state, beta, key):  # The single-run step, beta traced: one compile.
-    loss_fn = train.make_loss_fn(model, ll_fn, beta, 1)
-    return train.make_train_step(loss_fn, optimizer)(state, batch, key)
-
-  @jax.jit
-  def capacity_step(state, gamma, capacity, key):
-    loss_fn = sweep.make_capacity_loss_fn(model, ll_fn, gamma, capacity, 1)
-    return train.make_train_step(loss_fn, optimizer)(state, batch, key)
-
-  warmup = jax.jit(
-    sweep.make_sweep_step(
-      model, ll_fn, optimizer, num_samples=1, schedule=sweep.Schedule("warmup", warmup_steps=4)
+  specs = {
+    "warmup": objectives.Spec(warmup_steps=4),
+    "capacity": objectives.Spec(capacity_nats=3.0, capacity_steps=6),
+  }
+  for name, spec in specs.items():
+    trainer = types.SimpleNamespace(
+      loss_fn=lambda beta, spec=spec: objectives.make_loss_fn(model, ll_fn, spec, beta),
+      optimizer=optimizer,
     )
-  )
-  capacity = jax.jit(
-    sweep.make_sweep_step(
-      model,
-      ll_fn,
-      optimizer,
-      num_samples=1,
-      schedule=sweep.Schedule("capacity", capacity_nats=3.0, capacity_steps=6),
-    )
-  )
-  for step, scale, c in [(0, 0.0, 0.0), (2, 0.5, 1.0), (4, 1.0, 2.0), (9, 1.0, 3.0)]:
-    at = _at_step(state, step)
-    got_w, _ = warmup(at, batch, keys)
-    got_c, metrics_c = capacity(at, batch, keys)
-    np.testing.assert_allclose(np.asarray(metrics_c["capacity"]), [c, c], rtol=1e-6)
-    for i in range(2):
-      want_w, _ = core_step(sweep.model_state(at, i), betas[i] * scale, eps[i])
-      chex.assert_trees_all_close(sweep.model_state(got_w, i), want_w, rtol=1e-5, atol=1e-6)
-      want_c, _ = capacity_step(sweep.model_state(at, i), betas[i], c, eps[i])
-      chex.assert_trees_all_close(sweep.model_state(got_c, i), want_c, rtol=1e-5, atol=1e-6)
-  assert warmup._cache_size() == 1 and capacity._cache_size() == 1
+    swept = jax.jit(sweep.make_sweep_step(trainer))
+
+    @jax.jit
+    def single(state, beta, key, spec=spec):  # The single run's step, beta traced.
+      loss_fn = objectives.make_loss_fn(model, ll_fn, spec, beta)
+      return step_lib.make_train_step(loss_fn, optimizer)(state, batch, key)
+
+    for step, scale, c in [(0, 0.0, 0.0), (2, 0.5, 1.0), (4, 1.0, 2.0), (9, 1.0, 3.0)]:
+      at = _at_step(state, step)
+      got, metrics = swept(at, batch, keys)
+      for i in range(2):
+        want, want_metrics = single(sweep.model_state(at, i), betas[i], eps[i])
+        chex.assert_trees_all_close(sweep.model_state(got, i), want, rtol=1e-5, atol=1e-6)
+        if name == "warmup":
+          np.testing.assert_allclose(metrics["beta"][i], betas[i] * scale, rtol=1e-6)
+        else:
+          np.testing.assert_allclose(metrics["capacity"][i], c, rtol=1e-6)
+    assert swept._cache_size() == 1
 
 
 def test_capacity_loss_is_rec_plus_gamma_times_distance_to_capacity():
   model, _, ll_fn, state, batch = _tiny_model_and_state(1)
   params, key = sweep.model_state(state, 0).params, jax.random.key(3)
-  _, m = jax.jit(train.make_loss_fn(model, ll_fn, 1.0, 1))(params, batch, key)
-
-  @jax.jit
-  def capacity_loss(capacity):
-    return sweep.make_capacity_loss_fn(model, ll_fn, 7.0, capacity, 1)(params, batch, key)
-
-  for capacity in (0.0, 0.5 * float(m["kl"]), 2.0 * float(m["kl"]) + 1.0):
-    loss, got = capacity_loss(capacity)
+  _, m = jax.jit(_loss(model, ll_fn, 1.0, 1))(params, batch, key)
+  spec = objectives.Spec(capacity_nats=10.0, capacity_steps=10)
+  capacity_loss = jax.jit(objectives.make_loss_fn(model, ll_fn, spec, 7.0))
+  for step in (0, 3, 10, 20):
+    capacity = 10.0 * min(1.0, step / 10)
+    loss, got = capacity_loss(params, batch, key, jnp.int32(step))
     want = -m["reconstruction"] + 7.0 * abs(m["kl"] - capacity)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
     np.testing.assert_allclose(float(got["elbo"]), float(m["elbo"]), rtol=1e-6)
-
-
-def test_schedule_config_errors(smoke_config):
-  config = _sweep_config(smoke_config)
-  config.sweep.schedule = "cyclic"
-  with pytest.raises(ValueError, match="Unknown config.sweep.schedule 'cyclic'"):
-    sweep.sweep_schedule(config)
-  config.sweep.schedule, config.sweep.warmup_steps = "warmup", 0
-  with pytest.raises(ValueError, match="warmup_steps"):
-    sweep.sweep_schedule(config)
+    np.testing.assert_allclose(float(got["capacity"]), capacity, rtol=1e-6)
 
 
 def test_non_finite_model_stops_the_sweep_before_saving(smoke_config, tmp_path):
   config = _sweep_config(smoke_config, betas=(1.0, 2.0), seeds=(0,))
   config.optimizer.name, config.optimizer.learning_rate = "sgd", 1e30
   config.checkpoint_every_steps = config.log_every_steps = 1
-  with pytest.raises(train.NonFiniteError, match=r"at step \d+ in model \d \(beta="):
+  with pytest.raises(loop.NonFiniteError, match=r"at step \d+ in model \d \(beta="):
     sweep.train_sweep(config, str(tmp_path / "run"))
   steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit())
   restored = sweep.checkpointing.Checkpointer(tmp_path / "run/checkpoints")

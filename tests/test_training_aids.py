@@ -15,13 +15,16 @@ import pytest
 
 from vae_jax import (
   checkpointing,
-  config_defaults,
   evaluate,
   input_pipeline,
   models,
+  objectives,
+  optim,
   train,
   writers,
 )
+from vae_jax import config as config_lib
+from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).parents[1]
 EVENT_SHAPE = (28, 28, 1)
@@ -38,8 +41,8 @@ def _load_config_module(name: str):
 
 def _base(**flat):
   """``base_config()`` shrunk for smoke, with dotted-path overrides."""
-  config = config_defaults.base_config()
-  config_defaults.shrink_for_smoke(config)
+  config = config_lib.base_config()
+  config_lib.shrink_for_smoke(config)
   config.update_from_flattened_dict(flat)
   return config
 
@@ -70,7 +73,7 @@ def _schedule(name, lr=0.01, num_epochs=5, steps_per_epoch=3, decay_rate=1.0):
       "num_epochs": num_epochs,
     }
   )
-  return train.learning_rate_schedule(config, steps_per_epoch)
+  return optim.learning_rate_schedule(config, steps_per_epoch)
 
 
 def test_constant_schedule_is_the_float():
@@ -91,9 +94,9 @@ def test_exponential_schedule_decays_once_per_epoch():
   sched = _schedule("exponential", lr=0.01, steps_per_epoch=4, decay_rate=0.5)
   for step, expected in [(0, 0.01), (3, 0.01), (4, 0.005), (7, 0.005), (8, 0.0025), (12, 0.00125)]:
     assert float(sched(step)) == pytest.approx(expected, rel=1e-6), step
-  for bad in (0.0, 1.5):
+  for bad in (0.0, 1.5, float("nan")):
     with pytest.raises(ValueError, match=r"config\.optimizer\.decay_rate"):
-      _schedule("exponential", decay_rate=bad)
+      config_lib.validate(_base(**{"optimizer.decay_rate": bad}))
 
 
 def _iwae_stage(epoch: int) -> int:
@@ -121,28 +124,28 @@ def test_unknown_schedule_names_the_choices():
     _schedule("linear")
   for name in ("constant", "cosine", "exponential", "iwae"):
     assert repr(name) in str(info.value)
-  with pytest.raises(ValueError, match=r"config\.optimizer\.schedule 'linear'"):
-    train.validate_config(_base(**{"optimizer.schedule": "linear"}))
+  with pytest.raises(ValueError, match=r"config\.optimizer\.schedule='linear'"):
+    config_lib.validate(_base(**{"optimizer.schedule": "linear"}))
   for name in ("constant", "cosine", "exponential", "iwae"):
-    train.validate_config(_base(**{"optimizer.schedule": name}))
+    config_lib.validate(_base(**{"optimizer.schedule": name}))
 
 
 def _lr(schedule, step):
   return float(schedule(step)) if callable(schedule) else float(schedule)
 
 
-@pytest.mark.parametrize("name", train.SCHEDULES)
+@pytest.mark.parametrize("name", optim.SCHEDULES)
 def test_resumable_change_of_num_epochs_keeps_every_learning_rate(name, tmp_path):
   """``num_epochs`` may change on resume because it "does not change the results"
   (README, Resume); then the learning rate of every step must stay what it was."""
   steps_per_epoch = 3
   old = _base(**{"optimizer.schedule": name, "optimizer.decay_rate": 0.5, "num_epochs": 2})
-  train.write_config(old, tmp_path)
+  config_lib.write_record(old, tmp_path)
   new = old.copy_and_resolve_references()
   new.num_epochs = 4
-  refused = bool(train.config_differences(new, tmp_path))
-  old_lr = train.learning_rate_schedule(old, steps_per_epoch)
-  new_lr = train.learning_rate_schedule(new, steps_per_epoch)
+  refused = bool(config_lib.differences(new, tmp_path))
+  old_lr = optim.learning_rate_schedule(old, steps_per_epoch)
+  new_lr = optim.learning_rate_schedule(new, steps_per_epoch)
   changed = [
     (s, _lr(old_lr, s), _lr(new_lr, s))
     for s in range(2 * steps_per_epoch)
@@ -161,9 +164,9 @@ def test_resumable_change_of_num_epochs_keeps_every_learning_rate(name, tmp_path
 def test_param_ema_follows_the_recursion_and_passes_updates_through():
   lr, decay = 0.1, 0.8
   params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.25)}
-  opt = optax.chain(optax.sgd(lr), train.param_ema(decay))
+  opt = optax.chain(optax.sgd(lr), optim.param_ema(decay))
   state = opt.init(params)
-  assert isinstance(state[-1], train.ParamEmaState)
+  assert isinstance(state[-1], optim.ParamEmaState)
   _assert_trees_equal(state[-1].ema, params)  # Starts at the initial parameters.
 
   rng = np.random.default_rng(0)
@@ -183,9 +186,11 @@ def test_param_ema_follows_the_recursion_and_passes_updates_through():
 
 def test_param_ema_rejects_bad_decay_and_missing_params():
   for bad in (-0.1, 1.0, 1.5):
+    with pytest.raises(ValueError, match=r"EMA decay must be in \[0, 1\)"):
+      optim.param_ema(bad)
     with pytest.raises(ValueError, match=r"config\.optimizer\.ema_decay"):
-      train.param_ema(bad)
-  opt = train.param_ema(0.5)
+      config_lib.validate(_base(**{"optimizer.ema_decay": bad}))
+  opt = optim.param_ema(0.5)
   params = {"w": jnp.ones(2)}
   with pytest.raises(ValueError, match="params"):
     opt.update(params, opt.init(params))
@@ -206,16 +211,16 @@ def test_eval_params_is_the_ema_when_configured(clip):
   states = {}
   for ema_decay in (None, 0.5):
     config = _base(**{"optimizer.ema_decay": ema_decay, "optimizer.grad_clip_norm": clip})
-    optimizer = train.make_optimizer(config)
-    state = train.TrainState(jnp.int32(0), params, optimizer.init(params), jnp.int32(0))
+    optimizer = optim.make_optimizer(config)
+    state = step_lib.TrainState(jnp.int32(0), params, optimizer.init(params), jnp.int32(0))
     for g in grads:
       updates, opt_state = optimizer.update(g, state.opt_state, state.params)
       new = optax.apply_updates(state.params, updates)
-      state = train.TrainState(state.step + 1, new, opt_state, state.num_skipped)
+      state = step_lib.TrainState(state.step + 1, new, opt_state, state.num_skipped)
     states[ema_decay] = state
   plain, with_ema = states[None], states[0.5]
-  assert train.eval_params(plain) is plain.params
-  ema = train.eval_params(with_ema)
+  assert optim.eval_params(plain.opt_state, plain.params) is plain.params
+  ema = optim.eval_params(with_ema.opt_state, with_ema.params)
   assert ema is with_ema.opt_state[-1].ema
   assert _trees_differ(jax.device_get(ema), jax.device_get(with_ema.params))
   # The EMA does not change the training trajectory.
@@ -226,11 +231,10 @@ def test_fresh_state_with_ema_can_be_donated():
   """``initial_state`` then ``jax.jit(train_step, donate_argnums=0)``, as documented, with an
   EMA: the EMA must not share the parameters' buffers, or the donation fails."""
   config = _base(**{"optimizer.ema_decay": 0.5})
-  model = _tiny_model()
-  optimizer = train.make_optimizer(config, steps_per_epoch=4)
-  ll_fn = train.make_log_likelihood_fn(config, 3)
-  step = jax.jit(train.make_config_train_step(config, model, ll_fn, optimizer, 4), donate_argnums=0)
-  state = train.initial_state(model, optimizer, jax.random.key(0), EVENT_SHAPE)
+  trainer = train.build_trainer(config, EVENT_SHAPE, 4 * config.batch_size)
+  model, optimizer = trainer.model, trainer.optimizer
+  step = jax.jit(trainer.train_step, donate_argnums=0)
+  state = step_lib.initial_state(model, optimizer, jax.random.key(0), EVENT_SHAPE)
   state, metrics = step(state, _batch(), jax.random.key(1))
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
@@ -240,21 +244,19 @@ def test_fresh_state_with_ema_can_be_donated():
 
 
 def test_kl_weight():
-  assert float(train.kl_weight(2.0, 0, jnp.int32(5))) == 2.0
-  assert float(train.kl_weight(2.0, 10, jnp.int32(0))) == 0.0
-  assert float(train.kl_weight(2.0, 10, jnp.int32(5))) == pytest.approx(1.0)
-  assert float(train.kl_weight(2.0, 10, jnp.int32(10))) == pytest.approx(2.0)
-  assert float(train.kl_weight(2.0, 10, jnp.int32(40))) == pytest.approx(2.0)
+  assert float(objectives.kl_weight(2.0, jnp.int32(5), 0)) == 2.0
+  assert float(objectives.kl_weight(2.0, jnp.int32(0), 10)) == 0.0
+  assert float(objectives.kl_weight(2.0, jnp.int32(5), 10)) == pytest.approx(1.0)
+  assert float(objectives.kl_weight(2.0, jnp.int32(10), 10)) == pytest.approx(2.0)
+  assert float(objectives.kl_weight(2.0, jnp.int32(40), 10)) == pytest.approx(2.0)
 
 
 def test_kl_warmup_scales_beta_in_the_train_step():
   beta, steps_per_epoch = 0.8, 4
   config = _base(beta=beta, kl_warmup_epochs=2.5)  # 10 warm-up steps.
-  model = _tiny_model()
-  ll_fn = train.make_log_likelihood_fn(config, 3)
-  optimizer = train.make_optimizer(config, steps_per_epoch)
-  step_fn = jax.jit(train.make_config_train_step(config, model, ll_fn, optimizer, steps_per_epoch))
-  state = train.initial_state(model, optimizer, jax.random.key(0), EVENT_SHAPE)
+  trainer = train.build_trainer(config, EVENT_SHAPE, steps_per_epoch * config.batch_size)
+  step_fn = jax.jit(trainer.train_step)
+  state = trainer.init_state()
   batch = _batch()
   for step in (0, 1, 5, 9, 10, 15):
     _, metrics = step_fn(state._replace(step=jnp.int32(step)), batch, jax.random.key(1))
@@ -285,7 +287,7 @@ def test_kl_warmup_scales_beta_in_the_train_step():
 def test_validate_config_rejects_bad_training_aids(overrides, message):
   config = _base(**overrides)
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    config_lib.validate(config)
 
 
 @pytest.mark.parametrize("objective", ["iwae", "autoencoder"])
@@ -293,10 +295,6 @@ def test_free_bits_needs_the_elbo_objective(objective):
   config = _base(objective=objective, free_bits=0.5)
   with pytest.raises(ValueError, match=r"config\.free_bits.*config\.objective='elbo'"):
     train.build_trainer(config, EVENT_SHAPE, 400)
-  model = _tiny_model()
-  ll_fn = train.make_log_likelihood_fn(config, 3)
-  with pytest.raises(ValueError, match=r"config\.free_bits"):
-    train.make_loss_fn(model, ll_fn, 1.0, 1, objective, free_bits=0.5)
   config.free_bits = 0.0  # The same config without free bits builds.
   train.build_trainer(config, EVENT_SHAPE, 400)
 
@@ -305,7 +303,7 @@ def test_valid_training_aids_pass():
   config = _base(
     kl_warmup_epochs=2.0, free_bits=0.1, validation_examples=100, early_stopping_patience_epochs=3
   )
-  train.validate_config(config)
+  config_lib.validate(config)
   train.build_trainer(config, EVENT_SHAPE, 300)
 
 
@@ -477,7 +475,7 @@ def test_ema_is_evaluated_and_survives_the_checkpoint(ema_dequantized_run, tfds_
   run = ema_dequantized_run
   config, first, second = run["config"], run["first"], run["second"]
   assert int(first.step) == 12 and int(second.step) == 24
-  ema_12 = train.eval_params(first)
+  ema_12 = optim.eval_params(first.opt_state, first.params)
   assert ema_12 is first.opt_state[-1].ema
   assert _trees_differ(jax.device_get(ema_12), jax.device_get(first.params))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(first.params)))
@@ -486,7 +484,7 @@ def test_ema_is_evaluated_and_survives_the_checkpoint(ema_dequantized_run, tfds_
   trainer = train.build_trainer(config, EVENT_SHAPE, 400)
   data = input_pipeline.load_dataset("mnist", tfds_dir)
   test_x = input_pipeline.eval_images(data["test"].images, config.binarization)
-  key = trainer.keys[train.KEY_EVAL]
+  key = trainer.keys[step_lib.KEY_EVAL]
   row = [r for r in run["first_rows"] if r["split"] == "test"][-1]
   assert row["step"] == 12
   assert row["elbo"] == pytest.approx(float(trainer.eval_fn(ema_12, test_x, key)["elbo"]), rel=1e-6)
@@ -504,19 +502,22 @@ def test_ema_is_evaluated_and_survives_the_checkpoint(ema_dequantized_run, tfds_
   )
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-    jax.device_get(train.eval_params(second)),
+    jax.device_get(optim.eval_params(second.opt_state, second.params)),
     expected,
   )
 
   # The checkpoint holds the EMA, and evaluation reads it rather than the parameters.
-  step, restored = checkpointing.restore_latest_read_only(
+  step, restored = checkpointing.restore_read_only(
     run["workdir"] / "checkpoints", trainer.abstract_state()
   )
-  assert step == 24 and isinstance(restored.opt_state[-1], train.ParamEmaState)
-  _assert_trees_equal(train.eval_params(restored), train.eval_params(second))
+  assert step == 24 and isinstance(restored.opt_state[-1], optim.ParamEmaState)
+  _assert_trees_equal(
+    optim.eval_params(restored.opt_state, restored.params),
+    optim.eval_params(second.opt_state, second.params),
+  )
   step, _, params = evaluate.restore_params(run["frozen"], run["workdir"], EVENT_SHAPE, 400)
   assert step == 24
-  _assert_trees_equal(params, train.eval_params(second))
+  _assert_trees_equal(params, optim.eval_params(second.opt_state, second.params))
   assert _trees_differ(jax.device_get(params), jax.device_get(second.params))
 
 
@@ -537,7 +538,7 @@ def test_dequantized_gaussian_run_reports_8bit_bits_per_dim(ema_dequantized_run)
 
 def test_best_checkpoint_not_from_this_runs_past_is_set_aside(tmp_path):
   """A best saved after the resumed step (or left by another run) is moved aside, kept."""
-  mesh = train.make_mesh(1)
+  mesh = step_lib.make_mesh(1)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = {"w": jax.device_put(jnp.arange(3.0), sharding)}
   abstract = jax.tree.map(
@@ -553,11 +554,11 @@ def test_best_checkpoint_not_from_this_runs_past_is_set_aside(tmp_path):
     assert best.update(20, -100.0, params) and not best.update(30, -101.0, params)
     best.close()
     kept = make(workdir, 25)
-    assert (kept.step, kept.elbo) == (20, -100.0)
+    assert (kept.step, float(kept.elbos)) == (20, -100.0)
     kept.close()
 
     stale = make(workdir, resumed)
-    assert (stale.step, stale.elbo) == (-1, -float("inf"))
+    assert (stale.step, float(stale.elbos)) == (-1, -float("inf"))
     assert stale.update(5, -200.0, params)  # A worse value wins: the stale one is not used.
     stale.close()
     (aside,) = workdir.glob("best_superseded_*")
@@ -565,3 +566,41 @@ def test_best_checkpoint_not_from_this_runs_past_is_set_aside(tmp_path):
     final = make(workdir, 5)
     assert final.step == 5
     final.close()
+
+
+def test_sweep_best_checkpoint_keeps_each_models_best(tmp_path):
+  """Stacked: each model's best parameters and step, replaced only where that model improved."""
+  mesh = step_lib.make_mesh(1)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = {"w": jax.ShapeDtypeStruct((3, 2), jnp.float32, sharding=sharding)}
+
+  def params(value):
+    return {"w": jax.device_put(jnp.full((3, 2), value), sharding)}
+
+  best = train.BestCheckpoint(tmp_path / "best", abstract, sharding, None, num_models=3)
+  assert list(best.update(1, np.array([-10.0, -20.0, -30.0]), params(1.0))) == [True] * 3
+  better = best.update(2, np.array([-11.0, -19.0, np.nan]), params(2.0))
+  assert list(better) == [False, True, False]  # NaN never wins.
+  assert list(best.steps) == [1, 2, 1] and best.step == 1
+  best.close()
+  again = train.BestCheckpoint(tmp_path / "best", abstract, sharding, 2, num_models=3)
+  np.testing.assert_array_equal(again.steps, [1, 2, 1])
+  np.testing.assert_array_equal(again.elbos, [-10.0, -19.0, -30.0])
+  np.testing.assert_array_equal(again._params["w"][:, 0], [1.0, 2.0, 1.0])
+  again.close()
+
+
+@pytest.mark.parametrize(
+  ("best_steps", "step", "expected"),
+  [
+    ([10], 59, False),  # 49 epochs since the best.
+    ([10], 60, True),
+    ([0], 100, False),  # The best came during the warm-up (100): patience from its end.
+    ([0], 150, True),
+    ([10, 40], 60, False),  # A sweep stops when every model is out of patience.
+    ([10, 40], 90, True),
+  ],
+)
+def test_patience_counts_from_the_best_but_not_from_before_the_warmup(best_steps, step, expected):
+  warmup_end = 100 if best_steps == [0] else 0
+  assert train.patience_exhausted(step, np.array(best_steps), warmup_end, 50) is expected

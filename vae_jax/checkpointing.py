@@ -148,21 +148,28 @@ class Checkpointer:
         + "\nUse a fresh --workdir for a different model, or the config that wrote it."
       )
 
-  def restore_latest(self, target: PyTree) -> tuple[int, PyTree] | None:
+  def restore_latest(self, target: PyTree, step: int | None = None) -> tuple[int, PyTree] | None:
     """Restores the newest readable checkpoint into the structure of ``target``.
 
     Args:
       target: a pytree of arrays or ``jax.ShapeDtypeStruct`` with the expected
         structure, shapes and dtypes (e.g. from ``jax.eval_shape``).
+      step: restore this step only (and fail if it cannot be read).
 
     Returns:
       ``(step, state)``, or ``None`` when the directory holds no checkpoint.
 
     Raises:
-      CheckpointError: the checkpoints were written for other shapes, or none
-        of them can be read.
+      CheckpointError: the checkpoints were written for other shapes, none of
+        them can be read, or ``step`` is not among them.
     """
     steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(
+          f"{self.directory} has no checkpoint of step {step}; it has steps {steps}."
+        )
+      steps = [step]
     if not steps:
       return None
     self._check_compatible(steps[-1], target)
@@ -208,8 +215,11 @@ def saved_steps(directory: str | pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def restore_latest_read_only(directory: str | pathlib.Path, target: PyTree) -> tuple[int, PyTree]:
-  """``(step, state)`` of the newest readable checkpoint, for readers such as evaluation.
+def restore_read_only(
+  directory: str | pathlib.Path, target: PyTree, step: int | None = None
+) -> tuple[int, PyTree]:
+  """``(step, state)`` of the newest readable checkpoint (or of ``step``), for readers
+  such as evaluation.
 
   Opens ``directory`` read-only (see ``Checkpointer``), so it is safe beside a
   training job that is still writing there.
@@ -226,7 +236,7 @@ def restore_latest_read_only(directory: str | pathlib.Path, target: PyTree) -> t
     )
   checkpointer = Checkpointer(directory, read_only=True)
   try:
-    restored = checkpointer.restore_latest(target)
+    restored = checkpointer.restore_latest(target, step)
   finally:
     checkpointer.close()
   if restored is None:

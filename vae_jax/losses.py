@@ -371,6 +371,46 @@ class ElboOutput(NamedTuple):
   kl: Array
 
 
+def elbo_from_terms(reconstruction: Array, kl: Array, beta: float | Array = 1.0) -> Array:
+  """``reconstruction - beta * kl``: the beta-ELBO from its two terms (Higgins et al. 2017).
+
+  The one place in vae_jax where beta weights the KL: ``elbo``, every model's
+  ELBO and the free-bits objective call it. ``beta = 1`` is the evidence lower
+  bound of Kingma & Welling (2014).
+
+  Args:
+    reconstruction: ``E_q[log p(x | z)]`` (the negative distortion), in nats.
+    kl: ``KL(q(z | x) || p(z))`` (the rate), the same shape.
+    beta: the KL weight (Python float or traced scalar), ``>= 0``.
+
+  Returns:
+    The beta-ELBO, the shape of ``reconstruction``.
+
+  Raises:
+    ValueError: the two terms' shapes differ.
+  """
+  _check_same_shape("reconstruction", reconstruction, "kl", kl)
+  return reconstruction - beta * kl
+
+
+def capacity_objective(
+  reconstruction: Array, kl: Array, gamma: float | Array, capacity: float | Array
+) -> Array:
+  """``reconstruction - gamma * |kl - capacity|`` (Burgess et al. 2018, eq. 8), to maximize.
+
+  Pushes the KL towards a target capacity ``C`` (annealed from 0 upwards by
+  the caller) instead of towards 0.
+
+  Args:
+    reconstruction: ``E_q[log p(x | z)]``, nats (the paper uses batch means).
+    kl: ``KL(q(z | x) || p(z))`` in nats, the same shape.
+    gamma: the weight of the capacity term (the paper's gamma, e.g. 1000).
+    capacity: ``C`` in nats.
+  """
+  _check_same_shape("reconstruction", reconstruction, "kl", kl)
+  return reconstruction - gamma * jnp.abs(kl - capacity)
+
+
 def _check_latents(x: Array, mean: Array, logvar: Array) -> None:
   _check_same_shape("mean", mean, "logvar", logvar)
   if mean.ndim != 2:
@@ -464,7 +504,7 @@ def elbo(
   log_px = _sample_log_likelihoods(log_likelihood_fn, decoded, x)
   reconstruction = jnp.mean(log_px, axis=0)
   kl = kl_divergence(mean, logvar)
-  return ElboOutput(elbo=reconstruction - beta * kl, reconstruction=reconstruction, kl=kl)
+  return ElboOutput(elbo_from_terms(reconstruction, kl, beta), reconstruction, kl)
 
 
 def iw_log_weights(

@@ -2,16 +2,20 @@
 
 Any config field can be overridden, e.g. ``--config.beta=4 --config.model.latents=2``;
 unknown fields and wrong types are errors. Running again with the same workdir
-resumes from its latest checkpoint.
+resumes from its latest checkpoint. A config with ``config.sweep.betas`` set
+(``configs/beta_sweep.py``) trains every model of the sweep as one program.
 
 ``--mode=evaluate`` evaluates the workdir's parameters instead (the best on
-validation, the EMA or the latest; see ``evaluate.params_source``) (importance-
-sampled test log-likelihood with ``--eval_num_samples`` samples, ELBO parts, PCA
-baseline, pictures) and writes ``WORKDIR/eval/step_<N>_k<K>.json``.
+validation, the EMA or the latest, or ``--eval_step=N``; see
+``evaluate.params_source``): importance-sampled test log-likelihood with
+``--eval_num_samples`` samples, ELBO parts, PCA baseline, figures; it writes
+``WORKDIR/eval/step_<N>_k<K>.json`` (for a sweep, per model under
+``WORKDIR/models/<name>/``).
 """
 
 import logging as py_logging
 import os
+import pathlib
 import sys
 import traceback
 
@@ -19,7 +23,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import checkpointing, evaluate, input_pipeline, train
+from vae_jax import checkpointing, evaluate, input_pipeline, likelihood, loop, sweep, train
+from vae_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
@@ -34,9 +39,16 @@ flags.DEFINE_bool(
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (or resume), or evaluate.")
 flags.DEFINE_integer(
   "eval_num_samples",
-  evaluate.DEFAULT_NUM_IMPORTANCE_SAMPLES,
+  likelihood.DEFAULT_NUM_IMPORTANCE_SAMPLES,
   "--mode=evaluate: importance samples K per test example for log p(x).",
   lower_bound=1,
+)
+flags.DEFINE_integer(
+  "eval_step",
+  None,
+  "--mode=evaluate: the checkpoint step to evaluate (default: the best on validation, "
+  "else the latest).",
+  lower_bound=0,
 )
 flags.DEFINE_string(
   "coordinator_address",
@@ -48,6 +60,15 @@ flags.DEFINE_string(
 flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str, mode: str = "train", **kwargs):
+  """What the command does: train (a single run or a sweep) or evaluate."""
+  if mode == "evaluate":
+    return evaluate.evaluate_workdir(config, workdir, **kwargs)
+  if config_lib.is_sweep(config):
+    return sweep.train_sweep(config, workdir, **kwargs)
+  return train.train_and_evaluate(config, workdir, **kwargs)
 
 
 def main(argv):
@@ -66,16 +87,18 @@ def main(argv):
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
     )
-  logging.info("JAX devices: %s", jax.devices())
-  logging.info("Config:\n%s", FLAGS.config)
   try:
+    config_lib.validate(FLAGS.config)  # Before anything is set up or written.
+    logging.info("JAX devices: %s", jax.devices())
+    logging.info("Config:\n%s", FLAGS.config)
     if FLAGS.mode == "evaluate":
-      evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.eval_num_samples)
+      kwargs = {"num_samples": FLAGS.eval_num_samples, "eval_step": FLAGS.eval_step}
     else:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
-  except train.Preempted as e:
+      kwargs = {"allow_config_change": FLAGS.allow_config_change}
+    run(FLAGS.config, FLAGS.workdir, FLAGS.mode, **kwargs)
+  except loop.Preempted as e:
     logging.warning("%s Run the same command to resume.", e)
-    sys.exit(train.EXIT_CODE_PREEMPTED)
+    sys.exit(loop.EXIT_CODE_PREEMPTED)
   except USER_ERRORS as e:
     if not _raised_by_vae_jax(e):
       raise  # A library's own error: keep its traceback.
@@ -89,7 +112,7 @@ USER_ERRORS = (
   FileNotFoundError,
   input_pipeline.DataError,
   checkpointing.CheckpointError,
-  train.NonFiniteError,
+  loop.NonFiniteError,
 )
 
 
@@ -99,10 +122,17 @@ def _raised_by_vae_jax(e: BaseException) -> bool:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad ``--config.*`` override as one line, not a traceback."""
+  """absl's flag parsing, with a bad ``--config`` or override as one line, not a traceback."""
+  for arg in argv[1:]:
+    if arg.startswith("--config=") and not pathlib.Path(arg[9:].split(":")[0]).is_file():
+      sys.stderr.write(
+        f"FATAL: --config={arg[9:]}: no such config file. Give a path such as "
+        "configs/mnist.py (or configs/mnist.py:smoke).\n"
+      )
+      sys.exit(2)
   try:
     return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 - any failure to build the config is the user's input.
     message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     # ml_collections wraps a KeyError's repr: unquote and unescape it.
     message = message.strip("'").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")

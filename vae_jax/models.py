@@ -49,6 +49,7 @@ soft_clamp = networks.soft_clamp
 Encoder, Decoder = networks.Encoder, networks.Decoder
 ConvEncoder, ConvDecoder = networks.ConvEncoder, networks.ConvDecoder
 
+KINDS = ("mlp", "conv")
 PRIORS = ("standard", "vampprior")
 HIERARCHIES = ("iwae", "vampprior")
 
@@ -141,6 +142,28 @@ def log_weights(
   decode = functools.partial(model.decode, params)
   log_px_z = losses.sample_log_likelihoods(post.z, x, decode, log_likelihood_fn)
   return LogWeights(log_px_z + post.log_prior - post.log_q, log_px_z, post)
+
+
+def decoder_mean(decoded: Array, likelihood: str) -> Array:
+  """The mean image of ``p(x | z)`` from decoder outputs, in [0, 1]: ``sigmoid(logits)``
+  for ``likelihood="bernoulli"``, the (clipped) Gaussian mean otherwise."""
+  if likelihood == "bernoulli":
+    return jax.nn.sigmoid(decoded)
+  if likelihood == "gaussian_learned":  # [..., 2]: means, log-variances.
+    decoded = decoded[..., 0]
+  return jnp.clip(decoded, 0.0, 1.0)
+
+
+def prior_samples(model: Model, params: Params, key: Array, n: int, likelihood: str) -> Array:
+  """Mean images of ``p(x | z)`` for ``n`` draws ``z ~ p(z)``: ``[n, *event_shape]``."""
+  z = model.sample_prior(params, key, n)
+  return decoder_mean(model.decode(params, z), likelihood)
+
+
+def reconstructions(model: Model, params: Params, x: Array, likelihood: str) -> Array:
+  """Mean images of ``p(x | z = posterior mean)`` for each image in ``x``."""
+  mean, _ = model.encode(params, x)
+  return decoder_mean(model.decode(params, mean), likelihood)
 
 
 # --------------------------------------------------------------------------

@@ -1,36 +1,36 @@
 """Sweeps: M models with different ``(beta, seed)`` trained by one compiled program.
 
-Design, in short:
+``python -m vae_jax.main --config=configs/beta_sweep.py --workdir=W`` runs one
+(any config with ``config.sweep.betas`` set). Design, in short:
 
-* The per-model step is the core one, unchanged:
-  ``train.make_train_step(train.make_loss_fn(model, ll_fn, beta, ...), optimizer)``,
-  built inside a function that ``jax.vmap`` maps over the model axis with
-  ``beta`` a traced scalar (``train.make_loss_fn`` accepts one). Parameters,
+* The per-model step is the single run's, unchanged: ``step.make_train_step``
+  of ``objectives.make_loss_fn(model, ll_fn, spec, beta)`` with ``beta`` a
+  traced scalar, mapped over the model axis by ``jax.vmap``. Parameters,
   optimizer states and step counters are stacked along a leading model axis:
-  ``SweepState(step, models)`` where ``models`` is a ``train.TrainState``
+  ``SweepState(step, models)`` where ``models`` is a ``step.TrainState``
   whose every leaf is ``[M, ...]``, so ``models[i]`` is a single run's state.
-* The multi-step device loop is the core one too: ``train.make_train_chunk``
-  runs the vmapped step under ``lax.scan``, gathering each batch from the
-  epoch permutation and binarizing it on the device, once for all models.
-* Keys. Model ``i`` with seed ``s_i`` draws its init and eps keys exactly as a
-  single run with ``config.seed = s_i``: ``fold_in(key(s_i), KEY_INIT)`` and
-  ``fold_in(key(s_i), KEY_EPS)`` (its test-ELBO key likewise from
-  ``KEY_EVAL``). The *data* (shuffling and dynamic binarization) is one stream
-  shared by all models, from ``config.seed`` (``KEY_SHUFFLE``,
-  ``KEY_BINARIZE``): every model sees the same batches in the same order, so
+  Every objective option (DReG, free bits, KL warm-up, capacity, EMA) is the
+  single run's.
+* The multi-step device loop is ``step.make_train_chunk`` of the vmapped step,
+  and the host loop is ``loop.run``, the single run's: the same checks,
+  preemption, logging, evaluation and checkpoints.
+* Keys. Model ``i`` with seed ``s_i`` draws its init, eps and evaluation keys
+  exactly as a single run with ``config.seed = s_i``. The *data* (shuffling and
+  dynamic binarization) is one stream shared by all models, from
+  ``config.seed``: every model sees the same batches in the same order, so
   differences between models come from beta and seed alone, and the batch is
   gathered and binarized once per step rather than M times. Hence model ``i``
-  is *exactly* ``train.train_and_evaluate`` of the config with
-  ``beta = beta_i`` and ``seed = s_i`` whenever ``s_i == config.seed`` (the
-  default grid uses one seed), and otherwise exactly that run with its data
-  keys taken from ``config.seed``. ``tests/test_sweep.py`` checks both.
+  is *exactly* the single run of the config with ``beta = beta_i`` and
+  ``seed = s_i`` whenever ``s_i == config.seed``, and otherwise exactly that
+  run with its data keys taken from ``config.seed``. ``tests/test_sweep.py``
+  checks both.
 * Devices. With more than one device the model axis is sharded over a
   ``jax.sharding.Mesh`` axis ``"model"`` of ``gcd(M, devices)`` devices; any
   devices left over form a ``"batch"`` axis over which the shared batch is
   sharded (data parallelism inside each model). Single device: no mesh.
-* Resume. The stacked state is one pytree saved by ``checkpointing.Checkpointer``;
-  as in a single run nothing random is carried between steps, so a resumed
-  sweep is bit-identical to an uninterrupted one on CPU.
+* Validation and early stopping: each model keeps its best parameters (one
+  stacked checkpoint in ``WORKDIR/best``); the sweep stops when every model
+  has run out of patience.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import math
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -47,13 +46,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vae_jax import checkpointing, input_pipeline, losses, train, writers
-from vae_jax.models import Model, Params
+from vae_jax import checkpointing, loop, optim, train
+from vae_jax import config as config_lib
+from vae_jax import step as step_lib
+from vae_jax.models import Params
+from vae_jax.step import TrainState
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -61,7 +62,7 @@ Metrics = dict[str, Array]
 
 class SweepState(NamedTuple):
   step: Array  # int32 scalar, shared: the chunk indexes the data with it.
-  models: train.TrainState  # Every leaf [M, ...]; models.step[i] == step.
+  models: TrainState  # Every leaf [M, ...]; models.step[i] == step.
 
 
 class SweepKeys(NamedTuple):
@@ -71,102 +72,23 @@ class SweepKeys(NamedTuple):
   beta: Array  # [M] float32.
 
 
-def model_keys(seed: int) -> dict[int, Array]:
-  """A single run's keys by purpose (``train.KEY_*``) for ``config.seed = seed``."""
-  return train.run_keys(seed)
-
-
-class Schedule(NamedTuple):
-  """How the KL term is weighted over training (``config.sweep.schedule``).
-
-  Attributes:
-    kind: ``"constant"``: the beta-ELBO with the model's beta throughout (the
-      core loss; model ``i`` is its single run). ``"warmup"``: linear KL
-      warm-up, ``beta_t = beta * min(1, t / warmup_steps)`` at step ``t``.
-      ``"capacity"``: Burgess et al. (2018),
-      ``loss = -E_q log p(x|z) + gamma * |KL - C_t|`` with the model's beta as
-      ``gamma`` and ``C_t = capacity_nats * min(1, t / capacity_steps)``
-      (KL and reconstruction are batch means).
-    warmup_steps: steps of the warm-up (``"warmup"``).
-    capacity_nats: the final capacity ``C`` in nats (``"capacity"``).
-    capacity_steps: steps over which ``C`` grows from 0 (``"capacity"``).
-  """
-
-  kind: str = "constant"
-  warmup_steps: int = 1
-  capacity_nats: float = 25.0
-  capacity_steps: int = 1
-
-
-SCHEDULES = ("constant", "warmup", "capacity")
-
-
-def make_capacity_loss_fn(
-  model: Model,
-  log_likelihood_fn: losses.LogLikelihoodFn,
-  gamma: float | Array,
-  capacity: float | Array,
-  num_samples: int,
-) -> Callable[[Params, Array, Array], tuple[Array, Metrics]]:
-  """``loss_fn(params, x, key) -> (loss, metrics)`` of Burgess et al. (2018).
-
-  ``loss = -mean(reconstruction) + gamma * |mean(KL) - capacity|`` in nats, with
-  the same metrics as ``train.make_loss_fn`` (``elbo`` is the beta=1 bound) and
-  ``capacity`` added.
-  """
-
-  # The core ELBO loss supplies the batch-mean reconstruction and KL (its own
-  # loss value, the beta=1 bound, is unused here and compiled away).
-  elbo_loss_fn = train.make_loss_fn(model, log_likelihood_fn, 1.0, num_samples)
-
-  def loss_fn(params: Params, x: Array, key: Array) -> tuple[Array, Metrics]:
-    _, metrics = elbo_loss_fn(params, x, key)
-    loss = -metrics["reconstruction"] + gamma * jnp.abs(metrics["kl"] - capacity)
-    return loss, {**metrics, "loss": loss, "capacity": jnp.asarray(capacity, jnp.float32)}
-
-  return loss_fn
-
-
 def make_sweep_step(
-  model: Model,
-  log_likelihood_fn: losses.LogLikelihoodFn,
-  optimizer: optax.GradientTransformation,
+  trainer: train.Trainer,
   *,
-  num_samples: int,
-  objective: str = "elbo",
   skip_nonfinite: bool = False,
   batch_sharding: NamedSharding | None = None,
-  schedule: Schedule | None = None,
 ) -> Callable[[SweepState, Array, SweepKeys], tuple[SweepState, Metrics]]:
-  """Returns ``sweep_step(state, batch, keys) -> (state, metrics)``, the core step vmapped.
+  """Returns ``sweep_step(state, batch, keys) -> (state, metrics)``, the single run's step
+  vmapped over models, each with its own beta (traced) and eps key.
 
-  Args:
-    model, log_likelihood_fn, optimizer, num_samples, objective, skip_nonfinite:
-      as for ``train.make_loss_fn`` and ``train.make_train_step``.
-    batch_sharding: where the shared batch lives when a ``"batch"`` mesh axis exists.
-    schedule: the KL weighting over training (default: constant beta).
-
-  The returned step takes ``batch: [batch, *event_shape]`` (one batch, seen by
-  every model) and ``keys`` with ``[M]`` entries, and returns ``metrics`` of
-  ``[M]`` arrays. It has the signature ``train.make_train_chunk`` expects,
+  ``batch: [batch, *event_shape]`` is one batch, seen by every model; ``metrics``
+  are ``[M]`` arrays. It has the signature ``step.make_train_chunk`` expects,
   with the ``SweepKeys`` in place of the eps key.
   """
 
-  schedule = schedule or Schedule()
-  if schedule.kind not in SCHEDULES:
-    raise ValueError(f"Unknown config.sweep.schedule {schedule.kind!r}; use one of {SCHEDULES}.")
-
-  def one_model(state: train.TrainState, batch: Array, eps_key: Array, beta: Array):
-    # The loss of step t is built from traced t and beta; the step is the core one.
-    t = state.step.astype(jnp.float32)
-    if schedule.kind == "capacity":
-      capacity = schedule.capacity_nats * jnp.minimum(1.0, t / schedule.capacity_steps)
-      loss_fn = make_capacity_loss_fn(model, log_likelihood_fn, beta, capacity, num_samples)
-    else:
-      if schedule.kind == "warmup":
-        beta = beta * jnp.minimum(1.0, t / schedule.warmup_steps)
-      loss_fn = train.make_loss_fn(model, log_likelihood_fn, beta, num_samples, objective)
-    return train.make_train_step(loss_fn, optimizer, skip_nonfinite)(state, batch, eps_key)
+  def one_model(state: TrainState, batch: Array, eps_key: Array, beta: Array):
+    step = step_lib.make_train_step(trainer.loss_fn(beta), trainer.optimizer, skip_nonfinite)
+    return step(state, batch, eps_key)
 
   def sweep_step(state: SweepState, batch: Array, keys: SweepKeys) -> tuple[SweepState, Metrics]:
     if batch_sharding is not None:
@@ -203,13 +125,13 @@ class SweepTrainer:
 
   Attributes:
     base: the single-run ``train.Trainer`` of ``config`` (model, optimizer,
-      likelihood, evaluation, data keys of ``config.seed``, steps per epoch).
+      objective, evaluation, data keys of ``config.seed``, steps per epoch).
     betas: ``[M]`` the models' betas.
     seeds: ``[M]`` the models' seeds.
     keys: the per-model ``SweepKeys``, placed on the mesh.
     eval_keys: ``[M]`` each model's test-ELBO key (as its single run's).
     init_keys: ``[M]`` each model's init key (as its single run's).
-    sweep_chunk: the jitted multi-step call, ``train.make_train_chunk`` of the
+    sweep_chunk: the jitted multi-step call, ``step.make_train_chunk`` of the
       vmapped step; the same signature with ``SweepState`` and ``SweepKeys``.
     eval_fn: ``(stacked params, x, eval_keys) -> {name: [M]}``.
     mesh: the device mesh, or ``None`` on one device.
@@ -229,6 +151,10 @@ class SweepTrainer:
   def num_models(self) -> int:
     return len(self.betas)
 
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(config_lib.model_name(b, s) for b, s in zip(self.betas, self.seeds, strict=True))
+
   def state_shardings(self, state_shape) -> SweepState | None:
     """Shardings of the stacked state: model axis split over ``"model"``, step replicated."""
     if self.mesh is None:
@@ -242,12 +168,12 @@ class SweepTrainer:
   def _init(self, init_keys: Array) -> SweepState:
     b = self.base
     init_one = functools.partial(
-      train.initial_state, b.model, b.optimizer, event_shape=b.event_shape
+      step_lib.initial_state, b.model, b.optimizer, event_shape=b.event_shape
     )
     return SweepState(jnp.zeros((), jnp.int32), jax.vmap(init_one)(init_keys))
 
   def state_shape(self):
-    """The stacked state's shapes and dtypes, with shardings: a restore target."""
+    """The stacked state's shapes and dtypes, with shardings on a mesh: a restore target."""
     shape = jax.eval_shape(self._init, self.init_keys)
     shardings = self.state_shardings(shape)
     if shardings is None:
@@ -261,56 +187,13 @@ class SweepTrainer:
     shape = jax.eval_shape(self._init, self.init_keys)
     return jax.jit(self._init, out_shardings=self.state_shardings(shape))(self.init_keys)
 
+  def sharding(self) -> NamedSharding | None:
+    """Where replicated data lives: every device of the mesh (``None`` on one device)."""
+    return None if self.mesh is None else NamedSharding(self.mesh, P())
+
   def replicated(self, x):
     """``x`` placed whole on every device of the mesh (or just on the device)."""
-    if self.mesh is None:
-      return jax.device_put(x)
-    return jax.device_put(x, NamedSharding(self.mesh, P()))
-
-
-def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[int, ...]]:
-  """``(betas, seeds)`` of ``config.sweep``, one pair per model; a single seed is shared."""
-  if "sweep" not in config:
-    raise ValueError("The config has no `sweep` field; start from configs/beta_sweep.py.")
-  betas = tuple(float(b) for b in config.sweep.betas)
-  seeds = tuple(int(s) for s in config.sweep.seeds)
-  if not betas:
-    raise ValueError("config.sweep.betas is empty; give at least one beta.")
-  if len(seeds) == 1:
-    seeds = seeds * len(betas)
-  if len(seeds) != len(betas):
-    raise ValueError(
-      f"config.sweep.seeds has {len(seeds)} entries for {len(betas)} betas; give one seed "
-      "(shared) or one per beta."
-    )
-  if any(b < 0 for b in betas):
-    raise ValueError(f"config.sweep.betas must all be >= 0, got {betas}.")
-  names = [model_name(b, s) for b, s in zip(betas, seeds, strict=True)]
-  if len(set(names)) != len(names):
-    raise ValueError(f"config.sweep has repeated (beta, seed) pairs: {names}; make them unique.")
-  if config.objective == "iwae" and any(b != 1.0 for b in betas):
-    raise ValueError("The IWAE bound has no KL weight: a sweep over beta needs objective='elbo'.")
-  return betas, seeds
-
-
-def sweep_schedule(config: ml_collections.ConfigDict) -> Schedule:
-  """The ``Schedule`` of ``config.sweep`` (fields absent: constant beta)."""
-  c = config.sweep
-  schedule = Schedule(
-    kind=c.get("schedule", "constant"),
-    warmup_steps=int(c.get("warmup_steps", 1)),
-    capacity_nats=float(c.get("capacity_nats", 25.0)),
-    capacity_steps=int(c.get("capacity_steps", 1)),
-  )
-  if schedule.kind not in SCHEDULES:
-    raise ValueError(f"Unknown config.sweep.schedule {schedule.kind!r}; use one of {SCHEDULES}.")
-  if schedule.warmup_steps < 1 or schedule.capacity_steps < 1 or schedule.capacity_nats < 0:
-    raise ValueError(
-      "config.sweep.warmup_steps and capacity_steps must be >= 1 and capacity_nats >= 0."
-    )
-  if schedule.kind == "capacity" and config.objective != "elbo":
-    raise ValueError("config.sweep.schedule='capacity' needs config.objective='elbo'.")
-  return schedule
+    return jax.device_put(x, self.sharding())
 
 
 def build_sweep_trainer(
@@ -320,47 +203,31 @@ def build_sweep_trainer(
   *,
   devices: Sequence | None = None,
 ) -> SweepTrainer:
-  """Builds the vmapped step, chunk, evaluation, keys and mesh of a sweep config."""
-  betas, seeds = sweep_grid(config)
-  unsupported = {
-    "kl_warmup_epochs": "use config.sweep.schedule='warmup'",
-    "free_bits": "not available in sweeps",
-    "validation_examples": "sweeps evaluate on the test split only",
-    "early_stopping_patience_epochs": "sweeps run a fixed number of epochs",
-  }
-  for field, what in unsupported.items():
-    if config[field]:
-      raise ValueError(f"config.{field}={config[field]} in a sweep: {what}; set it to 0.")
-  if config.gradient_estimator != "plain" or config.optimizer.ema_decay is not None:
-    raise ValueError(
-      "Sweeps train with config.gradient_estimator='plain' and no config.optimizer.ema_decay."
-    )
+  """Builds the vmapped step, chunk, evaluation, keys and mesh of a sweep config.
+
+  Raises:
+    ValueError: the config is invalid or describes no sweep.
+  """
+  betas, seeds = config_lib.sweep_grid(config)
   base = train.build_trainer(config, event_shape, num_train)
   mesh = sweep_mesh(len(betas), config.batch_size, devices)
   batch_sharding = None
   if mesh is not None and mesh.shape["batch"] > 1:
     batch_sharding = NamedSharding(mesh, P("batch"))
-  step = make_sweep_step(
-    base.model,
-    base.log_likelihood_fn,
-    base.optimizer,
-    num_samples=config.num_samples,
-    objective=config.objective,
-    skip_nonfinite=config.nonfinite_policy == "skip",
-    batch_sharding=batch_sharding,
-    schedule=sweep_schedule(config),
+  sweep_step = make_sweep_step(
+    base, skip_nonfinite=config.nonfinite_policy == "skip", batch_sharding=batch_sharding
   )
-  chunk = train.make_train_chunk(
-    step,
+  chunk = step_lib.make_train_chunk(
+    sweep_step,
     chunk_len=base.chunk_len,
     batch_size=config.batch_size,
     steps_per_epoch=base.steps_per_epoch,
     binarization=config.binarization,
   )
-  per_seed = {s: model_keys(s) for s in set(seeds)}
+  per_seed = {s: step_lib.run_keys(s) for s in set(seeds)}
   stack = lambda tag: jnp.stack([per_seed[s][tag] for s in seeds])  # noqa: E731
-  keys = SweepKeys(eps=stack(train.KEY_EPS), beta=jnp.asarray(betas, jnp.float32))
-  eval_keys, init_keys = stack(train.KEY_EVAL), stack(train.KEY_INIT)
+  keys = SweepKeys(eps=stack(step_lib.KEY_EPS), beta=jnp.asarray(betas, jnp.float32))
+  eval_keys, init_keys = stack(step_lib.KEY_EVAL), stack(step_lib.KEY_INIT)
   if mesh is not None:
     on_models = NamedSharding(mesh, P("model"))
     keys = jax.device_put(keys, on_models)
@@ -379,85 +246,136 @@ def build_sweep_trainer(
   )
 
 
-def model_state(state: SweepState, i: int) -> train.TrainState:
-  """Model ``i``'s ``train.TrainState``, as its single run would hold it."""
-  return jax.tree.map(lambda x: x[i], state.models)
-
-
-def model_name(beta: float, seed: int) -> str:
-  return f"beta_{beta:g}_seed_{seed}"
-
-
-def run_steps(
+def run_chunk(
   trainer: SweepTrainer,
   state: SweepState,
   images: Array,
+  perms: step_lib.Permutations,
+  step: int,
   num_steps: int,
-  perms_from: Callable[[int], Array] | None = None,
-) -> tuple[SweepState, list[tuple[int, int, Metrics]]]:
-  """Runs ``num_steps`` steps from ``state`` in chunks; returns the state and device metrics.
-
-  ``images`` is the training split (uint8, on device). The metrics stay on
-  the device: ``(first step, steps, {name: [chunk_len, M]})`` per chunk.
-  """
+) -> tuple[SweepState, Metrics]:
+  """``num_steps <= chunk_len`` steps of every model from ``step``; metrics ``[chunk_len, M]``."""
   b = trainer.base
-  num_train = images.shape[0]
-  if perms_from is None:
-    perm_fn = jax.jit(train.epoch_permutation, static_argnums=2)
+  epoch = step // b.steps_per_epoch
+  return trainer.sweep_chunk(
+    state, images, perms(epoch), epoch, num_steps, trainer.keys, b.keys[step_lib.KEY_BINARIZE]
+  )
 
-    def perms_from(epoch: int) -> Array:
-      shuffle = b.keys[train.KEY_SHUFFLE]
-      return trainer.replicated(
-        jnp.stack([perm_fn(shuffle, epoch, num_train), perm_fn(shuffle, epoch + 1, num_train)])
-      )
 
-  step, end, pending = int(state.step), int(state.step) + num_steps, []
+def run_steps(
+  trainer: SweepTrainer, state: SweepState, images: Array, num_steps: int
+) -> tuple[SweepState, Metrics]:
+  """``num_steps`` steps of every model from ``state`` in chunks (for benchmarks and tests);
+  returns the state and the last chunk's device metrics."""
+  perms = step_lib.Permutations(
+    trainer.base.keys[step_lib.KEY_SHUFFLE], images.shape[0], trainer.sharding()
+  )
+  step, end, metrics = int(state.step), int(state.step) + num_steps, None
   while step < end:
-    n = min(end - step, b.chunk_len)
-    epoch = step // b.steps_per_epoch
-    state, metrics = trainer.sweep_chunk(
-      state, images, perms_from(epoch), epoch, n, trainer.keys, b.keys[train.KEY_BINARIZE]
-    )
-    pending.append((step, n, metrics))
+    n = min(end - step, trainer.base.chunk_len)
+    state, metrics = run_chunk(trainer, state, images, perms, step, n)
     step += n
-  return state, pending
+  return state, metrics
 
 
-def _check_finite(
-  rows: dict[str, np.ndarray],
-  first_step: int,
-  trainer: SweepTrainer,
-  config: ml_collections.ConfigDict,
-  num_skipped: np.ndarray,
-) -> None:
-  """Applies the non-finite policy to host metrics ``{name: [steps, M]}``.
+def model_state(state: SweepState, i: int) -> TrainState:
+  """Model ``i``'s ``step.TrainState``, as its single run would hold it."""
+  return jax.tree.map(lambda x: x[i], state.models)
 
-  ``num_skipped: [M]`` is each model's count of skipped steps so far (policy
-  ``skip`` stops once any model exceeds ``config.max_nonfinite_skips``).
-  """
-  bad = ~rows["finite"].astype(bool)
-  if not bad.any():
-    return
-  step_i, model_i = np.argwhere(bad)[0]
-  where = (
-    f"at step {first_step + int(step_i)} in model {int(model_i)} "
-    f"(beta={trainer.betas[model_i]}, seed={trainer.seeds[model_i]})"
-  )
-  if config.nonfinite_policy == "skip":
-    logging.warning("Skipped non-finite steps per model: %s (first %s).", bad.sum(0), where)
-    if np.all(num_skipped <= config.max_nonfinite_skips):
-      return
-    raise train.NonFiniteError(
-      f"Skipped steps per model {num_skipped.tolist()} exceed config.max_nonfinite_skips="
-      f"{config.max_nonfinite_skips}; the first of the last batch was {where}. Nothing "
-      "non-finite was saved. Lower config.optimizer.learning_rate or set "
-      "config.optimizer.grad_clip_norm."
+
+def eval_params(state: SweepState) -> Params:
+  """The stacked parameters to evaluate (each model's EMA if the optimizer keeps one)."""
+  return optim.eval_params(state.models.opt_state, state.models.params)
+
+
+class Sweep:
+  """Every model of ``config.sweep``: the ``loop.Program`` of a sweep on ``data``."""
+
+  def __init__(self, config: ml_collections.ConfigDict, trainer: SweepTrainer, data: train.Data):
+    self.config, self.trainer, self.data = config, trainer, data
+    base = trainer.base
+    self.steps_per_epoch = base.steps_per_epoch
+    self.total_steps = config.num_epochs * base.steps_per_epoch
+    self.chunk_len = base.chunk_len
+    self.batch_size = config.batch_size
+    self.writer_dirs = tuple(f"models/{n}" for n in trainer.names)
+    self.best: train.BestCheckpoint | None = None
+    self.workdir: pathlib.Path | None = None
+    self.perms = step_lib.Permutations(
+      trainer.base.keys[step_lib.KEY_SHUFFLE], data.train_images.shape[0], trainer.sharding()
     )
-  raise train.NonFiniteError(
-    f"Non-finite loss or gradient {where}. The sweep stopped before saving it. Lower "
-    "config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or set "
-    "config.nonfinite_policy='skip'; then run the same command to resume."
-  )
+
+  def abstract_state(self):
+    return self.trainer.state_shape()
+
+  def init_state(self) -> SweepState:
+    return self.trainer.init_state()
+
+  def run_chunk(self, state: SweepState, step: int, num_steps: int):
+    return run_chunk(self.trainer, state, self.data.train_images, self.perms, step, num_steps)
+
+  def num_skipped(self, state: SweepState) -> np.ndarray:
+    return np.asarray(jax.device_get(state.models.num_skipped))
+
+  def describe(self, model: int) -> str:
+    t = self.trainer
+    return f" in model {model} (beta={t.betas[model]:g}, seed={t.seeds[model]})"
+
+  def start(self, state: SweepState, resumed: bool, out) -> bool:
+    if self.data.val_x is None:
+      return False
+    step = int(state.step)
+    self.best = train.BestCheckpoint(
+      self.workdir / train.BEST_DIR,
+      self.trainer.state_shape().models.params,
+      self.trainer.sharding(),
+      resumed_step=step if resumed else None,
+      num_models=self.trainer.num_models,
+    )
+    eval_every = self.config.eval_every_steps or self.steps_per_epoch
+    return bool(self.best.step >= 0 and step % eval_every == 0 and self._exhausted(step))
+
+  def _exhausted(self, step: int) -> bool:
+    c, spe = self.config, self.steps_per_epoch
+    return train.patience_exhausted(
+      step,
+      self.best.steps,
+      round(c.kl_warmup_epochs * spe),
+      c.early_stopping_patience_epochs * spe,
+    )
+
+  def evaluate(self, step: int, state: SweepState, out) -> bool:
+    t = self.trainer
+    params = eval_params(state)
+    scores = jax.device_get(t.eval_fn(params, self.data.test_x, t.eval_keys))
+    for i, w in enumerate(out):
+      scalars = {k: float(v[i]) for k, v in scores.items()}
+      w.write_scalars(step, "test", {**scalars, "neg_elbo": -scalars["elbo"]})
+      if self.config.num_image_samples:
+        sample_key = step_lib.run_keys(t.seeds[i])[step_lib.KEY_SAMPLES]
+        model_params = jax.tree.map(lambda x, i=i: x[i], params)
+        train.write_images(
+          self.config, t.base.model, model_params, self.data.test_x, sample_key, w, step
+        )
+      w.flush()
+    elbos = zip(t.betas, scores["elbo"], strict=True)
+    logging.info("step %d: test ELBO per beta %s", step, {b: round(float(e), 2) for b, e in elbos})
+    if self.best is None:
+      return False
+    val_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(t.eval_keys)
+    val = jax.device_get(t.eval_fn(params, self.data.val_x, val_keys))
+    for i, w in enumerate(out):
+      scalars = {k: float(v[i]) for k, v in val.items()}
+      w.write_scalars(step, "validation", {**scalars, "neg_elbo": -scalars["elbo"]})
+    self.best.update(step, np.asarray(val["elbo"]), params)
+    stop = self._exhausted(step)
+    if stop:
+      logging.info("Early stopping at step %d: every model is past its patience.", step)
+    return stop
+
+  def close(self) -> None:
+    if self.best is not None:
+      self.best.close()
 
 
 def train_sweep(
@@ -467,111 +385,31 @@ def train_sweep(
 
   Writes ``workdir/config.json``, ``workdir/checkpoints/<step>/`` (the stacked
   state) and, per model, ``workdir/models/beta_<b>_seed_<s>/metrics.jsonl`` and
-  TensorBoard files with the same rows as a single run's (train rows are means
-  since the previous row; test rows the beta=1 ELBO on the test split).
+  TensorBoard files with the same rows as a single run's.
 
   Raises:
-    train.Preempted: SIGTERM arrived; a checkpoint of the current step was saved.
-    train.NonFiniteError: a non-finite loss or gradient under policy ``stop``.
+    loop.Preempted: SIGTERM arrived; a checkpoint of the current step was saved.
+    loop.NonFiniteError: a non-finite loss, gradient or update under policy ``stop``.
     ValueError: the config is invalid or differs from the workdir's run.
   """
-  sweep_grid(config)
-  sweep_schedule(config)
-  train.validate_config(config)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  train.record_config(config, workdir, allow_config_change)
-
-  data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-  num_train, *event_shape = data["train"].images.shape
-  trainer = build_sweep_trainer(config, event_shape, num_train)
-  b = trainer.base
-  images = trainer.replicated(data["train"].images)
-  test_x = trainer.replicated(input_pipeline.eval_images(data["test"].images, config.binarization))
-  total_steps = config.num_epochs * b.steps_per_epoch
-  eval_every = config.eval_every_steps or b.steps_per_epoch
-  ckpt_every = config.checkpoint_every_steps or b.steps_per_epoch
-
-  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-  names = [model_name(beta, s) for beta, s in zip(trainer.betas, trainer.seeds, strict=True)]
-  model_writers = [writers.MetricWriter(workdir / "models" / n) for n in names]
-  restored = checkpointer.restore_latest(trainer.state_shape())
-  if restored is None:
-    state, start = trainer.init_state(), -1
-    logging.info("Starting a sweep of %d models in %s", trainer.num_models, workdir)
-  else:
-    start, state = restored
-    logging.info("Resumed the sweep from checkpoint %d in %s", start, workdir)
-  for w in model_writers:
-    w.truncate_after(start)
-
-  step = int(state.step)
-  window: list[dict[str, np.ndarray]] = []
-  window_seconds = 0.0
-  clock = time.perf_counter()
-  try:
-    with train._SigtermFlag() as sigterm:
-      last_saved = start if start else -1
-      while step < total_steps:
-        boundary = min(
-          train._next_multiple(step, config.log_every_steps),
-          train._next_multiple(step, eval_every),
-          train._next_multiple(step, ckpt_every),
-          total_steps,
-        )
-        first = step
-        state, pending = run_steps(trainer, state, images, boundary - step)
-        step = boundary
-        host = jax.device_get([m for _, _, m in pending])
-        rows = {
-          k: np.concatenate([m[k][:n] for (_, n, _), m in zip(pending, host, strict=True)])
-          for k in host[0]
-        }
-        num_skipped = np.asarray(jax.device_get(state.models.num_skipped))
-        _check_finite(rows, first, trainer, config, num_skipped)
-        if sigterm.raised:  # At a boundary: save this step (once) and stop.
-          if step != last_saved:
-            checkpointer.save(step, state)
-          checkpointer.wait()
-          raise train.Preempted(step)
-        window.append(rows)
-        window_seconds += time.perf_counter() - clock
-        if step % config.log_every_steps == 0 or step == total_steps:
-          for i, w in enumerate(model_writers):
-            per_model = [{k: v[:, i] for k, v in r.items()} for r in window]
-            scalars = train._window_scalars(per_model, window_seconds, config.batch_size)
-            # Examples/s of the whole sweep: every model sees each example.
-            scalars["sweep_examples_per_sec"] = scalars["examples_per_sec"] * trainer.num_models
-            w.write_scalars(step, "train", scalars)
-          window, window_seconds = [], 0.0
-        if step % eval_every == 0 or step == total_steps:
-          scores = jax.device_get(trainer.eval_fn(state.models.params, test_x, trainer.eval_keys))
-          for i, w in enumerate(model_writers):
-            scalars = {k: float(v[i]) for k, v in scores.items()}
-            scalars["neg_elbo"] = -scalars["elbo"]
-            w.write_scalars(step, "test", scalars)
-            w.flush()
-          elbos = zip(trainer.betas, scores["elbo"], strict=True)
-          logging.info(
-            "step %d: test ELBO per beta %s", step, {b: round(float(e), 2) for b, e in elbos}
-          )
-        if step % ckpt_every == 0 or step == total_steps:
-          checkpointer.save(step, state)
-          last_saved = step
-        clock = time.perf_counter()
-  finally:
-    checkpointer.close()
-    for w in model_writers:
-      w.close()
-  return state
+  config_lib.validate(config)
+  config_lib.sweep_grid(config)
+  workdir = train.prepare_workdir(config, workdir, allow_config_change)
+  splits = train.load_data(config)
+  train_np, _ = train.split_validation(splits["train"].images, config)
+  trainer = build_sweep_trainer(config, train_np.shape[1:], len(train_np))
+  logging.info("Sweep of %d models on %s", trainer.num_models, trainer.mesh or jax.devices()[0])
+  program = Sweep(config, trainer, train.device_data(config, splits, trainer.sharding()))
+  program.workdir = workdir
+  return loop.run(program, config, workdir)
 
 
 def restore_sweep(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path, event_shape, num_train: int
 ) -> tuple[int, SweepTrainer, SweepState]:
-  """The latest checkpoint of a sweep's ``workdir``: ``(step, trainer, state)``."""
+  """The latest checkpoint of a sweep's ``workdir``: ``(step, trainer, state)``, read-only."""
   trainer = build_sweep_trainer(config, event_shape, num_train)
-  step, state = checkpointing.restore_latest_read_only(
+  step, state = checkpointing.restore_read_only(
     pathlib.Path(workdir) / "checkpoints", trainer.state_shape()
   )
   return step, trainer, state

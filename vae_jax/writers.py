@@ -36,6 +36,14 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> 
   return np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def interleave(originals: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
+  """``[n, ...]`` pairs -> ``[2n, ...]``: original, reconstruction, original, ..."""
+  originals, reconstructed = np.asarray(originals), np.asarray(reconstructed)
+  out = np.empty((2 * originals.shape[0], *originals.shape[1:]), originals.dtype)
+  out[0::2], out[1::2] = originals, reconstructed
+  return out
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes a ``[H, W, 1 or 3]`` uint8 image as PNG (atomically)."""
   path = pathlib.Path(path)

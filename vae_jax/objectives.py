@@ -1,0 +1,225 @@
+"""What is trained: each objective a small function of ``vae_jax.losses``' public math.
+
+* ``elbo``: the (beta-)ELBO. For a one-layer Gaussian VAE under ``N(0, I)``
+  (``Model.closed_form_kl``) it *is* ``losses.elbo``: the train step
+  differentiates exactly the function a user imports. Other models (two
+  stochastic layers, the VampPrior) go through ``model.posterior`` and the
+  same ``losses.elbo_from_terms``, which is where beta multiplies the KL.
+* ``iwae``: ``losses.iw_bound_from_log_weights`` of the posterior's log-weights
+  (Burda et al. 2015), or with DReG gradients ``losses.dreg_iw_bound``
+  (Tucker et al. 2019).
+* ``autoencoder``: the deterministic baseline, ``log p(x | z = mean)``.
+* KL shaping, one schedule over steps for single runs and sweeps: linear
+  warm-up of beta (``kl_weight``), free bits (``losses.free_bits_kl``) and
+  capacity annealing (``losses.capacity_objective``, Burgess et al. 2018).
+
+Noise for every sample of ``z`` comes from ``losses.sample_eps``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vae_jax import losses, models
+from vae_jax.models import Model, Params
+
+Array = jax.Array
+Metrics = dict[str, Array]
+LossFn = Callable[[Params, Array, Array, Array], tuple[Array, Metrics]]
+
+OBJECTIVES = ("elbo", "iwae", "autoencoder")
+GRADIENT_ESTIMATORS = ("plain", "dreg")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+
+
+def make_log_likelihood_fn(
+  likelihood: str, event_ndims: int, gaussian_variance: float = 1.0
+) -> losses.LogLikelihoodFn:
+  """``(decoded, x) -> [batch]`` log-likelihoods of a likelihood in ``LIKELIHOODS``."""
+  if likelihood == "bernoulli":
+    return functools.partial(losses.bernoulli_log_likelihood, event_ndims=event_ndims)
+  if likelihood == "gaussian":
+    return functools.partial(
+      losses.gaussian_log_likelihood, variance=gaussian_variance, event_ndims=event_ndims
+    )
+  if likelihood == "gaussian_learned":
+    return functools.partial(losses.gaussian_log_likelihood_learned, event_ndims=event_ndims)
+  raise ValueError(f"Unknown likelihood {likelihood!r}; use one of {LIKELIHOODS}.")
+
+
+# --------------------------------------------------------------------------
+# The KL weight over training.
+
+
+def kl_weight(beta: float | Array, step: Array, warmup_steps: int) -> float | Array:
+  """``beta * min(1, step / warmup_steps)``: linear KL warm-up (``warmup_steps=0``: beta)."""
+  if warmup_steps <= 0:
+    return beta
+  return beta * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
+
+
+def capacity_at(step: Array, capacity_nats: float, capacity_steps: int) -> Array:
+  """``C_t = capacity_nats * min(1, step / capacity_steps)`` (Burgess et al. 2018)."""
+  return capacity_nats * jnp.minimum(1.0, step.astype(jnp.float32) / capacity_steps)
+
+
+class Spec(NamedTuple):
+  """An objective and its options (the config fields of the same names).
+
+  ``warmup_steps`` and ``capacity_steps`` are in train steps (the config's
+  epochs times the steps per epoch); ``capacity_nats = 0`` turns capacity off.
+  """
+
+  objective: str = "elbo"
+  num_samples: int = 1
+  gradient_estimator: str = "plain"
+  free_bits: float = 0.0
+  warmup_steps: int = 0
+  capacity_nats: float = 0.0
+  capacity_steps: int = 1
+
+
+# --------------------------------------------------------------------------
+# The objectives.
+
+
+def elbo(
+  model: Model,
+  params: Params,
+  x: Array,
+  key: Array,
+  log_likelihood_fn: losses.LogLikelihoodFn,
+  *,
+  beta: float | Array = 1.0,
+  num_samples: int = 1,
+) -> losses.ElboOutput:
+  """The per-example beta-ELBO of any model, ``[batch]`` parts in nats.
+
+  ``losses.elbo`` itself for a model with ``closed_form_kl``; otherwise the
+  Monte Carlo reconstruction and KL estimates of ``model.posterior`` at
+  ``num_samples`` samples, combined by ``losses.elbo_from_terms``.
+  """
+  if model.closed_form_kl:
+    mean, logvar = model.encode(params, x)
+    decode = functools.partial(model.decode, params)
+    return losses.elbo(
+      key, x, mean, logvar, decode, log_likelihood_fn, beta=beta, num_samples=num_samples
+    )
+  eps = losses.sample_eps(key, (num_samples, x.shape[0], model.latents))
+  lw = models.log_weights(model, params, x, eps, log_likelihood_fn)
+  reconstruction = jnp.mean(lw.log_px_z, axis=0)
+  kl = jnp.mean(lw.posterior.kl, axis=0)
+  return losses.ElboOutput(losses.elbo_from_terms(reconstruction, kl, beta), reconstruction, kl)
+
+
+def _dreg_bound(model, params, x, eps, log_likelihood_fn) -> Array:
+  """``losses.dreg_iw_bound`` of the log-weights computed along its two gradient paths:
+  the encoder's only through ``z`` (decoder and ``q``'s parameters fixed), the
+  decoder's with ``z`` fixed. Same values, two gradient paths."""
+  stop = jax.lax.stop_gradient
+  enc_only = {"encoder": params["encoder"], "decoder": stop(params["decoder"])}
+  log_w_enc = models.log_weights(
+    model, enc_only, x, eps, log_likelihood_fn, stop_density_gradient=True
+  ).log_w
+  dec_only = {"encoder": stop(params["encoder"]), "decoder": params["decoder"]}
+  log_w_dec = models.log_weights(model, dec_only, x, eps, log_likelihood_fn).log_w
+  return losses.dreg_iw_bound(log_w_enc, log_w_dec)
+
+
+def make_loss_fn(
+  model: Model,
+  log_likelihood_fn: losses.LogLikelihoodFn,
+  spec: Spec,
+  beta: float | Array = 1.0,
+) -> LossFn:
+  """``loss_fn(params, x, key, step) -> (loss, metrics)``: batch means, in nats.
+
+  ``beta`` may be a Python float (a single run) or a traced scalar (one model
+  of a sweep). ``step`` (a traced int32 scalar) drives the KL schedules.
+  Metrics: ``loss``; ``elbo``, the beta=1 bound (for ``iwae`` the mean
+  log-weight, an ELBO estimate from the same samples; for ``autoencoder`` only
+  the reconstruction term, not a bound); ``reconstruction``
+  (``E_q log p(x|z)``; for ``iwae`` the mean log-weight plus ``kl``); ``kl``
+  (the true KL, whatever free bits or capacity do); plus ``beta`` under
+  warm-up and ``capacity`` under capacity annealing.
+
+  Raises:
+    ValueError: an unknown objective or gradient estimator.
+  """
+  if spec.objective not in OBJECTIVES:
+    raise ValueError(f"Unknown objective {spec.objective!r}; use one of {OBJECTIVES}.")
+  if spec.gradient_estimator not in GRADIENT_ESTIMATORS:
+    raise ValueError(
+      f"Unknown gradient_estimator {spec.gradient_estimator!r}; use one of {GRADIENT_ESTIMATORS}."
+    )
+  k = spec.num_samples
+
+  def summary(loss: Array, reconstruction: Array, kl: Array) -> Metrics:
+    return {
+      "loss": loss,
+      "elbo": jnp.mean(reconstruction - kl),  # The beta=1 bound, for comparison.
+      "reconstruction": jnp.mean(reconstruction),
+      "kl": jnp.mean(kl),
+    }
+
+  def autoencoder(params, x, key, step):
+    del key, step
+    mean, _ = model.encode(params, x)
+    reconstruction = log_likelihood_fn(model.decode(params, mean), x)
+    return summary(-jnp.mean(reconstruction), reconstruction, jnp.zeros_like(reconstruction))
+
+  def iwae(params, x, key, step):
+    del step
+    eps = losses.sample_eps(key, (k, x.shape[0], model.latents))
+    log_w, _, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
+    if spec.gradient_estimator == "dreg":
+      bound = _dreg_bound(model, params, x, eps, log_likelihood_fn)
+    else:
+      bound = losses.iw_bound_from_log_weights(log_w, axis=0)
+    kl = jnp.mean(post.kl, axis=0)
+    return summary(-jnp.mean(bound), jnp.mean(log_w, axis=0) + kl, kl)  # elbo = mean log w.
+
+  def free_bits(params, x, key, step):
+    eps = losses.sample_eps(key, (k, x.shape[0], model.latents))
+    _, log_px_z, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
+    reconstruction = jnp.mean(log_px_z, axis=0)
+    kl_term = losses.free_bits_kl(post.kl_per_dim, spec.free_bits)
+    beta_t = kl_weight(beta, step, spec.warmup_steps)
+    loss = -losses.elbo_from_terms(jnp.mean(reconstruction), kl_term, beta_t)
+    return summary(loss, reconstruction, jnp.mean(post.kl, axis=0))
+
+  def capacity(params, x, key, step):
+    parts = elbo(model, params, x, key, log_likelihood_fn, num_samples=k)
+    c_t = capacity_at(step, spec.capacity_nats, spec.capacity_steps)
+    rec, kl = jnp.mean(parts.reconstruction), jnp.mean(parts.kl)
+    loss = -losses.capacity_objective(rec, kl, beta, c_t)
+    return {**summary(loss, parts.reconstruction, parts.kl), "capacity": c_t}
+
+  def plain_elbo(params, x, key, step):
+    beta_t = kl_weight(beta, step, spec.warmup_steps)
+    parts = elbo(model, params, x, key, log_likelihood_fn, beta=beta_t, num_samples=k)
+    return summary(-jnp.mean(parts.elbo), parts.reconstruction, parts.kl)
+
+  if spec.objective == "autoencoder":
+    fn = autoencoder
+  elif spec.objective == "iwae":
+    fn = iwae
+  elif spec.capacity_nats:
+    fn = capacity
+  elif spec.free_bits:
+    fn = free_bits
+  else:
+    fn = plain_elbo
+
+  def loss_fn(params: Params, x: Array, key: Array, step: Array) -> tuple[Array, Metrics]:
+    metrics = fn(params, x, key, step)
+    if spec.warmup_steps > 0:
+      metrics["beta"] = jnp.asarray(kl_weight(beta, step, spec.warmup_steps), jnp.float32)
+    return metrics["loss"], metrics
+
+  return loss_fn
