@@ -42,6 +42,7 @@ config_flags.DEFINE_config_file(
   "config", None, "The sweep's config (default: the workdir's config.json)."
 )
 flags.DEFINE_string("workdir", None, "The sweep's directory, trained and evaluated.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory, if not the one the sweep recorded.")
 flags.DEFINE_string("out_dir", str(REPO / "results/beta_sweep"), "Where the table goes.")
 flags.DEFINE_string("docs_dir", str(REPO / "docs"), "Where the plots and table for people go.")
 flags.mark_flags_as_required(["workdir"])
@@ -195,6 +196,8 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     config = config_lib.read_record(workdir)
+  if FLAGS.data_dir:
+    config.data_dir = FLAGS.data_dir
   rows = rows_of(config, workdir)
   write_outputs(rows, pathlib.Path(FLAGS.out_dir), pathlib.Path(FLAGS.docs_dir))
   figures.save_figure(

@@ -1,5 +1,6 @@
 """Test-wide JAX settings: broadcasting and dtype bugs fail loudly."""
 
+import os
 import pathlib
 
 import jax
@@ -9,6 +10,17 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 FIXTURE_IDX_DIR = pathlib.Path(__file__).parent / "fixtures" / "mnist_tiny"
+
+# Variables of the caller's environment that change what a JAX process computes or
+# sees (a user with eight accelerators may export XLA_FLAGS for all of them).
+_JAX_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "JAX_DEFAULT_MATMUL_PRECISION")
+
+
+def process_env(**overrides: str) -> dict[str, str]:
+  """The environment a test's subprocess assumes: the caller's, without the variables
+  that change JAX's devices or numerics, on the CPU, plus ``overrides``."""
+  env = {k: v for k, v in os.environ.items() if k not in _JAX_ENV}
+  return {**env, "JAX_PLATFORMS": "cpu", **overrides}
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import process_env
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -46,6 +47,7 @@ def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
     capture_output=True,
     text=True,
     timeout=300,
+    env=process_env(),
   )
   assert result.returncode == 0, result.stderr[-3000:]
   r = json.loads(out.read_text())

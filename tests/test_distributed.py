@@ -5,11 +5,12 @@ with ``--xla_force_host_platform_device_count=8``.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+
+from conftest import process_env
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -65,7 +66,7 @@ SCRIPT = textwrap.dedent(
 
 def test_eight_devices_match_one_and_checkpoints_move_between_topologies(tfds_dir, tmp_path):
   out = tmp_path / "result.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = process_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run(
     [sys.executable, "-c", SCRIPT, tfds_dir, str(out)],
     cwd=REPO,
@@ -120,6 +121,7 @@ def test_two_processes_on_localhost_train_like_one(tfds_dir, smoke_config, tmp_p
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
+      env=process_env(),
     )
     for i in (0, 1)
   ]

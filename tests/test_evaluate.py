@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import process_env
 from PIL import Image
 
 from vae_jax import (
@@ -392,7 +393,9 @@ def test_evaluate_command_line(vae_workdir, tfds_dir):
     "--mode=evaluate",
     "--eval_num_samples=10",
   ]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=process_env()
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   saved = json.loads((workdir / "eval" / "step_00000012_k10.json").read_text())
   assert saved["num_importance_samples"] == 10 and saved["test"]["elbo_num_samples"] == 10

@@ -7,7 +7,6 @@ the final parameters equal those of an uninterrupted run bit for bit.
 """
 
 import gzip
-import os
 import pathlib
 import re
 import shutil
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import FIXTURE_IDX_DIR
+from conftest import FIXTURE_IDX_DIR, process_env
 
 from vae_jax import input_pipeline, loop, losses, models, train, writers
 from vae_jax import step as step_lib
@@ -54,14 +53,22 @@ def _metric_keys(workdir):
   return [(r["step"], r["split"]) for r in rows], rows
 
 
+# The same schedule for a sweep of two models (beta 0.5 and 4) on the fixture.
+SWEEP_ARGS = [
+  "--config=configs/beta_sweep.py:smoke",
+  "--config.dataset=mnist",
+  *CLI_ARGS[1:],
+]
+
+
 class Run:
   """A training process whose log is read line by line as it runs."""
 
-  def __init__(self, workdir, tfds_dir, extra=()):
-    cmd = [sys.executable, "-m", "vae_jax.main", f"--workdir={workdir}", *CLI_ARGS]
+  def __init__(self, workdir, tfds_dir, extra=(), args=CLI_ARGS):
+    cmd = [sys.executable, "-m", "vae_jax.main", f"--workdir={workdir}", *args]
     cmd += [f"--config.data_dir={tfds_dir}", *extra]
     self.proc = subprocess.Popen(
-      cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+      cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=process_env()
     )
     self.log: list[str] = []
 
@@ -139,9 +146,22 @@ def test_sigkill_then_resume_is_bit_exact(schedule, reference, tfds_dir, tmp_pat
 # 2. Preemption.
 
 
-def test_sigterm_saves_current_step_and_exits_143(reference, tfds_dir, tmp_path):
+@pytest.fixture(scope="module")
+def sweep_reference(tfds_dir, tmp_path_factory):
+  """An uninterrupted sweep of the CLI configuration."""
+  workdir = tmp_path_factory.mktemp("sweep_reference")
+  run = Run(workdir, tfds_dir, args=SWEEP_ARGS)
+  assert run.finish() == 0, "".join(run.log[-30:])
+  return workdir
+
+
+@pytest.mark.parametrize("kind", ["single", "sweep"])
+def test_sigterm_saves_current_step_and_exits_143(kind, request, tfds_dir, tmp_path):
+  """Within one dispatch of the signal, for a single run and a sweep alike (one loop)."""
+  reference = request.getfixturevalue("reference" if kind == "single" else "sweep_reference")
+  args = CLI_ARGS if kind == "single" else SWEEP_ARGS
   workdir = tmp_path / "run"
-  run = Run(workdir, tfds_dir)
+  run = Run(workdir, tfds_dir, args=args)
   assert run.wait_for(r"Starting a new run")
   time.sleep(1.0)
   sent = time.monotonic()
@@ -153,11 +173,23 @@ def test_sigterm_saves_current_step_and_exits_143(reference, tfds_dir, tmp_path)
   step = int(re.search(r"step (\d+)", line).group(1))
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == step
+  # Stopped within one dispatch (4 steps), not at the next boundary (every 5, 6 or 12).
+  assert step < TOTAL_STEPS
+  logged = [int(m.group(1)) for x in run.log if (m := re.search(r"at step (\d+)", x))]
+  assert step - max([0, *[s for s in logged if s < step]]) <= 12
 
-  final = Run(workdir, tfds_dir)
+  final = Run(workdir, tfds_dir, args=args)
   assert final.finish() == 0
   assert any(f"Resumed from checkpoint {step}" in x for x in final.log)
-  _assert_same_params(_final_params(workdir), _final_params(reference))
+  if kind == "single":
+    _assert_same_params(_final_params(workdir), _final_params(reference))
+  else:
+    _assert_same_params(_final_sweep_params(workdir), _final_sweep_params(reference))
+
+
+def _final_sweep_params(workdir: pathlib.Path, step: int = TOTAL_STEPS):
+  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "default")
+  return restored["models"]["params"]
 
 
 # --------------------------------------------------------------------------
@@ -330,7 +362,7 @@ def _cli(*args, timeout=120):
     capture_output=True,
     text=True,
     timeout=timeout,
-    env={**os.environ, "VAE_JAX_IDX_DIR": ""},
+    env=process_env(VAE_JAX_IDX_DIR=""),
   )
 
 

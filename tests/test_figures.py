@@ -1,12 +1,12 @@
 """matplotlib figures: what each panel shows (limits, labels, points, lines), not pixels."""
 
-import os
 import subprocess
 import sys
 
 import matplotlib
 import numpy as np
 import pytest
+from conftest import process_env
 from matplotlib.figure import Figure
 
 from vae_jax import figures, pictures
@@ -41,7 +41,7 @@ def test_module_never_imports_pyplot():
     "assert figures.figure_to_array(fig).ndim == 3\n"
     "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
   )
-  env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")}
+  env = {k: v for k, v in process_env().items() if k not in ("DISPLAY", "MPLBACKEND")}
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
 

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+from conftest import process_env
+
 REPO = pathlib.Path(__file__).parents[1]
 
 
@@ -20,7 +22,9 @@ def run(args, tfds_dir):
     "--num_importance_samples=3",
     *args,
   ]
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+  return subprocess.run(
+    cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=process_env()
+  )
 
 
 def test_row_is_written_and_replaced(tmp_path, tfds_dir):

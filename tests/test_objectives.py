@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from vae_jax import config as config_lib
-from vae_jax import likelihood, losses, models, objectives
+from vae_jax import likelihood, losses, models, objectives, train
 from vae_jax import step as step_lib
 
 
@@ -659,3 +659,60 @@ def test_per_example_estimator_two_layers_chunking():
   assert np.all(_f64(outs[7]["log_px"]) >= log_w.mean(0))
   assert np.all(_f64(outs[7]["log_px"]) > log_w.mean(0) + 1e-3)
   assert np.all((_f64(outs[7]["ess"]) >= 1.0 - 1e-4) & (_f64(outs[7]["ess"]) <= k + 1e-3))
+
+
+# --------------------------------------------------------------------------
+# One source of truth: the train step differentiates the public ELBO.
+
+
+def test_train_step_differentiates_exactly_the_public_elbo(monkeypatch):
+  """Same code path (losses.elbo is what the traced step calls), same value, same gradient."""
+  config = config_lib.base_config()
+  config_lib.shrink_for_smoke(config)
+  config.beta = 0.7
+  config.optimizer.name, config.optimizer.learning_rate = "sgd", 1.0  # update = -gradient
+  calls = []
+  real_elbo = losses.elbo
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return real_elbo(*args, **kwargs)
+
+  monkeypatch.setattr(losses, "elbo", spy)
+  trainer = train.build_trainer(config, (28, 28, 1), 4 * config.batch_size)
+  state = trainer.init_state()
+  x = _binary(11, (config.batch_size, 28, 28, 1))
+  key = trainer.keys[step_lib.KEY_EPS]
+  new_state, metrics = jax.jit(trainer.train_step)(state, x, key)
+  assert len(calls) == 1 and calls[0]["beta"] == 0.7 and calls[0]["num_samples"] == 1
+  monkeypatch.setattr(losses, "elbo", real_elbo)
+
+  model, params = trainer.model, state.params
+  ll_fn = functools.partial(losses.bernoulli_log_likelihood, event_ndims=3)
+
+  @jax.jit
+  def public_loss(params):
+    mean, logvar = model.encode(params, x)
+    decode = functools.partial(model.decode, params)
+    step_key = jax.random.fold_in(key, 0)  # The step folds its number into the key.
+    out = losses.elbo(step_key, x, mean, logvar, decode, ll_fn, beta=0.7, num_samples=1)
+    return -jnp.mean(out.elbo)
+
+  loss, grads = jax.value_and_grad(public_loss)(params)
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+  applied = jax.tree.map(lambda a, b: a - b, params, new_state.params)
+  _assert_same_tree(applied, grads, rtol=1e-5, atol=1e-7)
+
+
+def test_hierarchical_elbo_is_assembled_by_the_public_functions():
+  """A two-layer model's ELBO is losses.elbo_from_terms of its posterior's Monte Carlo terms."""
+  model = _tiny_vae("mlp", 2)
+  x = _binary(4, (_BATCH, *_EVENT))
+  params = model.init(jax.random.key(5), x)
+  key = jax.random.key(6)
+  out = objectives.elbo(model, params, x, key, _BERNOULLI, beta=0.3, num_samples=_K)
+  eps = losses.sample_eps(key, (_K, _BATCH, model.latents))
+  lw = models.log_weights(model, params, x, eps, _BERNOULLI)
+  rec, kl = jnp.mean(lw.log_px_z, 0), jnp.mean(lw.posterior.kl, 0)
+  np.testing.assert_array_equal(out.elbo, losses.elbo_from_terms(rec, kl, 0.3))
+  np.testing.assert_allclose(out.elbo, rec - 0.3 * kl, rtol=1e-6)

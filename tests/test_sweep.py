@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import process_env
 
-from vae_jax import config as config_lib
 from vae_jax import (
+  checkpointing,
   input_pipeline,
   loop,
   losses,
@@ -26,6 +26,7 @@ from vae_jax import (
   train,
   writers,
 )
+from vae_jax import config as config_lib
 from vae_jax import step as step_lib
 
 
@@ -193,7 +194,7 @@ print("RESULT" + json.dumps({{
 def test_model_and_batch_axes_are_sharded_over_host_devices(smoke_config):
   config = _sweep_config(smoke_config)
   code = _SHARDED.format(tests=str(REPO / "tests"), config=config.to_json())
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = process_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
   proc = subprocess.run(
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
   )
@@ -286,3 +287,63 @@ def test_non_finite_model_stops_the_sweep_before_saving(smoke_config, tmp_path):
   restored.close()
   if state is not None:
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+
+def test_main_command_trains_evaluates_and_reports_a_sweep(tfds_dir, tmp_path):
+  """``python -m vae_jax.main`` with a sweep config trains every model, resumes, evaluates
+  each with --mode=evaluate, and experiments/beta_sweep.py reports them."""
+  workdir = tmp_path / "sweep"
+  common = [
+    "--config=configs/beta_sweep.py:smoke",
+    "--config.dataset=mnist",
+    f"--config.data_dir={tfds_dir}",
+    "--config.progress_bar=False",
+    f"--workdir={workdir}",
+  ]
+
+  def main(*args):
+    cmd = [sys.executable, "-m", "vae_jax.main", *common, *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=process_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+  main()
+  names = ("beta_0.5_seed_0", "beta_4_seed_0")
+  for name in names:
+    rows = writers.read_metrics(workdir / "models" / name / "metrics.jsonl")
+    assert {r["split"] for r in rows} == {"train", "test"}
+  assert config_lib.read_record(workdir).sweep.betas == (0.5, 4.0)
+  assert "Resumed from checkpoint 12" in main("--config.num_epochs=2")
+  main("--mode=evaluate", "--eval_num_samples=3")
+  for name, beta in zip(names, (0.5, 4.0), strict=True):
+    saved = json.loads((workdir / "models" / name / "eval" / "step_00000024_k3.json").read_text())
+    assert (saved["beta"], saved["seed"], saved["checkpoint_step"]) == (beta, 0, 24)
+    assert (workdir / "models" / name / "figures" / "traversals_00000024.pdf").is_file()
+  out, docs = tmp_path / "out", tmp_path / "docs"
+  report = [
+    sys.executable,
+    "experiments/beta_sweep.py",
+    f"--workdir={workdir}",
+    f"--data_dir={tfds_dir}",
+    f"--out_dir={out}",
+    f"--docs_dir={docs}",
+  ]
+  proc = subprocess.run(report, cwd=REPO, capture_output=True, text=True, env=process_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((out / "results.json").read_text())["models"]
+  assert [r["beta"] for r in rows] == [0.5, 4.0]
+  for name in ("rate_distortion", "metrics", "traversals"):
+    assert (docs / f"beta_sweep_{name}.pdf").is_file(), name
+  assert "| 0.5 | 0 |" in (docs / "beta_sweep_table.md").read_text()
+
+
+def test_sweep_records_its_config_only_after_its_checkpoints_restored(smoke_config, tmp_path):
+  config = _sweep_config(smoke_config, betas=(1.0, 2.0), seeds=(0,))
+  config.num_epochs = 1
+  sweep.train_sweep(config, str(tmp_path / "run"))
+  record = (tmp_path / "run" / "config.json").read_text()
+  bigger = config.copy_and_resolve_references()
+  bigger.model.latents = 3
+  with pytest.raises(checkpointing.CheckpointError, match="does not match"):
+    sweep.train_sweep(bigger, str(tmp_path / "run"), allow_config_change=True)
+  assert (tmp_path / "run" / "config.json").read_text() == record

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import process_env
 from PIL import Image
 
 from vae_jax import checkpointing, loop, losses, models, objectives, optim, train, writers
@@ -229,6 +230,7 @@ def test_cli_rejects_unknown_config_field(tmp_path):
     capture_output=True,
     text=True,
     timeout=120,
+    env=process_env(),
   )
   assert result.returncode != 0
   assert "not_a_field" in result.stderr
