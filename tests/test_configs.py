@@ -122,3 +122,19 @@ def test_likelihood_config_arguments_are_never_silently_misread():
       module.get_config(bad)
   config = module.get_config("smoke,hvae")  # Order does not matter.
   assert config.model.stochastic_layers == 2 and config.num_epochs == 1
+
+
+def test_grey_level_likelihoods_are_named_honestly():
+  config = load("fashion_mnist").get_config("smoke")
+  config.binarization = "none"
+  assert "not a log-density" in config_lib.likelihood_caveat(config)
+  config.model.likelihood = "continuous_bernoulli"
+  assert config_lib.likelihood_caveat(config) is None
+  trainer = train.build_trainer(config, (28, 28, 1), num_train=400)
+  state = trainer.init_state()
+  x = jax.random.uniform(jax.random.key(0), (config.batch_size, 28, 28, 1))  # Grey levels.
+  state, metrics = jax.jit(trainer.train_step)(state, x, jax.random.key(1))
+  assert np.isfinite(float(metrics["loss"]))
+  config.binarization = "dynamic"
+  config.model.likelihood = "bernoulli"
+  assert config_lib.likelihood_caveat(config) is None

@@ -17,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import process_env
 from PIL import Image
@@ -34,6 +35,7 @@ from vae_jax import (
   writers,
 )
 from vae_jax import config as config_lib
+from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).parents[1]
 _NUM_SIGMA = 4.0
@@ -444,3 +446,34 @@ def test_evaluate_autoencoder_skips_likelihoods(tfds_dir, tmp_path):
   expected = {f"{n}_00000007.{e}" for n in figures for e in ("png", "pdf")}
   assert names == {"eval_reconstructions_00000007.png", *expected}
   assert all((workdir / p).is_file() for p in saved["images"])
+
+
+def _dot_precisions(jaxpr) -> list[str]:
+  """The precision of every matmul (dot_general) in a printed jaxpr, nested ones included."""
+  text = str(jaxpr)
+  count = text.count("dot_general[")
+  highest = text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)")
+  return ["HIGHEST"] * highest + ["DEFAULT"] * (count - highest)
+
+
+def test_reported_numbers_are_traced_at_full_float32_matmul_precision():
+  """On GPUs and TPUs the default matmul may use TF32 or bfloat16 passes; evaluation does not."""
+  model = models.make_mlp_vae(event_shape=(6,), latents=2, encoder_hidden=(5,))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))
+  x = jnp.ones((4, 6)) * 0.5
+  ll = objectives.make_log_likelihood_fn("bernoulli", 1)
+  split_elbo = likelihood.make_eval_fn(model, ll, 2)
+  per_example = likelihood.make_per_example_fn(model, ll, "bernoulli", num_samples=3)
+  key, idx = jax.random.key(1), jnp.arange(4)
+  for fn, args in ((split_elbo, (params, x, key)), (per_example, (params, x, key, idx))):
+    precisions = _dot_precisions(jax.make_jaxpr(fn)(*args))
+    assert precisions and set(precisions) == {"HIGHEST"}, precisions
+  # Training keeps the platform default unless config.matmul_precision says otherwise.
+  spec = objectives.Spec()
+  step = step_lib.make_train_step(objectives.make_loss_fn(model, ll, spec), optax.sgd(0.1))
+  state = step_lib.initial_state(model, optax.sgd(0.1), key, (6,))
+  assert set(_dot_precisions(jax.make_jaxpr(step)(state, x, key))) == {"DEFAULT"}
+  step = step_lib.make_train_step(
+    objectives.make_loss_fn(model, ll, spec), optax.sgd(0.1), matmul_precision="highest"
+  )
+  assert set(_dot_precisions(jax.make_jaxpr(step)(state, x, key))) == {"HIGHEST"}

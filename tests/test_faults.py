@@ -7,8 +7,10 @@ the final parameters equal those of an uninterrupted run bit for bit.
 """
 
 import gzip
+import os
 import pathlib
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -432,3 +434,174 @@ def test_kl_matches_float64_at_extreme_logvar():
     jnp.asarray(mean, jnp.float32), jnp.asarray(logvar, jnp.float32)
   )
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# 8. Nothing non-finite reaches a checkpoint, whatever makes it so.
+
+
+def test_finite_gradient_with_an_infinite_update_stops_before_saving(tfds_dir, tmp_path):
+  """SGD at 1e38: loss and gradient of step 0 are finite, the update is not."""
+  result = _cli(
+    "--config=configs/mnist.py:smoke",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data_dir={tfds_dir}",
+    "--config.optimizer.name=sgd",
+    "--config.optimizer.learning_rate=1e38",
+    "--config.checkpoint_every_steps=1",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=1",
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert re.search(r"Non-finite loss, gradient or update at step 0 \(loss=[0-9.]+", result.stderr)
+  assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config.optimizer.learning_rate=nan"], r"config.optimizer.learning_rate must be finite"),
+    (["--config.optimizer.learning_rate=-0.001"], r"learning_rate=-0.001 is out of range"),
+    (["--config.beta=nan"], r"config.beta must be finite"),
+    (["--config.free_bits=nan"], r"config.free_bits must be finite"),
+    (["--config.model.gaussian_variance=nan"], r"config.model.gaussian_variance must be finite"),
+    (["--config.model.encoder_hidden=(-5,)"], r"config.model.encoder_hidden must be a non-empty"),
+    (["--config.model.encoder_hidden=(32.5,)"], r"config.model.encoder_hidden must be a non-emp"),
+    (["--config=configs/does_not_exist.py"], r"no such config file"),
+    (["--workdir=FILE"], r"is a file"),
+  ],
+  ids=["lr_nan", "lr_negative", "beta_nan", "free_bits_nan", "variance_nan", "widths_negative",
+       "widths_float", "no_config_file", "workdir_is_a_file"],
+)  # fmt: skip
+def test_bad_values_are_one_line_errors_and_create_nothing(args, message, tfds_dir, tmp_path):
+  workdir = tmp_path / "run"
+  if args == ["--workdir=FILE"]:
+    workdir.write_text("not a directory")
+    args = [f"--workdir={workdir}"]
+  result = _cli(
+    "--config=configs/mnist.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data_dir={tfds_dir}",
+    *args,
+  )
+  assert result.returncode in (1, 2), result.stderr[-2000:]
+  assert re.search(message, result.stderr), result.stderr[-2000:]
+  lines = [x for x in result.stderr.splitlines() if x.strip()]
+  assert len(lines) <= 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert workdir.is_file() if "FILE" in str(args) or workdir.is_file() else not workdir.exists()
+
+
+def test_a_record_holding_nan_still_matches_itself(tmp_path):
+  from vae_jax import config as config_lib
+
+  config = config_lib.base_config()
+  config.optimizer.ema_decay = float("nan")  # As an older version could have recorded.
+  config_lib.write_record(config, tmp_path)
+  assert config_lib.differences(config, tmp_path) == []
+
+
+def test_resuming_into_a_smaller_model_names_each_array(tfds_dir, tmp_path):
+  common = ["--config=configs/mnist.py:smoke", f"--workdir={tmp_path / 'run'}"]
+  common += [f"--config.data_dir={tfds_dir}", "--config.num_epochs=1"]
+  assert _cli(*common, "--config.model.encoder_hidden=(16,16)").returncode == 0
+  for hidden in ("(16,)", "(16,16,16)"):  # Smaller, then larger.
+    result = _cli(*common, f"--config.model.encoder_hidden={hidden}", "--allow_config_change")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "does not match the model of this config" in result.stderr
+    if hidden == "(16,)":
+      expected = r"params/encoder/hidden_1/kernel: checkpoint \(16, 16\) vs this config missing"
+    else:
+      expected = r"params/encoder/hidden_2/kernel: checkpoint missing vs this config \(16, 16\)"
+    assert re.search(expected, result.stderr), result.stderr[-2000:]
+    for wrong in ("partial_restore", "damaged", "Traceback"):
+      assert wrong not in result.stderr, result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------
+# 9. Writes that fail, and two processes in one directory.
+
+
+def _limited_run(workdir, tfds_dir, max_file_bytes):
+  """The CLI run with every file it writes limited to ``max_file_bytes`` (EFBIG past it),
+  standing in for a full disk."""
+
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Fail the write instead of the process.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+  cmd = [sys.executable, "-m", "vae_jax.main", f"--workdir={workdir}", *CLI_ARGS]
+  cmd.append(f"--config.data_dir={tfds_dir}")
+  return subprocess.run(
+    cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=process_env(),
+    preexec_fn=limit,
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  ("max_file_bytes", "error"),
+  [(64 * 1024, "CheckpointError: Writing a checkpoint"), (2048, "Error: ")],
+  ids=["checkpoints", "metrics_and_tensorboard"],
+)
+def test_a_failed_write_stops_the_run_at_once_and_the_same_command_resumes(
+  max_file_bytes, error, reference, tfds_dir, tmp_path
+):
+  workdir = tmp_path / "run"
+  start = time.monotonic()
+  result = _limited_run(workdir, tfds_dir, max_file_bytes)
+  assert result.returncode == 1, result.stderr[-3000:]
+  # The run ends on one line saying what failed and what to do (Orbax and asyncio may log
+  # their own background failure above it), and no traceback of vae_jax's.
+  last = [x for x in result.stderr.splitlines() if x.strip()][-1]
+  assert error in last and "run the same command" in last, result.stderr[-3000:]
+  assert f"{os.sep}vae_jax{os.sep}" not in result.stderr.replace(last, ""), result.stderr[-3000:]
+  assert time.monotonic() - start < 120
+  final = Run(workdir, tfds_dir)
+  assert final.finish() == 0, "".join(final.log[-30:])
+  _assert_same_params(_final_params(workdir), _final_params(reference))
+
+
+def test_metric_writer_uses_no_background_thread(tmp_path):
+  import threading
+
+  before = set(threading.enumerate())
+  w = writers.MetricWriter(tmp_path)
+  w.write_scalars(1, "train", {"loss": 1.0})
+  w.write_image(1, "grid", np.zeros((4, 4, 1), np.uint8))
+  assert set(threading.enumerate()) - before == set()
+  w.close()
+
+
+def test_a_second_run_of_a_workdir_refuses_and_the_first_finishes(reference, tfds_dir, tmp_path):
+  workdir = tmp_path / "run"
+  first = Run(workdir, tfds_dir)
+  assert first.wait_for(r"Starting a new run")
+  second = _cli(*CLI_ARGS, f"--workdir={workdir}", f"--config.data_dir={tfds_dir}")
+  assert second.returncode == 1
+  assert re.search(r"The workdir .* is in use by process \d+", second.stderr), second.stderr
+  assert first.finish() == 0
+  keys, rows = _metric_keys(workdir)
+  ref_keys, _ = _metric_keys(reference)
+  assert keys == ref_keys  # Nothing of the first run's metrics was lost.
+  assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_processes_sharing_a_data_directory_both_succeed(tmp_path):
+  """Two runs preparing the same fresh data directory at once: one prepares, one waits."""
+  data_dir = tmp_path / "tfds"
+  cmds = [
+    [
+      sys.executable, "-m", "vae_jax.main", "--config=configs/mnist.py:smoke",
+      f"--workdir={tmp_path / f'run{i}'}", f"--config.data_dir={data_dir}",
+      f"--config.idx_dir={FIXTURE_IDX_DIR}", "--config.num_epochs=1",
+      "--config.progress_bar=False",
+    ]
+    for i in (0, 1)
+  ]  # fmt: skip
+  procs = [
+    subprocess.Popen(c, cwd=REPO, stderr=subprocess.PIPE, text=True, env=process_env())
+    for c in cmds
+  ]
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  a, b = (_final_params(tmp_path / f"run{i}", 12) for i in (0, 1))
+  _assert_same_params(a, b)

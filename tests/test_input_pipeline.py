@@ -2,7 +2,9 @@
 
 import functools
 import gzip
+import hashlib
 import http.server
+import pathlib
 import shutil
 import threading
 import time
@@ -34,14 +36,68 @@ def test_tfds_read_path_returns_the_idx_contents(tfds_dir):
     np.testing.assert_array_equal(data[name].labels, raw.labels)
 
 
-def test_decoded_cache_is_rebuilt_when_corrupt(tfds_dir, tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "bit_flip"])
+def test_decoded_cache_is_verified_and_rebuilt_when_damaged(damage, tfds_dir, tmp_path):
   data_dir = tmp_path / "tfds"
   shutil.copytree(tfds_dir, data_dir)
   (cache,) = data_dir.glob("idx_images/mnist/*/decoded-train.npz")
-  cache.write_bytes(b"not an npz")
+  raw_bytes = bytearray(cache.read_bytes())
+  if damage == "garbage":
+    cache.write_bytes(b"not an npz")
+  elif damage == "empty":
+    cache.write_bytes(b"")
+  elif damage == "truncated":
+    cache.write_bytes(raw_bytes[: len(raw_bytes) // 2])
+  else:  # One bit inside the images' data: the zip member's CRC-32 catches it.
+    raw_bytes[len(raw_bytes) // 2] ^= 0x10
+    cache.write_bytes(raw_bytes)
   data = input_pipeline.load_dataset("mnist", data_dir=str(data_dir))
   raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "train")
   np.testing.assert_array_equal(data["train"].images, raw.images)
+  assert cache.read_bytes() == tfds_cache_bytes(tfds_dir)  # Rebuilt, identical.
+
+
+def tfds_cache_bytes(tfds_dir) -> bytes:
+  (cache,) = pathlib.Path(tfds_dir).glob("idx_images/mnist/*/decoded-train.npz")
+  return cache.read_bytes()
+
+
+def test_damaged_prepared_data_is_one_error_naming_what_to_delete(tfds_dir, tmp_path):
+  data_dir = tmp_path / "tfds"
+  shutil.copytree(tfds_dir, data_dir)
+  for cache in data_dir.glob("idx_images/mnist/*/decoded-*.npz"):
+    cache.unlink()
+  (records,) = data_dir.glob("idx_images/mnist/*/idx_images-train.array_record-*")
+  records.write_bytes(records.read_bytes()[:500])
+  prepared = records.parent
+  with pytest.raises(input_pipeline.DataError) as info:
+    input_pipeline.load_dataset("mnist", data_dir=str(data_dir))
+  message = str(info.value)
+  assert str(prepared) in message and "delete" in message and len(message.splitlines()) == 1
+
+
+def test_prepared_data_is_tied_to_its_source_files(tfds_dir, tmp_path):
+  """Data prepared from one IDX directory is not silently reused for other files."""
+  data_dir = tmp_path / "tfds"
+  shutil.copytree(tfds_dir, data_dir)
+  other = _copy_fixture(tmp_path / "other")
+  images = bytearray(gzip.decompress((other / "train-images-idx3-ubyte.gz").read_bytes()))
+  images[16 + 300] ^= 0xFF  # One pixel of the first image.
+  (other / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(images)))
+  with pytest.raises(input_pipeline.DataError, match=r"prepared from .*mnist_tiny.*not from"):
+    input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(other))
+  # The same files (recompressed, as Debian does) are accepted.
+  same = _copy_fixture(tmp_path / "same")
+  for f in same.glob("*.gz"):
+    f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes()), mtime=123))
+  assert input_pipeline.load_dataset("mnist", str(data_dir), str(same))["train"].num_examples == 400
+  # Data prepared by an older version (no record) is compared by content once.
+  for record in data_dir.glob("idx_images/mnist/*/vae_jax_source.json"):
+    record.unlink()
+  with pytest.raises(input_pipeline.DataError, match="train split differs"):
+    input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(other))
+  input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(FIXTURE_IDX_DIR))
+  assert list(data_dir.glob("idx_images/mnist/*/vae_jax_source.json"))
 
 
 def _copy_fixture(dst):
@@ -103,8 +159,20 @@ def test_download_when_online_prepares_from_the_mirror(tmp_path, monkeypatch):
   thread.start()
   try:
     url = f"http://127.0.0.1:{server.server_address[1]}/"
+    # The fixture's own sizes and digests stand in for the published ones.
+    checksums = {
+      f.name: (f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest())
+      for f in FIXTURE_IDX_DIR.glob("*.gz")
+    }
+    wrong = dict(checksums, **{"t10k-labels-idx1-ubyte.gz": (4542, "0" * 64)})
     monkeypatch.setitem(
-      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url)
+      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url, wrong)
+    )
+    with pytest.raises(input_pipeline.DataError, match=r"t10k-labels.*is not the published file"):
+      input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
+    assert not (tmp_path / "downloads/vae_jax/mnist/t10k-labels-idx1-ubyte.gz").exists()
+    monkeypatch.setitem(
+      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url, checksums)
     )
     data = input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
   finally:

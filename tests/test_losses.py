@@ -571,3 +571,143 @@ def test_integer_inputs_raise_type_error(case):
   fn, args, match = _TYPE_ERRORS[case]
   with pytest.raises(TypeError, match=match):
     fn(*args)
+
+
+# --------------------------------------------------------------------------
+# Kinks and ties: every hand-written formula matches its reference AT the kink.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_bernoulli_gradient_at_logit_zero_is_x_minus_half(dtype, use_jit):
+  """A zero-initialized output layer sits exactly at the softplus kink."""
+  with jax.enable_x64(dtype == jnp.float64):
+
+    def f(logits):
+      return losses.bernoulli_log_likelihood(logits, jnp.ones((1, 1), dtype)).sum()
+
+    grad = (jax.jit(jax.grad(f)) if use_jit else jax.grad(f))(jnp.zeros((1, 1), dtype))
+    assert float(grad[0, 0]) == 0.5  # x - sigmoid(0) = 1 - 0.5.
+
+
+@pytest.mark.parametrize("x", [0.0, 1e-30, -1e-30, 1e-6, -3.0, 3.0, 40.0, -40.0, 300.0])
+def test_softplus_matches_jax_softplus_in_value_and_gradient(x):
+  x = jnp.float32(x)
+  assert float(losses.softplus(x)) == pytest.approx(float(jax.nn.softplus(x)), rel=1e-6, abs=0)
+  assert float(jax.grad(losses.softplus)(x)) == pytest.approx(float(jax.nn.sigmoid(x)), rel=1e-6)
+  g2 = jax.grad(jax.grad(losses.softplus))(x)
+  s = float(jax.nn.sigmoid(x))
+  assert float(g2) == pytest.approx(s * (1.0 - s), rel=1e-5, abs=1e-30)
+
+
+def test_free_bits_tie_keeps_the_kl_gradient():
+  """At per-dimension KL == lambda, as tf.maximum(kl, lambda) in the IAF code."""
+  kl = jnp.array([[0.25, 1.0]])
+  grad = jax.grad(lambda k: losses.free_bits_kl(k, 0.25))(kl)
+  np.testing.assert_array_equal(grad, [[1.0, 1.0]])
+  grad_below = jax.grad(lambda k: losses.free_bits_kl(k, 0.3))(kl)
+  np.testing.assert_array_equal(grad_below, [[0.0, 1.0]])
+
+
+def test_capacity_objective_at_the_capacity_has_zero_kl_gradient():
+  """|KL - C| at KL == C: PyTorch's abs subgradient 0 (Burgess et al.'s code), not 1."""
+  g = jax.grad(lambda kl: losses.capacity_objective(jnp.float32(-5.0), kl, 2.0, 3.0))
+  assert float(g(jnp.float32(3.0))) == 0.0
+  assert float(g(jnp.float32(4.0))) == -2.0 and float(g(jnp.float32(2.0))) == 2.0
+  value = losses.capacity_objective(jnp.float32(-5.0), jnp.float32(1.0), 2.0, 3.0)
+  assert float(value) == -9.0
+
+
+def test_hardtanh_has_pytorchs_gradient_at_the_bounds():
+  from vae_jax import networks
+
+  x = jnp.array([-7.0, -6.0, -5.9, 0.0, 1.9, 2.0, 3.0])
+  np.testing.assert_array_equal(networks.hardtanh(x, -6.0, 2.0), np.clip(np.asarray(x), -6, 2))
+  grad = jax.grad(lambda v: networks.hardtanh(v, -6.0, 2.0).sum())(x)
+  np.testing.assert_array_equal(grad, [0, 0, 1, 1, 1, 0, 0])
+
+
+# --------------------------------------------------------------------------
+# Zero importance weights (log w = -inf).
+
+_LOG_W = [[-1.0], [-np.inf], [-3.0]]
+_EXPECTED = math.log((math.exp(-1.0) + math.exp(-3.0)) / 3.0)  # -1.9717
+
+
+def test_dreg_and_iw_bound_with_a_zero_weight():
+  lw = jnp.array(_LOG_W)
+  assert float(losses.dreg_iw_bound(lw, lw)[0]) == pytest.approx(_EXPECTED, rel=1e-6)
+  assert float(losses.iw_bound_from_log_weights(lw)[0]) == pytest.approx(_EXPECTED, rel=1e-6)
+  w = np.exp([-1.0, -3.0]) / np.exp([-1.0, -3.0]).sum()
+  g_plain = jax.grad(lambda a: losses.iw_bound_from_log_weights(a).sum())(lw)
+  np.testing.assert_allclose(g_plain[:, 0], [w[0], 0.0, w[1]], rtol=1e-6)
+  g_enc, g_dec = jax.grad(lambda a, b: losses.dreg_iw_bound(a, b).sum(), argnums=(0, 1))(lw, lw)
+  np.testing.assert_allclose(g_enc[:, 0], [w[0] ** 2, 0.0, w[1] ** 2], rtol=1e-6)
+  np.testing.assert_allclose(g_dec[:, 0], [w[0], 0.0, w[1]], rtol=1e-6)
+
+
+def test_all_zero_weights_give_minus_inf_and_zero_gradients():
+  lw = jnp.full((3, 2), -jnp.inf)
+  for fn in (
+    lambda a: losses.dreg_iw_bound(a, a),
+    losses.iw_bound_from_log_weights,
+    lambda a: losses.logsumexp(a, axis=0),
+  ):
+    value = fn(lw)
+    assert np.all(np.isneginf(np.asarray(value)))
+    grad = jax.grad(lambda a, fn=fn: jnp.sum(jnp.where(jnp.isfinite(fn(a)), fn(a), 0.0)))(lw)
+    np.testing.assert_array_equal(grad, np.zeros((3, 2)))
+    grad_direct = jax.grad(lambda a, fn=fn: fn(a)[0])(lw)
+    assert np.all(np.isfinite(np.asarray(grad_direct)))
+
+
+def test_mixture_with_an_impossible_component_is_finite():
+  z = jnp.zeros((2, 1))
+  means, logvars = jnp.array([[0.0], [1e30]]), jnp.zeros((2, 1))
+  value = losses.diag_gaussian_mixture_log_prob(z, means, logvars)
+  expected = -0.5 * math.log(2 * math.pi) - math.log(2.0)
+  np.testing.assert_allclose(value, [expected, expected], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Honest likelihoods: the continuous Bernoulli for grey levels.
+
+
+def _np_cb_log_norm(logits):
+  lam = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+  out = np.full(lam.shape, np.log(2.0))
+  away = np.abs(lam - 0.5) > 1e-12
+  out[away] = np.log(2.0 * np.arctanh(1.0 - 2.0 * lam[away]) / (1.0 - 2.0 * lam[away]))
+  return out
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e-6, -1e-4, 0.03, -0.049, 0.051, 0.5, -2.0, 8.0, -30.0])
+def test_continuous_bernoulli_normalizer_matches_its_definition(logit):
+  got = float(losses.continuous_bernoulli_log_norm(jnp.float32(logit)))
+  assert got == pytest.approx(float(_np_cb_log_norm(logit)), rel=2e-6, abs=2e-6)
+  grad = float(jax.grad(losses.continuous_bernoulli_log_norm)(jnp.float32(logit)))
+  # d/dl log(l / tanh(l/2)) = 1/l - 1/sinh(l): 0 at l = 0, finite everywhere.
+  ref = 0.0 if abs(logit) < 1e-3 else 1.0 / logit - 1.0 / math.sinh(logit)
+  assert np.isfinite(grad) and grad == pytest.approx(ref, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e-3, 0.7, -3.0, 12.0])
+def test_continuous_bernoulli_is_a_density_on_the_unit_interval(logit):
+  """It integrates to 1 over [0, 1] (the plain Bernoulli term alone does not)."""
+  x = (np.arange(20000) + 0.5) / 20000  # Midpoint rule, error ~ 1e-9 here.
+  logits = jnp.full((x.size, 1), logit, jnp.float32)
+  xs = jnp.asarray(x[:, None], jnp.float32)
+  density = np.exp(np.asarray(losses.continuous_bernoulli_log_likelihood(logits, xs), np.float64))
+  assert density.mean() == pytest.approx(1.0, abs=1e-4)
+  mean = (x * density).mean()
+  got = float(losses.continuous_bernoulli_mean(jnp.float32(logit)))
+  assert got == pytest.approx(mean, abs=1e-4)
+  if logit == 0.0:  # The cross-entropy alone integrates to 1/2 at logit 0.
+    bce = np.exp(np.asarray(losses.bernoulli_log_likelihood(logits, xs), np.float64))
+    assert bce.mean() == pytest.approx(0.5, abs=1e-4)
+
+
+def test_preconditions_are_stated():
+  for fn in (losses.bernoulli_log_likelihood, losses.gaussian_log_likelihood):
+    assert "Precondition" in fn.__doc__
+  assert "not* a log-density" in losses.bernoulli_log_likelihood.__doc__

@@ -297,3 +297,13 @@ def test_normalize_each_gradient_is_adam_normgrads_first_step():
   np.testing.assert_allclose(updates["w"], [[0.6, 0.8]], rtol=1e-6)
   np.testing.assert_array_equal(updates["b"], [0.0, 0.0])  # A zero gradient stays zero.
   np.testing.assert_allclose(updates["s"], -1.0, rtol=1e-6)
+
+
+def test_process_env_drops_the_callers_jax_settings(monkeypatch):
+  """Tests that start a process set the environment they assume (not the caller's)."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  monkeypatch.setenv("JAX_ENABLE_X64", "1")
+  env = process_env(VAE_JAX_IDX_DIR="")
+  assert "XLA_FLAGS" not in env and "JAX_ENABLE_X64" not in env
+  assert env["JAX_PLATFORMS"] == "cpu" and env["VAE_JAX_IDX_DIR"] == ""
+  assert process_env(XLA_FLAGS="x")["XLA_FLAGS"] == "x"

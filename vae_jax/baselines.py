@@ -74,13 +74,16 @@ def fit_pca(x: np.ndarray, num_components: int, chunk: int = 10000) -> Pca:
 _PCA_CLIPS = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
 
 
-_bernoulli_log_likelihood_jit = jax.jit(losses.bernoulli_log_likelihood)
+_LOG_LIKELIHOODS = {
+  "bernoulli": jax.jit(losses.bernoulli_log_likelihood),
+  "continuous_bernoulli": jax.jit(losses.continuous_bernoulli_log_likelihood),
+}
 
 
-def _clipped_bernoulli_nll(p: np.ndarray, x: np.ndarray, clip: float) -> np.ndarray:
+def _clipped_nll(likelihood: str, p: np.ndarray, x: np.ndarray, clip: float) -> np.ndarray:
   p = np.clip(p, clip, 1.0 - clip)
   logits = (np.log(p) - np.log1p(-p)).astype(np.float32)
-  return -np.asarray(_bernoulli_log_likelihood_jit(logits, np.asarray(x, np.float32)))
+  return -np.asarray(_LOG_LIKELIHOODS[likelihood](logits, np.asarray(x, np.float32)))
 
 
 def pca_baseline(
@@ -97,17 +100,19 @@ def pca_baseline(
     pca: fitted on the training split.
     train_x: ``[n, D]`` training data, to choose the Bernoulli clipping level.
     test_x: ``[m, D]`` test data.
-    likelihood: the model's (``bernoulli`` or ``gaussian``).
+    likelihood: the model's (``bernoulli``, ``continuous_bernoulli`` or ``gaussian``;
+      ``gaussian_learned`` is ``gaussian`` with the caller's variance).
     gaussian_variance: its ``c``, for ``gaussian``.
     max_fit_examples: training examples used to choose the clipping level.
 
   Returns:
     ``mse_per_image`` (squared error summed over pixels, mean over images), and
     ``distortion``: the negative log-likelihood of the test set under the
-    model's likelihood with the PCA reconstruction as its mean. A Bernoulli
-    mean must lie in (0, 1), so the reconstruction is clipped to
-    ``[clip, 1 - clip]``, with ``clip`` the level in ``_PCA_CLIPS`` that
-    minimizes the NLL on training images (reported as ``bernoulli_clip``).
+    model's likelihood with the PCA reconstruction as its mean (for the
+    continuous Bernoulli: as its parameter lambda). A Bernoulli parameter must
+    lie in (0, 1), so the reconstruction is clipped to ``[clip, 1 - clip]``,
+    with ``clip`` the level in ``_PCA_CLIPS`` that minimizes the NLL on
+    training images (reported as ``bernoulli_clip``).
   """
   recon = pca.reconstruct(test_x)
   out: dict[str, Any] = {
@@ -116,13 +121,13 @@ def pca_baseline(
     "explained_variance_fraction": float(pca.variances.sum() / pca.total_variance),
     "mse_per_image": float(np.mean(np.sum((recon - test_x) ** 2, axis=-1))),
   }
-  if likelihood == "bernoulli":
+  if likelihood in _LOG_LIKELIHOODS:
     fit = train_x[:max_fit_examples]
     fit_recon = pca.reconstruct(fit)
-    nlls = [float(_clipped_bernoulli_nll(fit_recon, fit, c).mean()) for c in _PCA_CLIPS]
+    nlls = [float(_clipped_nll(likelihood, fit_recon, fit, c).mean()) for c in _PCA_CLIPS]
     clip = _PCA_CLIPS[int(np.argmin(nlls))]
     out["bernoulli_clip"] = clip
-    out["distortion"] = float(_clipped_bernoulli_nll(recon, test_x, clip).mean())
+    out["distortion"] = float(_clipped_nll(likelihood, recon, test_x, clip).mean())
   else:
     log_p = losses.gaussian_log_likelihood(
       jnp.asarray(recon, jnp.float32), jnp.asarray(test_x, jnp.float32), gaussian_variance

@@ -8,7 +8,9 @@ while the previous step is written.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import re
 import shutil
 import time
 from typing import Any
@@ -36,6 +38,14 @@ def _path_name(path) -> str:
     else:
       parts.append(str(k))
   return "/".join(parts)
+
+
+def _params_first(path: str) -> tuple:
+  """Sort key: parameters before optimizer state, ``hidden_10`` after ``hidden_9``."""
+  return (
+    not path.startswith("params"),
+    [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)],
+  )
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -99,18 +109,54 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: PyTree) -> None:
-    """Starts writing ``state`` as checkpoint ``step`` (returns once it is copied)."""
+    """Starts writing ``state`` as checkpoint ``step`` (returns once it is copied).
+
+    Raises:
+      CheckpointError: this or an earlier asynchronous save failed (e.g. a full disk).
+    """
     if self.read_only:
       raise CheckpointError(f"{self.directory} was opened read-only.")
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    with self._failures():
+      self._manager.check_for_errors()
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def check_for_errors(self) -> None:
+    """Raises ``CheckpointError`` if an asynchronous save has failed; cheap, never blocks."""
+    with self._failures():
+      self._manager.check_for_errors()
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is on disk.
+
+    Raises:
+      CheckpointError: a save failed.
+    """
+    with self._failures():
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the saves under way, then closes; a failed save raises ``CheckpointError``."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _failures(self):
+    """One ``CheckpointError`` saying what failed and what to do, for any failure to write."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - Orbax and the OS raise many kinds.
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      latest = self.latest_step()
+      resume = f"from checkpoint {latest}" if latest is not None else "from the start"
+      raise CheckpointError(
+        f"Writing a checkpoint in {self.directory} failed: {first}. Nothing half-written is "
+        f"used: free space (or fix the cause), then run the same command to resume {resume}."
+      ) from e
 
   def _unreadable_dir(self) -> pathlib.Path:
     return self.directory.with_name(self.directory.name + "_unreadable")
@@ -136,9 +182,10 @@ class Checkpointer:
       return
     wanted = _shapes(target)
     diffs = [
-      f"  {path}: checkpoint {stored_shapes.get(path, 'missing')} vs this config {shape}"
-      for path, shape in wanted.items()
-      if stored_shapes.get(path) != shape
+      f"  {path}: checkpoint {stored_shapes.get(path, 'missing')} vs this config "
+      f"{wanted.get(path, 'missing')}"
+      for path in sorted(set(wanted) | set(stored_shapes), key=_params_first)
+      if stored_shapes.get(path) != wanted.get(path)
     ]
     if diffs:
       raise CheckpointError(

@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "optimizer.name": optim.OPTIMIZERS,
   "optimizer.schedule": optim.SCHEDULES,
   "nonfinite_policy": ("stop", "skip"),
+  "matmul_precision": ("default", "high", "highest"),
 }
 
 
@@ -82,8 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_pseudo_inputs = 500
   c.model.pseudo_inputs_mean = 0.05  # Their initialization N(mean, std^2), clipped to [0, 1].
   c.model.pseudo_inputs_std = 0.01
-  # "bernoulli" (decoder gives logits) | "gaussian" (means, fixed variance) |
-  # "gaussian_learned" (means and one learned variance shared by all pixels).
+  # "bernoulli" (decoder gives logits; a likelihood of binary images, only the
+  # negative cross-entropy of grey levels) | "continuous_bernoulli" (logits; a
+  # density of grey levels in [0, 1], Loaiza-Ganem & Cunningham 2019) |
+  # "gaussian" (means, fixed variance) | "gaussian_learned" (means and one learned
+  # variance shared by all pixels).
   c.model.likelihood = "bernoulli"
   c.model.gaussian_variance = 1.0  # Observation variance c (the initial one if learned).
 
@@ -135,6 +139,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep = ml_collections.ConfigDict()
   c.sweep.betas = ()
   c.sweep.seeds = (0,)  # One seed shared by every model, or one per beta.
+
+  # Matmul precision of training on GPUs and TPUs: "default" (the platform's, e.g.
+  # TF32 or bfloat16 passes) | "high" | "highest" (full float32). Reported numbers
+  # (test ELBO, --mode=evaluate) are always computed at "highest".
+  c.matmul_precision = "default"
 
   # Devices: the batch is split over a 1-D "data" mesh of this many devices
   # (0: all visible ones); state and data are replicated on each.
@@ -448,8 +457,27 @@ def differences(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> lis
   return [
     f"  {k}: workdir has {saved.get(k)!r}, now {now.get(k)!r}"
     for k in sorted(set(saved) | set(now))
-    if saved.get(k) != now.get(k) and k not in resumable
+    if not _same(saved.get(k), now.get(k)) and k not in resumable
   ]
+
+
+def _same(a: Any, b: Any) -> bool:
+  """Equal values; NaN equals NaN (a record holding one still resumes under itself)."""
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  return a == b
+
+
+def likelihood_caveat(config: ml_collections.ConfigDict) -> str | None:
+  """What a reader of this run's log-likelihoods must know, or ``None``."""
+  if config.model.likelihood == "bernoulli" and config.binarization in ("none", "dequantize"):
+    return (
+      f"likelihood='bernoulli' on grey levels (binarization={config.binarization!r}): the "
+      "reconstruction term is the negative binary cross-entropy, not a log-density of the "
+      "data, so 'log-likelihoods' and ELBOs are not bounds on log p(x); use "
+      "model.likelihood='continuous_bernoulli' for a density of grey levels, or a binarization."
+    )
+  return None
 
 
 def check_resume(

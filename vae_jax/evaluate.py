@@ -15,9 +15,9 @@ A sweep's workdir is evaluated model by model, each into
 ``models/<name>/eval/`` and ``models/<name>/figures/``.
 
 Reported numbers are computed at full float32 matmul precision on every
-platform (``jax.default_matmul_precision("highest")``): on GPUs and TPUs the
-default may use TF32 or bfloat16 passes, which moves likelihoods at the second
-decimal. The JSON records the precision.
+platform (``likelihood.EVAL_MATMUL_PRECISION``): on GPUs and TPUs the default
+may use TF32 or bfloat16 passes, which moves likelihoods at the second decimal.
+The JSON records the precision.
 """
 
 from __future__ import annotations
@@ -57,8 +57,6 @@ Array = jax.Array
 
 # Tags folded into the run's evaluation key, one stream per split.
 _SPLIT_TAGS = {"test": 0, "train": 1}
-# Matmul precision of every reported number (see the module docstring).
-EVAL_MATMUL_PRECISION = "highest"
 
 PARAMS_SOURCES = {
   "best": "best validation ELBO (WORKDIR/best)",
@@ -352,7 +350,7 @@ def _pca_results(config, model, train_x, test_x, results) -> tuple[baselines.Pca
     pca_k,
     flat_train,
     test_x.reshape(len(test_x), -1),
-    "bernoulli" if config.model.likelihood == "bernoulli" else "gaussian",
+    "gaussian" if config.model.likelihood.startswith("gaussian") else config.model.likelihood,
     pca_variance,
   )
   out["gaussian_variance"] = pca_variance
@@ -377,10 +375,9 @@ def _evaluate_model(
   deterministic = config.objective == "autoencoder"
   keys = step_lib.run_keys(seed)
   splits = {"test": data["test_x"], "train": data["train_x"]}
-  with jax.default_matmul_precision(EVAL_MATMUL_PRECISION):
-    results, values, timings = evaluate_params(
-      config, model, params, splits, keys[step_lib.KEY_EVAL], num_samples, **kw
-    )
+  results, values, timings = evaluate_params(
+    config, model, params, splits, keys[step_lib.KEY_EVAL], num_samples, **kw
+  )
   header = {
     "workdir": str(workdir),
     "checkpoint_step": step,
@@ -392,7 +389,8 @@ def _evaluate_model(
     "layer_latents": list(model.layer_latents),
     "params": PARAMS_SOURCES[source],
     "num_importance_samples": None if deterministic else num_samples,
-    "matmul_precision": EVAL_MATMUL_PRECISION,
+    "matmul_precision": likelihood.EVAL_MATMUL_PRECISION,
+    "likelihood_caveat": config_lib.likelihood_caveat(config),
     "units": (
       "nats per example (sums over pixels, means over examples) unless the name says "
       "otherwise; nll = -log p(x); mse_per_image = squared error summed over pixels"

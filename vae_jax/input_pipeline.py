@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -37,6 +39,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
+
+from vae_jax import locks
 
 # Pixels of the evaluation split are binarized once with this fixed seed
 # (independent of the run's seed), so likelihoods are comparable across runs.
@@ -57,6 +61,10 @@ class DatasetSpec:
   name: str
   description: str
   url: str  # Base URL of the four IDX files.
+  # The published (size in bytes, SHA-256) of each file at ``url``, as TFDS
+  # registers them (tensorflow_datasets/url_checksums/<name>.txt): a download is
+  # used only if it matches.
+  checksums: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
   system_dirs: tuple[str, ...] = ()  # Where an OS package installs them.
   install_hint: str = ""
 
@@ -66,11 +74,47 @@ DATASETS: dict[str, DatasetSpec] = {
     name="mnist",
     description="MNIST handwritten digits (LeCun et al.), 60k/10k 28x28 grey.",
     url="https://storage.googleapis.com/cvdf-datasets/mnist/",
+    checksums={
+      "train-images-idx3-ubyte.gz": (
+        9912422,
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+      ),
+      "train-labels-idx1-ubyte.gz": (
+        28881,
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+      ),
+      "t10k-images-idx3-ubyte.gz": (
+        1648877,
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+      ),
+      "t10k-labels-idx1-ubyte.gz": (
+        4542,
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+      ),
+    },
   ),
   "fashion_mnist": DatasetSpec(
     name="fashion_mnist",
     description="Fashion-MNIST (Xiao et al. 2017), 60k/10k 28x28 grey.",
     url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    checksums={
+      "train-images-idx3-ubyte.gz": (
+        26421880,
+        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+      ),
+      "train-labels-idx1-ubyte.gz": (
+        29515,
+        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+      ),
+      "t10k-images-idx3-ubyte.gz": (
+        4422102,
+        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+      ),
+      "t10k-labels-idx1-ubyte.gz": (
+        5148,
+        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+      ),
+    },
     system_dirs=("/usr/share/datasets/fashion-mnist",),
     install_hint="On Debian/Ubuntu: `apt-get install dataset-fashion-mnist`.",
   ),
@@ -237,8 +281,36 @@ def _download(spec: DatasetSpec, url: str, dest: pathlib.Path) -> None:
         except (urllib.error.URLError, OSError) as e:
           os.unlink(tmp.name)
           raise DataError(_offline_message(spec, f"downloading {url + name} failed: {e}")) from e
+      _verify_download(spec, name, pathlib.Path(tmp.name), url + name)
       os.replace(tmp.name, target)
       read_idx(target)  # Fail now, naming the file, if the download is not IDX.
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _verify_download(spec: DatasetSpec, name: str, path: pathlib.Path, url: str) -> None:
+  """Keeps a download only if its size and SHA-256 are the published ones.
+
+  Raises:
+    DataError: they differ (the file is deleted), naming the URL and both digests.
+  """
+  if name not in spec.checksums:
+    raise DataError(f"No published checksum is known for {url}; refusing to use it.")
+  size, digest = spec.checksums[name]
+  got_size, got = path.stat().st_size, _sha256(path)
+  if (got_size, got) != (size, digest):
+    path.unlink()
+    raise DataError(
+      f"The download of {url} is not the published file: {got_size} bytes with SHA-256 "
+      f"{got}, expected {size} bytes with {digest}. It was deleted; check the network (a "
+      "proxy or captive portal?) and run again, or provide the files with --config.idx_dir."
+    )
 
 
 def _offline_message(spec: DatasetSpec, reason: str) -> str:
@@ -300,15 +372,86 @@ def load_dataset(
     raise DataError(f"Unknown dataset {name!r}. Choose one of {sorted(DATASETS)}.")
   spec = DATASETS[name]
   data_dir = pathlib.Path(data_dir).expanduser() if data_dir else _default_data_dir()
-  builder = IdxImages(config=name, data_dir=str(data_dir), file_format="array_record")
-  if not builder.is_prepared():
-    source = _find_idx_dir(spec, idx_dir, data_dir / "downloads" / "vae_jax" / name)
-    logging.info("Preparing %s from %s into %s", name, source, builder.data_dir)
-    builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=source),
+  explicit = idx_dir or os.environ.get("VAE_JAX_IDX_DIR")
+  lock = data_dir / f".vae_jax_{name}.lock"
+  # Processes sharing a data directory take turns: the first prepares, the others
+  # wait and then read what it prepared (the builder reads its state once the lock is held).
+  with locks.exclusive(lock, wait=True, what=f"the {name!r} data in {data_dir}"):
+    builder = IdxImages(config=name, data_dir=str(data_dir), file_format="array_record")
+    record = pathlib.Path(builder.data_dir) / SOURCE_RECORD
+    if not builder.is_prepared():
+      source = _find_idx_dir(spec, idx_dir, data_dir / "downloads" / "vae_jax" / name)
+      logging.info("Preparing %s from %s into %s", name, source, builder.data_dir)
+      builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=source),
+      )
+      record.write_text(json.dumps(source_fingerprint(source), indent=1) + "\n")
+    elif explicit:
+      _check_source(name, builder, record, explicit)
+    splits = {split: _load_split(builder, split) for split in SPLITS}
+    if explicit and not record.exists():
+      # Prepared by an older version, which kept no record: compare the contents once.
+      for split, data in splits.items():
+        source = read_idx_split(explicit, split)
+        if not (
+          np.array_equal(source.images, data.images) and np.array_equal(source.labels, data.labels)
+        ):
+          raise DataError(
+            f"{builder.data_dir} holds {name!r} prepared from other files than those in "
+            f"{explicit} ({split} split differs). Use another --config.data_dir for these "
+            f"files, or delete {builder.data_dir} to prepare it from them."
+          )
+      record.write_text(json.dumps(source_fingerprint(explicit), indent=1) + "\n")
+    return splits
+
+
+# Beside the prepared files: where they were prepared from, and what those files held.
+SOURCE_RECORD = "vae_jax_source.json"
+
+
+def source_fingerprint(idx_dir: str | os.PathLike) -> dict:
+  """``{"idx_dir", "sha256": {file: digest of its decompressed bytes}}`` of the four IDX files.
+
+  Decompressed, so the same data recompressed (Debian rewrites the gzip headers)
+  has the same fingerprint.
+  """
+  digests = {}
+  for files in _IDX_FILES.values():
+    for f in files:
+      path = pathlib.Path(idx_dir) / f
+      opener = gzip.open if path.suffix == ".gz" else open
+      h = hashlib.sha256()
+      with opener(path, "rb") as stream:
+        for block in iter(lambda stream=stream: stream.read(1 << 20), b""):
+          h.update(block)
+      digests[f] = h.hexdigest()
+  return {"idx_dir": str(pathlib.Path(idx_dir).resolve()), "sha256": digests}
+
+
+def _check_source(name: str, builder: IdxImages, record: pathlib.Path, idx_dir: str) -> None:
+  """Refuses prepared data that came from other files than ``idx_dir``'s.
+
+  Raises:
+    DataError: the fingerprints differ, or ``idx_dir`` lacks files.
+  """
+  missing = missing_idx_files(idx_dir)
+  if missing:
+    raise DataError(f"The IDX directory {idx_dir} lacks {', '.join(missing)}.")
+  if not record.exists():
+    return  # Checked against the decoded contents by the caller.
+  wanted = source_fingerprint(idx_dir)
+  try:
+    prepared = json.loads(record.read_text())
+  except (OSError, ValueError):
+    prepared = {"idx_dir": "an unreadable record"}
+  if prepared.get("sha256") != wanted["sha256"]:
+    origin = prepared.get("idx_dir")
+    raise DataError(
+      f"{builder.data_dir} holds {name!r} prepared from {origin}, not from the files in "
+      f"{idx_dir}. Use another --config.data_dir for these files, or delete "
+      f"{builder.data_dir} to prepare it from them."
     )
-  return {split: _load_split(builder, split) for split in SPLITS}
 
 
 def _load_split(builder: IdxImages, split: str) -> Split:
@@ -322,14 +465,26 @@ def _load_split(builder: IdxImages, split: str) -> Split:
   num_examples = builder.info.splits[split].num_examples
   if cache.is_file():
     try:
-      with np.load(cache) as f:
+      with np.load(cache) as f:  # Reading a member checks its CRC-32.
         data = Split(images=f["images"], labels=f["labels"])
       if data.num_examples == num_examples == data.labels.shape[0]:
         return data
-    except (OSError, ValueError, KeyError, EOFError):
-      pass
+    except Exception as e:  # noqa: BLE001 - truncated, bit-flipped, not a zip: rebuild.
+      logging.warning("The cache %s is damaged (%s: %s).", cache, type(e).__name__, e)
     logging.warning("Ignoring unreadable or stale cache %s; decoding again.", cache)
-  data = _decode_all(builder.as_data_source(split))
+  try:
+    data = _decode_all(builder.as_data_source(split))
+  except Exception as e:  # noqa: BLE001 - ArrayRecord and PNG errors of many kinds.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(
+      f"The prepared {split} split in {builder.data_dir} cannot be read ({first}). The "
+      f"files are damaged: delete {builder.data_dir} and run again to prepare them anew."
+    ) from e
+  if data.num_examples != num_examples:
+    raise DataError(
+      f"The prepared {split} split in {builder.data_dir} holds {data.num_examples} examples "
+      f"where its metadata says {num_examples}: delete {builder.data_dir} and run again."
+    )
   with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as tmp:
     np.savez(tmp, images=data.images, labels=data.labels)
   os.replace(tmp.name, cache)

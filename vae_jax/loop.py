@@ -22,6 +22,7 @@ import time
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -118,6 +119,33 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+@jax.jit
+def _state_is_finite(state: PyTree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def save(ckpt: checkpointing.Checkpointer, step: int, state: PyTree) -> None:
+  """Saves ``state`` as checkpoint ``step``, if every value in it is finite.
+
+  The per-step checks (loss, gradient, update) already stop a run before a
+  non-finite update is saved; this is the last line of defence, over the whole
+  state (parameters, optimizer state, EMA), once per checkpoint.
+
+  Raises:
+    NonFiniteError: the state holds a NaN or infinity; nothing was written.
+  """
+  if not bool(_state_is_finite(state)):
+    raise NonFiniteError(
+      f"The train state at step {step} holds NaN or infinite values; it was not saved "
+      f"(the latest checkpoint is step {ckpt.latest_step()}). Lower "
+      "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, then run the "
+      "same command to resume."
+    )
+  logging.info("Saving checkpoint at step %d", step)
+  ckpt.save(step, state)
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -265,12 +293,13 @@ def run(
           step += n
           stop_now = preemption.agreed()
         # The boundary: metrics come to the host, and are checked before any save.
+        ckpt.check_for_errors()  # A failed asynchronous save is reported here, not later.
         rows = _pull(pending)
         skipped = _check_finite(rows, first, skipped, program, config, ckpt.latest_step())
         if stop_now:
           logging.warning("SIGTERM: saving checkpoint at step %d and stopping.", step)
           if step != last_saved:
-            ckpt.save(step, state)
+            save(ckpt, step, state)
           ckpt.wait()
           raise Preempted(step)
         window.rows.append(rows)
@@ -289,17 +318,28 @@ def run(
           logging.info("Evaluating at step %d", step)
           stop = program.evaluate(step, state, out)
         if due(step, ckpt_every, total) or stop:
-          logging.info("Saving checkpoint at step %d", step)
-          ckpt.save(step, state)
+          save(ckpt, step, state)
           last_saved = step
         if stop:
           break
         clock = time.perf_counter()
-  finally:
-    if bar is not None:
-      bar.close()
-    ckpt.close()
-    program.close()
-    for w in out:
-      w.close()
+  except BaseException:
+    _close(bar, ckpt, program, out, quietly=True)  # The error in flight is the one to report.
+    raise
+  _close(bar, ckpt, program, out, quietly=False)
   return state
+
+
+def _close(bar, ckpt, program, out, quietly: bool) -> None:
+  """Closes everything the run opened; with ``quietly``, failures are logged, not raised."""
+  closers = [bar.close] if bar is not None else []
+  closers += [ckpt.close, program.close, *(w.close for w in out)]
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:
+      logging.error("While stopping: %s: %s", type(e).__name__, e)
+      first = first or e
+  if first is not None and not quietly:
+    raise first

@@ -76,6 +76,43 @@ def _sum_event(a: Array, event_ndims: int) -> Array:
   return jnp.sum(a, axis=tuple(range(a.ndim - event_ndims, a.ndim)))
 
 
+@jax.custom_jvp
+def softplus(x: Array) -> Array:
+  """``log(1 + exp(x))``, exact for any finite ``x``, with derivative ``sigmoid(x)`` everywhere.
+
+  Written out as ``max(x, 0) + log1p(exp(-|x|))``, which vectorizes on CPU
+  where ``jax.nn.softplus`` (``logaddexp``) does not: about 3x faster per
+  pixel. The derivative is defined, not differentiated through that formula:
+  at ``x = 0`` the kinks of ``max`` and ``|x|`` would give ``0`` (their
+  one-sided derivatives cancel) where the true derivative is ``1/2``.
+  """
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return softplus(x), jax.nn.sigmoid(x) * dx
+
+
+def logsumexp(a: Array, axis: int = 0) -> Array:
+  """``log sum_k exp(a_k)`` over ``axis``, stable, and with zero weights handled.
+
+  ``-inf`` entries (zero weights) contribute nothing to the value and receive
+  a zero gradient; when every entry is ``-inf`` the value is ``-inf`` and the
+  gradient is zero (``jax.nn.logsumexp`` gives NaN there).
+
+  Args:
+    a: log-values, any shape.
+    axis: the axis reduced.
+  """
+  peak = jnp.max(a, axis=axis, keepdims=True)
+  peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+  total = jnp.sum(jnp.exp(a - peak), axis=axis)
+  safe = jnp.where(total > 0, total, 1.0)
+  return jnp.where(total > 0, jnp.log(safe) + jnp.squeeze(peak, axis), -jnp.inf)
+
+
 # --------------------------------------------------------------------------
 # Sampling.
 
@@ -200,20 +237,31 @@ def kl_divergence(mean: Array, logvar: Array) -> Array:
 
 
 def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> Array:
-  """log Bernoulli(x | sigmoid(logits)), summed over the last ``event_ndims`` axes.
+  """``x log p + (1 - x) log(1 - p)`` with ``p = sigmoid(logits)``, summed over events.
 
-  Uses ``x * logits - softplus(logits)``: no ``log(sigmoid)`` underflow,
-  finite for any finite logit, and valid for targets anywhere in [0, 1] (the
-  usual cross-entropy for grey levels).
+  For binary ``x`` (in {0, 1}) this is the log-probability of a Bernoulli
+  variable, in nats (``<= 0``). For grey levels ``x`` in (0, 1) it is the
+  negative binary cross-entropy, which is *not* a log-density of ``x`` (its
+  ``exp`` integrates to ``1/2`` over [0, 1] at logit 0): use
+  ``continuous_bernoulli_log_likelihood`` for a likelihood of grey levels.
+
+  Computed as ``x * logits - softplus(logits)``: no ``log(sigmoid)``
+  underflow, finite for any finite logit; its gradient in the logits is
+  ``x - sigmoid(logits)`` everywhere, ``x - 1/2`` at 0.
 
   Args:
     logits: ``[..., *event_shape]`` decoder logits.
-    x: targets of the same shape, in [0, 1].
+    x: targets of the same shape. Precondition: ``0 <= x <= 1`` (other values,
+      e.g. unscaled pixels of 255, give meaningless numbers; this is not checked
+      inside jitted code).
     event_ndims: how many trailing axes form one example.
 
   Returns:
-    ``logits`` without its last ``event_ndims`` axes: log-likelihoods in nats
-    (``<= 0`` for binary targets).
+    ``logits`` without its last ``event_ndims`` axes, in nats.
+
+  Raises:
+    ValueError: shapes differ, or ``event_ndims`` is out of range.
+    TypeError: an input is not floating-point.
   """
   _check_float("logits", logits)
   _check_float("x", x)
@@ -222,13 +270,72 @@ def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> A
   dtype = _compute_dtype(logits, x)
   logits, x = logits.astype(dtype), x.astype(dtype)
   # x * l - softplus(l) equals -(x softplus(-l) + (1 - x) softplus(l)) exactly,
-  # with one softplus per pixel instead of two. softplus is written out as
-  # max(l, 0) + log1p(exp(-|l|)): exact for any finite l, gradient sigmoid(l)
-  # (0.5 at 0), and it vectorizes on CPU where jax.nn.softplus (logaddexp)
-  # does not: about 3x faster per pixel.
-  softplus = jnp.maximum(logits, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-  log_p = x * logits - softplus
-  return _sum_event(log_p, event_ndims)
+  # with one softplus per pixel instead of two.
+  return _sum_event(x * logits - softplus(logits), event_ndims)
+
+
+# |logits| below which log C is taken from its Taylor series (error < 1e-9 there).
+_CB_TAYLOR = 0.05
+
+
+def continuous_bernoulli_log_norm(logits: Array) -> Array:
+  """``log C(lambda)``, the continuous Bernoulli's normalizing constant, ``lambda = sigmoid(l)``.
+
+  Loaiza-Ganem & Cunningham (2019), eq. 6: ``C = 2 artanh(1 - 2 lambda) / (1 - 2
+  lambda)`` for ``lambda != 1/2`` and ``C = 2`` at ``lambda = 1/2``. In logits,
+  ``1 - 2 lambda = -tanh(l / 2)`` and ``artanh(1 - 2 lambda) = -l / 2``, so
+  ``C = l / tanh(l / 2)``. Near ``l = 0`` (where that ratio is 0/0) its Taylor
+  series ``log C = log 2 + l**2 / 12 - 7 l**4 / 1440 + O(l**6)`` is used, so value
+  and gradient are exact and finite everywhere (gradient 0 at ``l = 0``).
+
+  Args:
+    logits: any shape.
+
+  Returns:
+    ``log C`` of each logit, the same shape, in nats.
+  """
+  _check_float("logits", logits)
+  logits = logits.astype(_compute_dtype(logits))
+  small = jnp.abs(logits) < _CB_TAYLOR
+  # Double where: the branch not taken gets a harmless input, so no NaN gradient.
+  big = jnp.where(small, 1.0, logits)
+  exact = jnp.log(big / jnp.tanh(0.5 * big))
+  l2 = jnp.square(jnp.where(small, logits, 0.0))
+  series = math.log(2.0) + l2 / 12.0 - 7.0 * jnp.square(l2) / 1440.0
+  return jnp.where(small, series, exact)
+
+
+def continuous_bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> Array:
+  """log CB(x | sigmoid(logits)) for grey levels ``x`` in [0, 1], summed over events.
+
+  The continuous Bernoulli of Loaiza-Ganem & Cunningham (2019): the density
+  ``C(lambda) lambda**x (1 - lambda)**(1 - x)`` on [0, 1], i.e. the Bernoulli
+  cross-entropy term plus ``continuous_bernoulli_log_norm``: a true
+  log-density of grey levels, in nats (it may be positive).
+
+  Args:
+    logits: ``[..., *event_shape]`` decoder logits.
+    x: data of the same shape. Precondition: ``0 <= x <= 1``.
+    event_ndims: how many trailing axes form one example.
+
+  Returns:
+    ``logits`` without its last ``event_ndims`` axes, in nats.
+  """
+  log_p = bernoulli_log_likelihood(logits, x, event_ndims=0)
+  return _sum_event(log_p + continuous_bernoulli_log_norm(logits), event_ndims)
+
+
+def continuous_bernoulli_mean(logits: Array) -> Array:
+  """``E[x]`` of the continuous Bernoulli: ``lambda / (2 lambda - 1) + 1 / (2 artanh(1 - 2
+  lambda))`` (Loaiza-Ganem & Cunningham 2019, eq. 7) = ``sigmoid(l) / tanh(l / 2) - 1 / l``,
+  with its Taylor series ``1/2 + l / 12 - l**3 / 720`` near ``l = 0``."""
+  _check_float("logits", logits)
+  logits = logits.astype(_compute_dtype(logits))
+  small = jnp.abs(logits) < _CB_TAYLOR
+  big = jnp.where(small, 1.0, logits)
+  exact = jax.nn.sigmoid(big) / jnp.tanh(0.5 * big) - 1.0 / big
+  tiny = jnp.where(small, logits, 0.0)
+  return jnp.where(small, 0.5 + tiny / 12.0 - tiny**3 / 720.0, exact)
 
 
 def gaussian_log_likelihood(
@@ -245,8 +352,9 @@ def gaussian_log_likelihood(
   Args:
     mean: ``[..., *event_shape]`` decoder means.
     x: data of the same shape.
-    variance: the fixed observation variance ``c > 0``: a scalar, or an array
-      broadcastable to ``x`` (e.g. a learned per-pixel variance).
+    variance: the fixed observation variance. Precondition: ``c > 0`` (``c <= 0``
+      gives NaN or infinities; not checked inside jitted code). A scalar, or an
+      array broadcastable to ``x`` (e.g. a learned per-pixel variance).
     event_ndims: how many trailing axes form one example.
 
   Returns:
@@ -349,7 +457,7 @@ def diag_gaussian_mixture_log_prob(z: Array, means: Array, logvars: Array) -> Ar
     jnp.broadcast_to(means, shape),
     jnp.broadcast_to(logvars, shape),
   )
-  return jax.nn.logsumexp(per_component, axis=-1) - math.log(means.shape[0])
+  return logsumexp(per_component, axis=-1) - math.log(means.shape[0])
 
 
 # --------------------------------------------------------------------------
@@ -408,7 +516,9 @@ def capacity_objective(
     capacity: ``C`` in nats.
   """
   _check_same_shape("reconstruction", reconstruction, "kl", kl)
-  return reconstruction - gamma * jnp.abs(kl - capacity)
+  gap = kl - capacity
+  # |gap| with the subgradient 0 at gap = 0, as PyTorch's abs (Burgess et al.'s code).
+  return reconstruction - gamma * gap * jax.lax.stop_gradient(jnp.sign(gap))
 
 
 def _check_latents(x: Array, mean: Array, logvar: Array) -> None:
@@ -544,12 +654,14 @@ def iw_bound_from_log_weights(log_weights: Array, axis: int = 0) -> Array:
     axis: the sample axis.
 
   Returns:
-    ``log_weights`` reduced over ``axis``, in nats.
+    ``log_weights`` reduced over ``axis``, in nats. A zero weight (``-inf``)
+    counts as a sample that contributes nothing, with zero gradient; all zero
+    gives ``-inf``.
   """
   _check_float("log_weights", log_weights)
   num_samples = log_weights.shape[axis]
   log_weights = log_weights.astype(_compute_dtype(log_weights))
-  return jax.nn.logsumexp(log_weights, axis=axis) - math.log(num_samples)
+  return logsumexp(log_weights, axis=axis) - math.log(num_samples)
 
 
 def iw_bound(
@@ -608,7 +720,8 @@ def free_bits_kl(kl_per_dim: Array, free_bits: float | Array) -> Array:
     raise ValueError(f"kl_per_dim must be [..., batch, latent], got shape {kl_per_dim.shape}.")
   kl_per_dim = kl_per_dim.astype(_compute_dtype(kl_per_dim))
   per_dim = jnp.mean(kl_per_dim.reshape(-1, kl_per_dim.shape[-1]), axis=0)
-  return jnp.sum(jnp.maximum(per_dim, free_bits))
+  # At a tie the KL keeps its gradient, as tf.maximum(kl, lambda) in the IAF code does.
+  return jnp.sum(jnp.where(per_dim >= free_bits, per_dim, free_bits))
 
 
 def dreg_iw_bound(log_w_encoder: Array, log_w_decoder: Array, axis: int = 0) -> Array:
@@ -644,6 +757,15 @@ def dreg_iw_bound(log_w_encoder: Array, log_w_decoder: Array, axis: int = 0) -> 
   bound = jax.lax.stop_gradient(iw_bound_from_log_weights(log_w_decoder, axis=axis))
   dtype = _compute_dtype(log_w_encoder, log_w_decoder)
   log_w_encoder, log_w_decoder = log_w_encoder.astype(dtype), log_w_decoder.astype(dtype)
-  w = jax.lax.stop_gradient(jax.nn.softmax(log_w_decoder, axis=axis))
-  surrogate = jnp.sum(jnp.square(w) * log_w_encoder + w * log_w_decoder, axis=axis)
+  # Normalized weights; a zero weight (-inf) is 0 and so is every weight of an
+  # example whose weights are all zero (softmax would give 0/0 there).
+  lse = jnp.expand_dims(logsumexp(log_w_decoder, axis=axis), axis)
+  alive = jnp.isfinite(log_w_decoder) & jnp.isfinite(lse)
+  w = jax.lax.stop_gradient(
+    jnp.where(alive, jnp.exp(log_w_decoder - jnp.where(alive, lse, 0.0)), 0)
+  )
+  # 0 * -inf would be NaN: dead samples enter as 0, with no gradient.
+  enc = jnp.where(alive, log_w_encoder, 0.0)
+  dec = jnp.where(alive, log_w_decoder, 0.0)
+  surrogate = jnp.sum(jnp.square(w) * enc + w * dec, axis=axis)
   return bound + (surrogate - jax.lax.stop_gradient(surrogate))

@@ -23,7 +23,17 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import checkpointing, evaluate, input_pipeline, likelihood, loop, sweep, train
+from vae_jax import (
+  checkpointing,
+  evaluate,
+  input_pipeline,
+  likelihood,
+  locks,
+  loop,
+  sweep,
+  train,
+  writers,
+)
 from vae_jax import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -62,6 +72,15 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_orbax(record: py_logging.LogRecord) -> bool:
+  """Orbax reports every save at INFO, and the traceback of a failed background write at
+  ERROR: keep its warnings and errors as one line each (vae_jax reports the failure)."""
+  if "/orbax/" not in record.pathname and record.name != "asyncio":
+    return True
+  record.exc_info, record.exc_text = None, None
+  return record.levelno >= py_logging.WARNING
+
+
 def run(config, workdir: str, mode: str = "train", **kwargs):
   """What the command does: train (a single run or a sweep) or evaluate."""
   if mode == "evaluate":
@@ -74,10 +93,7 @@ def run(config, workdir: str, mode: str = "train", **kwargs):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Orbax reports every save step at INFO; keep its warnings, drop the chatter.
-  logging.get_absl_handler().addFilter(
-    lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
-  )
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   if FLAGS.num_processes and FLAGS.num_processes > 1:
     # Collectives between CPU devices go through gloo; the setting only affects
     # the CPU backend (GPUs and TPUs use their own interconnect).
@@ -89,6 +105,7 @@ def main(argv):
     )
   try:
     config_lib.validate(FLAGS.config)  # Before anything is set up or written.
+    train.check_workdir(FLAGS.workdir)
     logging.info("JAX devices: %s", jax.devices())
     logging.info("Config:\n%s", FLAGS.config)
     if FLAGS.mode == "evaluate":
@@ -113,6 +130,8 @@ USER_ERRORS = (
   input_pipeline.DataError,
   checkpointing.CheckpointError,
   loop.NonFiniteError,
+  locks.Busy,
+  writers.WriteError,
 )
 
 

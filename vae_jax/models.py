@@ -146,9 +146,12 @@ def log_weights(
 
 def decoder_mean(decoded: Array, likelihood: str) -> Array:
   """The mean image of ``p(x | z)`` from decoder outputs, in [0, 1]: ``sigmoid(logits)``
-  for ``likelihood="bernoulli"``, the (clipped) Gaussian mean otherwise."""
+  for ``likelihood="bernoulli"``, the continuous Bernoulli's mean, or the (clipped)
+  Gaussian mean."""
   if likelihood == "bernoulli":
     return jax.nn.sigmoid(decoded)
+  if likelihood == "continuous_bernoulli":
+    return losses.continuous_bernoulli_mean(decoded)
   if likelihood == "gaussian_learned":  # [..., 2]: means, log-variances.
     decoded = decoded[..., 0]
   return jnp.clip(decoded, 0.0, 1.0)

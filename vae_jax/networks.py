@@ -54,13 +54,20 @@ def soft_clamp(x: Array, low: float, high: float) -> Array:
   return x + jax.nn.softplus(low - x) - jax.nn.softplus(x - high)
 
 
+def hardtanh(x: Array, low: float, high: float) -> Array:
+  """``clip(x, low, high)`` with PyTorch's ``Hardtanh`` gradient: 1 strictly inside, 0 at
+  and beyond the bounds (``jnp.clip`` gives 1/2 exactly at a bound)."""
+  inside = (x > low) & (x < high)
+  return jnp.where(inside, x, jax.lax.stop_gradient(jnp.clip(x, low, high)))
+
+
 def bound_logvar(
   logvar: Array, soft_bound: float | None, clip: tuple[float, float] | None
 ) -> Array:
   """The encoder's log-variance, limited by ``soft_clamp`` to ``[-soft_bound, soft_bound]``
   or clipped to ``clip = (low, high)`` (the VampPrior code's ``Hardtanh(-6, 2)``)."""
   if clip is not None:
-    return jnp.clip(logvar, clip[0], clip[1])
+    return hardtanh(logvar, clip[0], clip[1])
   if soft_bound is not None:
     return soft_clamp(logvar, -soft_bound, soft_bound)
   return logvar
@@ -311,4 +318,4 @@ class PseudoInputs(nn.Module):
       return self.init_mean + self.init_std * jax.random.normal(key, shape, dtype)
 
     u = self.param("pseudo_inputs", init, (self.num, *self.event_shape))
-    return jnp.clip(u, 0.0, 1.0)
+    return hardtanh(u, 0.0, 1.0)

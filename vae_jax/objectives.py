@@ -34,7 +34,7 @@ LossFn = Callable[[Params, Array, Array, Array], tuple[Array, Metrics]]
 
 OBJECTIVES = ("elbo", "iwae", "autoencoder")
 GRADIENT_ESTIMATORS = ("plain", "dreg")
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned")
 
 
 def make_log_likelihood_fn(
@@ -43,6 +43,8 @@ def make_log_likelihood_fn(
   """``(decoded, x) -> [batch]`` log-likelihoods of a likelihood in ``LIKELIHOODS``."""
   if likelihood == "bernoulli":
     return functools.partial(losses.bernoulli_log_likelihood, event_ndims=event_ndims)
+  if likelihood == "continuous_bernoulli":
+    return functools.partial(losses.continuous_bernoulli_log_likelihood, event_ndims=event_ndims)
   if likelihood == "gaussian":
     return functools.partial(
       losses.gaussian_log_likelihood, variance=gaussian_variance, event_ndims=event_ndims

@@ -64,6 +64,7 @@ def make_train_step(
   loss_fn: Callable[[Params, Array, Array, Array], tuple[Array, Metrics]],
   optimizer: optax.GradientTransformation,
   skip_nonfinite: bool = False,
+  matmul_precision: str = "default",
 ) -> Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]]:
   """Returns the pure ``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -77,9 +78,18 @@ def make_train_step(
   optimizer state unchanged (the step counter still advances, so the data order
   is unaffected) and increments ``num_skipped``. Otherwise the update is
   applied and the caller is expected to stop on ``metrics["finite"]``.
+
+  ``matmul_precision`` other than ``"default"`` is the matmul precision the step
+  is traced with (``jax.default_matmul_precision``; it matters on GPUs and TPUs).
   """
 
   def train_step(state: TrainState, batch: Array, key: Array) -> tuple[TrainState, Metrics]:
+    if matmul_precision == "default":
+      return _step(state, batch, key)
+    with jax.default_matmul_precision(matmul_precision):
+      return _step(state, batch, key)
+
+  def _step(state: TrainState, batch: Array, key: Array) -> tuple[TrainState, Metrics]:
     step_key = jax.random.fold_in(key, state.step)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_key, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

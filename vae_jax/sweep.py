@@ -77,6 +77,7 @@ def make_sweep_step(
   *,
   skip_nonfinite: bool = False,
   batch_sharding: NamedSharding | None = None,
+  matmul_precision: str = "default",
 ) -> Callable[[SweepState, Array, SweepKeys], tuple[SweepState, Metrics]]:
   """Returns ``sweep_step(state, batch, keys) -> (state, metrics)``, the single run's step
   vmapped over models, each with its own beta (traced) and eps key.
@@ -87,7 +88,9 @@ def make_sweep_step(
   """
 
   def one_model(state: TrainState, batch: Array, eps_key: Array, beta: Array):
-    step = step_lib.make_train_step(trainer.loss_fn(beta), trainer.optimizer, skip_nonfinite)
+    step = step_lib.make_train_step(
+      trainer.loss_fn(beta), trainer.optimizer, skip_nonfinite, matmul_precision
+    )
     return step(state, batch, eps_key)
 
   def sweep_step(state: SweepState, batch: Array, keys: SweepKeys) -> tuple[SweepState, Metrics]:
@@ -215,7 +218,10 @@ def build_sweep_trainer(
   if mesh is not None and mesh.shape["batch"] > 1:
     batch_sharding = NamedSharding(mesh, P("batch"))
   sweep_step = make_sweep_step(
-    base, skip_nonfinite=config.nonfinite_policy == "skip", batch_sharding=batch_sharding
+    base,
+    skip_nonfinite=config.nonfinite_policy == "skip",
+    batch_sharding=batch_sharding,
+    matmul_precision=config.matmul_precision,
   )
   chunk = step_lib.make_train_chunk(
     sweep_step,
@@ -395,13 +401,14 @@ def train_sweep(
   config_lib.validate(config)
   config_lib.sweep_grid(config)
   workdir = train.prepare_workdir(config, workdir, allow_config_change)
-  splits = train.load_data(config)
-  train_np, _ = train.split_validation(splits["train"].images, config)
-  trainer = build_sweep_trainer(config, train_np.shape[1:], len(train_np))
-  logging.info("Sweep of %d models on %s", trainer.num_models, trainer.mesh or jax.devices()[0])
-  program = Sweep(config, trainer, train.device_data(config, splits, trainer.sharding()))
-  program.workdir = workdir
-  return loop.run(program, config, workdir)
+  with train.lock_workdir(workdir):
+    splits = train.load_data(config)
+    train_np, _ = train.split_validation(splits["train"].images, config)
+    trainer = build_sweep_trainer(config, train_np.shape[1:], len(train_np))
+    logging.info("Sweep of %d models on %s", trainer.num_models, trainer.mesh or jax.devices()[0])
+    program = Sweep(config, trainer, train.device_data(config, splits, trainer.sharding()))
+    program.workdir = workdir
+    return loop.run(program, config, workdir)
 
 
 def restore_sweep(

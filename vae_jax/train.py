@@ -9,6 +9,7 @@ each evaluation and, with a validation split, the best parameters in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import pathlib
@@ -28,6 +29,7 @@ from vae_jax import (
   checkpointing,
   input_pipeline,
   likelihood,
+  locks,
   loop,
   models,
   objectives,
@@ -168,7 +170,9 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
   spec = objective_spec(config, steps_per_epoch)
   loss_fn = objectives.make_loss_fn(model, ll_fn, spec, config.beta)
   skip = config.nonfinite_policy == "skip"
-  train_step = step_lib.make_train_step(loss_fn, optimizer, skip_nonfinite=skip)
+  train_step = step_lib.make_train_step(
+    loss_fn, optimizer, skip_nonfinite=skip, matmul_precision=config.matmul_precision
+  )
   train_chunk = step_lib.make_train_chunk(
     train_step,
     chunk_len=chunk_len,
@@ -225,9 +229,24 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, input_pipeline.Spl
 def device_data(
   config: ml_collections.ConfigDict, splits: dict[str, input_pipeline.Split], sharding
 ) -> Data:
-  """The run's splits on device: training images, test and validation preprocessed once."""
+  """The run's splits on device: training images, test and validation preprocessed once.
+
+  Raises:
+    ValueError: the preprocessed data lies outside [0, 1], where the Bernoulli and
+      continuous Bernoulli likelihoods are defined.
+  """
   train_np, val_np = split_validation(splits["train"].images, config)
   test_x = input_pipeline.eval_images(splits["test"].images, config.binarization)
+  low, high = float(test_x.min()), float(test_x.max())
+  if config.model.likelihood.endswith("bernoulli") and not 0.0 <= low <= high <= 1.0:
+    raise ValueError(
+      f"The preprocessed test images span [{low}, {high}], but config.model.likelihood="
+      f"{config.model.likelihood!r} is defined for data in [0, 1]. Check the dataset and "
+      "config.binarization."
+    )
+  caveat = config_lib.likelihood_caveat(config)
+  if caveat:
+    logging.warning("%s", caveat)
   val_x = None
   if val_np is not None:
     val_x = input_pipeline.eval_images(val_np, config.binarization, seed=VALIDATION_SEED)
@@ -490,6 +509,18 @@ class SingleRun:
       self.best.close()
 
 
+def check_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """``workdir`` as a path, if it is a directory or does not exist yet.
+
+  Raises:
+    ValueError: it is a file.
+  """
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir={workdir} is a file; give a directory (new or a run's).")
+  return workdir
+
+
 def prepare_workdir(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_config_change: bool
 ) -> pathlib.Path:
@@ -499,9 +530,7 @@ def prepare_workdir(
     ValueError: ``workdir`` is a file, or holds a run of another config
       (unless ``allow_config_change``; the differences are then logged).
   """
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise ValueError(f"--workdir={workdir} is a file; give a directory (new or a run's).")
+  workdir = check_workdir(workdir)
   diffs = config_lib.check_resume(config, workdir, allow_config_change)
   if diffs:
     logging.warning("Config changed on resume (allowed by the caller):\n%s", "\n".join(diffs))
@@ -522,10 +551,19 @@ def train_and_evaluate(
   """
   config_lib.validate(config)
   workdir = prepare_workdir(config, workdir, allow_config_change)
-  splits = load_data(config)
-  train_np, _ = split_validation(splits["train"].images, config)
-  trainer = build_trainer(config, train_np.shape[1:], len(train_np))
-  logging.info("Data-parallel over %d device(s): %s", trainer.mesh.size, trainer.mesh.devices)
-  program = SingleRun(config, trainer, device_data(config, splits, trainer.replicated))
-  program.workdir = workdir
-  return loop.run(program, config, workdir)
+  with lock_workdir(workdir):
+    splits = load_data(config)
+    train_np, _ = split_validation(splits["train"].images, config)
+    trainer = build_trainer(config, train_np.shape[1:], len(train_np))
+    logging.info("Data-parallel over %d device(s): %s", trainer.mesh.size, trainer.mesh.devices)
+    program = SingleRun(config, trainer, device_data(config, splits, trainer.replicated))
+    program.workdir = workdir
+    return loop.run(program, config, workdir)
+
+
+def lock_workdir(workdir: pathlib.Path):
+  """Holds ``workdir``'s lock (process 0 of a multi-host run): a second run of the same
+  workdir stops at once, naming the first, before it reads or writes anything there."""
+  if jax.process_index() != 0:
+    return contextlib.nullcontext()
+  return locks.exclusive(workdir / ".lock", wait=False, what=f"The workdir {workdir}")

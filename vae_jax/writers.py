@@ -9,15 +9,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
+import time
 from collections.abc import Mapping
 
 import numpy as np
+from absl import logging
 from PIL import Image
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tbx_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
@@ -74,59 +80,119 @@ class NullWriter:
     pass
 
 
+class WriteError(OSError):
+  """A metrics, TensorBoard or image file could not be written; the message says which."""
+
+
+class _TensorBoard:
+  """TensorBoard event files written synchronously, in the caller's thread.
+
+  tensorboardX's ``SummaryWriter`` writes from a background thread; when that
+  thread dies (a full disk) its bounded queue fills and the next ``add_*``
+  blocks forever, deaf to SIGTERM. Here every event is written and flushed
+  where it is logged, so a failed write raises at once.
+  """
+
+  def __init__(self, logdir: pathlib.Path, purge_step: int | None = None):
+    logdir.mkdir(parents=True, exist_ok=True)
+    self._events = EventsWriter(str(logdir / "events"))
+    if purge_step is not None:
+      # TensorBoard hides the points of steps >= purge_step logged before this event.
+      self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+  def _write(self, event: Event) -> None:
+    event.wall_time = time.time()
+    self._events.write_event(event)
+    self._events.flush()
+
+  def scalars(self, step: int, tag_values: Mapping[str, float]) -> None:
+    values = [tbx_summary.scalar(tag, value).value[0] for tag, value in tag_values.items()]
+    self._write(Event(step=step, summary=Summary(value=values)))
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    self._write(Event(step=step, summary=tbx_summary.image(tag, image, dataformats="HWC")))
+
+  def close(self) -> None:
+    self._events.close()
+
+
 class MetricWriter:
   """Writes scalars to ``metrics.jsonl`` and TensorBoard, images to PNG and TensorBoard.
 
-  Only the host that owns the workdir should create one.
+  Every write happens (and is flushed) in the caller's thread: a failure (e.g. a
+  full disk) raises ``WriteError`` naming the file at once, and nothing waits on
+  a background writer. Only the host that owns the workdir should create one.
   """
 
   def __init__(self, workdir: str | os.PathLike):
     self.workdir = pathlib.Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / "metrics.jsonl"
-    self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close().
-    self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    with _reporting(self.workdir):
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close().
+      self._tb = _TensorBoard(self.workdir / "tensorboard")
 
   def truncate_after(self, step: int) -> None:
     """Drops logged rows later than ``step`` (a resumed run writes them again).
 
     Rows survive only up to the restored checkpoint, so the file has neither
-    gaps nor duplicated steps after a resume.
+    gaps nor duplicated steps after a resume; TensorBoard likewise hides its
+    points after ``step``.
     """
-    self._jsonl.close()
-    rows = read_metrics(self.metrics_path)
-    kept = [r for r in rows if r["step"] <= step]
-    tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, self.metrics_path)
-    self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115
-    # TensorBoard likewise hides the points it holds after ``step``.
-    self._tb.close()
-    self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=step + 1)
+    with _reporting(self.metrics_path):
+      self._jsonl.close()
+      rows = read_metrics(self.metrics_path)
+      kept = [r for r in rows if r["step"] <= step]
+      tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(tmp, self.metrics_path)
+      self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115
+      self._tb.close()
+      self._tb = _TensorBoard(self.workdir / "tensorboard", purge_step=step + 1)
 
   def write_scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     row = {"step": int(step), "split": split}
     row.update({k: float(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+    with _reporting(self.metrics_path):
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+      self._tb.scalars(int(step), {f"{split}/{k}": float(v) for k, v in scalars.items()})
 
   def write_image(self, step: int, name: str, grid: np.ndarray) -> pathlib.Path:
     """Saves a uint8 ``[H, W, c]`` grid as ``images/<name>_<step>.png`` and in TensorBoard."""
     path = self.workdir / "images" / f"{name}_{step:08d}.png"
-    save_png(path, grid)
-    self._tb.add_image(name, grid, int(step), dataformats="HWC")
+    with _reporting(path):
+      save_png(path, grid)
+      self._tb.image(int(step), name, grid)
     return path
 
   def flush(self) -> None:
-    self._jsonl.flush()
-    self._tb.flush()
+    with _reporting(self.metrics_path):
+      self._jsonl.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
-    self._tb.close()
+    """Closes the files; a failure to flush them is logged, not raised (the run's own
+    error, if any, is the one to report)."""
+    for f in (self._jsonl, self._tb):
+      try:
+        f.close()
+      except OSError as e:
+        logging.error("Closing %s failed: %s", self.workdir, e)
+
+
+@contextlib.contextmanager
+def _reporting(path: pathlib.Path):
+  """Turns an ``OSError`` while writing ``path`` into one ``WriteError`` that says what to do."""
+  try:
+    yield
+  except WriteError:
+    raise
+  except OSError as e:
+    raise WriteError(
+      f"Cannot write {path}: {e.strerror or e}. Free space or fix permissions, then run the "
+      "same command: the run resumes from its latest checkpoint."
+    ) from e
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
