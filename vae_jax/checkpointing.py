@@ -170,6 +170,8 @@ class Checkpointer:
     return target
 
   def _check_compatible(self, step: int, target: PyTree) -> None:
+    if target is None:  # A raw restore: the checkpoint's own structure.
+      return
     try:
       stored = self._manager.metadata(step).item_metadata
     except Exception:  # noqa: BLE001 - unreadable metadata is handled by restore's fallback.

@@ -20,24 +20,43 @@ and writes the text beside them.
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import math
 import os
 import pathlib
+import types
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator, NullLocator
 from PIL import Image
 
 from vae_jax import pictures, writers
+
+if TYPE_CHECKING:
+  from matplotlib.axes import Axes
+  from matplotlib.figure import Figure
+
+
+@functools.cache
+def _mpl() -> types.SimpleNamespace:
+  """matplotlib's modules, imported on first use: half a second of start-up that a
+  training run, which draws no figure, does not pay."""
+  names = ("matplotlib", "matplotlib.backends.backend_agg", "matplotlib.figure",
+           "matplotlib.lines", "matplotlib.ticker")  # fmt: skip
+  mpl, agg, figure, lines, ticker = (importlib.import_module(n) for n in names)
+  return types.SimpleNamespace(
+    rc_context=mpl.rc_context,
+    colormaps=mpl.colormaps,
+    FigureCanvasAgg=agg.FigureCanvasAgg,
+    Figure=figure.Figure,
+    Line2D=lines.Line2D,
+    MaxNLocator=ticker.MaxNLocator,
+    NullLocator=ticker.NullLocator,
+  )
+
 
 # Small text and no top/right frame: figures sized for a column of a paper.
 _STYLE = {
@@ -69,7 +88,7 @@ def _styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
 
   @functools.wraps(build)
   def wrapper(*args, **kwargs) -> Figure:
-    with matplotlib.rc_context(_STYLE):
+    with _mpl().rc_context(_STYLE):
       return build(*args, **kwargs)
 
   return wrapper
@@ -77,8 +96,8 @@ def _styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
 
 def _new_figure(width: float, height: float) -> Figure:
   """A figure of ``width x height`` inches on its own Agg canvas (no pyplot)."""
-  figure = Figure(figsize=(width, height), layout="constrained")
-  FigureCanvasAgg(figure)
+  figure = _mpl().Figure(figsize=(width, height), layout="constrained")
+  _mpl().FigureCanvasAgg(figure)
   return figure
 
 
@@ -116,10 +135,10 @@ def _show_image(ax: Axes, image: np.ndarray, **kwargs) -> None:
 def _class_colors(num_classes: int) -> np.ndarray:
   """``[num_classes, 4]`` RGBA: Tableau 10 (as before), then 20, then a rainbow."""
   if num_classes <= 10:
-    return matplotlib.colormaps["tab10"](np.arange(num_classes))
+    return _mpl().colormaps["tab10"](np.arange(num_classes))
   if num_classes <= 20:
-    return matplotlib.colormaps["tab20"](np.arange(num_classes))
-  return matplotlib.colormaps["turbo"](np.linspace(0.0, 1.0, num_classes))
+    return _mpl().colormaps["tab20"](np.arange(num_classes))
+  return _mpl().colormaps["turbo"](np.linspace(0.0, 1.0, num_classes))
 
 
 def _format_values(values: np.ndarray) -> list[str]:
@@ -360,7 +379,7 @@ def latent_map_figure(
   for ax in (left, middle, right):
     ax.set_box_aspect(1.0)
   handles = [
-    Line2D([], [], linestyle="", marker="o", markersize=5, color=palette[i], label=name)
+    _mpl().Line2D([], [], linestyle="", marker="o", markersize=5, color=palette[i], label=name)
     for i, name in enumerate(class_names)
   ]
   figure.legend(
@@ -418,7 +437,7 @@ def rate_distortion_figure(
   ax = figure.subplots()
   ax.set(xlim=xlim, ylim=ylim, xlabel="rate (nats)", ylabel="distortion (nats)", title=title)
   # Round values of R + D; part of the range of c is outside the axes, hence the + 2.
-  locator = MaxNLocator(nbins=num_elbo_lines + 2, steps=[1, 2, 2.5, 5, 10])
+  locator = _mpl().MaxNLocator(nbins=num_elbo_lines + 2, steps=[1, 2, 2.5, 5, 10])
   totals = locator.tick_values(xlim[0] + ylim[0], xlim[1] + ylim[1])
   drawn = 0
   for c in totals:
@@ -636,7 +655,7 @@ def metric_vs_beta_figure(
       ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
     if len(unique_betas) <= 10:  # Ticks at the betas that were trained, written plainly.
       ax.set_xticks(unique_betas, [f"{b:g}" for b in unique_betas])
-      ax.xaxis.set_minor_locator(NullLocator())
+      ax.xaxis.set_minor_locator(_mpl().NullLocator())
     ax.set(title=name, xlabel=r"$\beta$")
   handles, legend_labels = axes[0].get_legend_handles_labels()
   figure.legend(
@@ -682,7 +701,7 @@ def save_figure(
     path = stem.with_name(f"{stem.name}.{fmt}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-      with open(tmp, "xb") as f, matplotlib.rc_context(_SAVE_RC):
+      with open(tmp, "xb") as f, _mpl().rc_context(_SAVE_RC):
         figure.savefig(f, format=fmt, dpi=dpi, metadata=_SAVE_METADATA.get(fmt))
       os.replace(tmp, path)
     finally:
@@ -698,8 +717,8 @@ def figure_to_array(figure: Figure, dpi: float | None = None) -> np.ndarray:
     figure: any matplotlib figure; one without an Agg canvas is given one.
     dpi: pixels per inch (default: the figure's own, 100 unless set).
   """
-  if not isinstance(figure.canvas, FigureCanvasAgg):
-    FigureCanvasAgg(figure)
+  if not isinstance(figure.canvas, _mpl().FigureCanvasAgg):
+    _mpl().FigureCanvasAgg(figure)
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=dpi or figure.dpi)  # The pixels save_figure writes.
   buffer.seek(0)

@@ -528,19 +528,23 @@ def preprocess(images: jax.Array, binarization: str, key: jax.Array | None = Non
     key: PRNG key, required for ``"dynamic"`` and ``"dequantize"``.
   """
   check_binarization(binarization)
+  shape = images.shape
+  # Elementwise over [batch, h * w * c]: XLA vectorizes along the minor axis (1 for grey
+  # images stored [..., 1]), several times faster on CPU; the same numbers.
+  images = images.reshape(shape[0], -1) if images.ndim > 1 else images
   if binarization == "dequantize":
     if key is None:
       raise ValueError("dequantize needs a PRNG key.")
     noise = jax.random.uniform(key, images.shape, jnp.float32)
-    return (images.astype(jnp.float32) + noise) / 256.0
+    return ((images.astype(jnp.float32) + noise) / 256.0).reshape(shape)
   x = images.astype(jnp.float32) / 255.0
   if binarization == "threshold":
-    return (x > 0.5).astype(jnp.float32)
+    return (x > 0.5).astype(jnp.float32).reshape(shape)
   if binarization == "dynamic":
     if key is None:
       raise ValueError("dynamic binarization needs a PRNG key.")
-    return jax.random.bernoulli(key, x).astype(jnp.float32)
-  return x
+    return jax.random.bernoulli(key, x).astype(jnp.float32).reshape(shape)
+  return x.reshape(shape)
 
 
 def eval_images(

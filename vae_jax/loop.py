@@ -15,6 +15,8 @@ device; this loop decides when. Its guarantees hold for every program:
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import signal
 import threading
@@ -208,6 +210,53 @@ def _check_finite(
   )
 
 
+def seconds_since_process_start() -> float:
+  """Wall seconds since this process started (Linux ``/proc``; else since vae_jax.loop loaded)."""
+  try:
+    ticks = int(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+class Stopwatch:
+  """Wall seconds per phase of a run, written to ``WORKDIR/timings.json`` at its end.
+
+  ``setup``: process start to the first dispatch (imports, data, model, restore);
+  ``first_steps``: the first dispatch until its metrics arrive (compilation of the
+  train chunk included); ``train``: waiting for the device's steps and pulling
+  their metrics; ``dispatch`` and ``log``: host work of the loop; ``evaluate``
+  and ``save``: at their boundaries (evaluation compiles on its first call).
+  """
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._last = time.perf_counter()
+
+  def lap(self, phase: str) -> None:
+    """Charges the time since the previous lap to ``phase``."""
+    now = time.perf_counter()
+    self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+    self._last = now
+
+  def write(self, workdir: pathlib.Path, steps: int, setup: float) -> None:
+    total = setup + sum(self.seconds.values())
+    record = {
+      "seconds": {"setup": setup, **self.seconds, "total": total},
+      "steps": steps,
+      "note": "wall seconds of this process's phases; see vae_jax.loop.Stopwatch",
+    }
+    path = workdir / "timings.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    logging.info("Time: %s", ", ".join(f"{k} {v:.2f} s" for k, v in record["seconds"].items()))
+
+
 class _Window:
   """Host metrics since the last log row, per model, and the training time they took."""
 
@@ -220,6 +269,9 @@ class _Window:
     rows = {k: np.concatenate([r[k][:, model] for r in self.rows]) for k in self.rows[0]}
     finite = rows.pop("finite").astype(bool)
     out = {k: float(np.mean(v[finite])) if finite.any() else float("nan") for k, v in rows.items()}
+    # The gradient norm is sampled (see step.make_train_step): the mean of its samples.
+    sampled = rows["grad_norm"][finite & ~np.isnan(rows["grad_norm"])]
+    out["grad_norm"] = float(np.mean(sampled)) if sampled.size else float("nan")
     out["examples_per_sec"] = len(finite) * batch_size / max(self.seconds, 1e-9)
     out["skipped_steps"] = float(np.sum(~finite))
     return out
@@ -277,6 +329,7 @@ def run(
     )
     window = _Window()
     clock = time.perf_counter()
+    watch, setup_s, first_steps = Stopwatch(), seconds_since_process_start(), step
     with _Preemption() as preemption:
       while step < total:
         boundary = min(
@@ -292,9 +345,11 @@ def run(
           pending.append((step, n, metrics))
           step += n
           stop_now = preemption.agreed()
+        watch.lap("dispatch")
         # The boundary: metrics come to the host, and are checked before any save.
         ckpt.check_for_errors()  # A failed asynchronous save is reported here, not later.
         rows = _pull(pending)
+        watch.lap("first_steps" if first == first_steps else "train")
         skipped = _check_finite(rows, first, skipped, program, config, ckpt.latest_step())
         if stop_now:
           logging.warning("SIGTERM: saving checkpoint at step %d and stopping.", step)
@@ -313,13 +368,16 @@ def run(
             w.write_scalars(step, "train", scalars)
           bar.set_postfix(loss=f"{np.mean(rows['loss']):.2f}")
           window = _Window()
+        watch.lap("log")
         stop = False
         if due(step, eval_every, total):
           logging.info("Evaluating at step %d", step)
           stop = program.evaluate(step, state, out)
+          watch.lap("evaluate")
         if due(step, ckpt_every, total) or stop:
           save(ckpt, step, state)
           last_saved = step
+          watch.lap("save")
         if stop:
           break
         clock = time.perf_counter()
@@ -327,6 +385,9 @@ def run(
     _close(bar, ckpt, program, out, quietly=True)  # The error in flight is the one to report.
     raise
   _close(bar, ckpt, program, out, quietly=False)
+  watch.lap("close")
+  if is_main:
+    watch.write(workdir, step - first_steps, setup_s)
   return state
 
 

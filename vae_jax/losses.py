@@ -76,6 +76,18 @@ def _sum_event(a: Array, event_ndims: int) -> Array:
   return jnp.sum(a, axis=tuple(range(a.ndim - event_ndims, a.ndim)))
 
 
+def _flat_events(event_ndims: int, *arrays: Array) -> tuple[Array, ...]:
+  """``arrays`` with their last ``event_ndims`` axes merged into one (a free reshape).
+
+  Elementwise math over images stored ``[..., h, w, 1]`` runs several times
+  faster on CPU over ``[..., h * w]``: XLA vectorizes along the minor axis, which
+  is 1 for a single channel. Results are the same numbers.
+  """
+  if event_ndims == 0:
+    return arrays
+  return tuple(a.reshape(*a.shape[: a.ndim - event_ndims], -1) for a in arrays)
+
+
 @jax.custom_jvp
 def softplus(x: Array) -> Array:
   """``log(1 + exp(x))``, exact for any finite ``x``, with derivative ``sigmoid(x)`` everywhere.
@@ -271,7 +283,8 @@ def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> A
   logits, x = logits.astype(dtype), x.astype(dtype)
   # x * l - softplus(l) equals -(x softplus(-l) + (1 - x) softplus(l)) exactly,
   # with one softplus per pixel instead of two.
-  return _sum_event(x * logits - softplus(logits), event_ndims)
+  logits, x = _flat_events(event_ndims, logits, x)
+  return _sum_event(x * logits - softplus(logits), min(event_ndims, 1))
 
 
 # |logits| below which log C is taken from its Taylor series (error < 1e-9 there).
@@ -321,8 +334,12 @@ def continuous_bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: in
   Returns:
     ``logits`` without its last ``event_ndims`` axes, in nats.
   """
+  _check_float("logits", logits)
+  _check_same_shape("logits", logits, "x", x)
+  _check_event_ndims("logits", logits, event_ndims)
+  logits, x = _flat_events(event_ndims, logits, x)
   log_p = bernoulli_log_likelihood(logits, x, event_ndims=0)
-  return _sum_event(log_p + continuous_bernoulli_log_norm(logits), event_ndims)
+  return _sum_event(log_p + continuous_bernoulli_log_norm(logits), min(event_ndims, 1))
 
 
 def continuous_bernoulli_mean(logits: Array) -> Array:
@@ -367,8 +384,9 @@ def gaussian_log_likelihood(
   dtype = _compute_dtype(mean, x, jnp.asarray(variance))
   mean, x = mean.astype(dtype), x.astype(dtype)
   variance = jnp.broadcast_to(jnp.asarray(variance, dtype), x.shape)
+  mean, x, variance = _flat_events(event_ndims, mean, x, variance)
   log_p = -0.5 * (jnp.square(x - mean) / variance + jnp.log(variance) + _LOG_2PI)
-  return _sum_event(log_p, event_ndims)
+  return _sum_event(log_p, min(event_ndims, 1))
 
 
 def gaussian_log_likelihood_learned(decoded: Array, x: Array, event_ndims: int = 1) -> Array:
@@ -389,8 +407,9 @@ def gaussian_log_likelihood_learned(decoded: Array, x: Array, event_ndims: int =
   if decoded.shape != (*jnp.shape(x), 2):
     raise ValueError(f"decoded must be x's shape {jnp.shape(x)} + (2,), got {decoded.shape}.")
   _check_event_ndims("x", x, event_ndims)
-  log_p = diag_gaussian_log_prob_per_dim(x, decoded[..., 0], decoded[..., 1])
-  return _sum_event(log_p, event_ndims)
+  x, mean, logvar = _flat_events(event_ndims, x, decoded[..., 0], decoded[..., 1])
+  log_p = diag_gaussian_log_prob_per_dim(x, mean, logvar)
+  return _sum_event(log_p, min(event_ndims, 1))
 
 
 def diag_gaussian_log_prob_per_dim(z: Array, mean: Array, logvar: Array) -> Array:

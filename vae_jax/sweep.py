@@ -78,6 +78,7 @@ def make_sweep_step(
   skip_nonfinite: bool = False,
   batch_sharding: NamedSharding | None = None,
   matmul_precision: str = "default",
+  grad_norm_every: int = 1,
 ) -> Callable[[SweepState, Array, SweepKeys], tuple[SweepState, Metrics]]:
   """Returns ``sweep_step(state, batch, keys) -> (state, metrics)``, the single run's step
   vmapped over models, each with its own beta (traced) and eps key.
@@ -89,7 +90,7 @@ def make_sweep_step(
 
   def one_model(state: TrainState, batch: Array, eps_key: Array, beta: Array):
     step = step_lib.make_train_step(
-      trainer.loss_fn(beta), trainer.optimizer, skip_nonfinite, matmul_precision
+      trainer.loss_fn(beta), trainer.optimizer, skip_nonfinite, matmul_precision, grad_norm_every
     )
     return step(state, batch, eps_key)
 
@@ -222,6 +223,7 @@ def build_sweep_trainer(
     skip_nonfinite=config.nonfinite_policy == "skip",
     batch_sharding=batch_sharding,
     matmul_precision=config.matmul_precision,
+    grad_norm_every=config.log_every_steps,
   )
   chunk = step_lib.make_train_chunk(
     sweep_step,

@@ -171,7 +171,11 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
   loss_fn = objectives.make_loss_fn(model, ll_fn, spec, config.beta)
   skip = config.nonfinite_policy == "skip"
   train_step = step_lib.make_train_step(
-    loss_fn, optimizer, skip_nonfinite=skip, matmul_precision=config.matmul_precision
+    loss_fn,
+    optimizer,
+    skip_nonfinite=skip,
+    matmul_precision=config.matmul_precision,
+    grad_norm_every=config.log_every_steps,
   )
   train_chunk = step_lib.make_train_chunk(
     train_step,
