@@ -1,6 +1,15 @@
-"""Training throughput of vae_jax against the machine's own matmul rate.
+"""Speed of vae_jax: end to end against the anchor, and against the machine's matmul rate.
 
-Measures, in one process (plus one child process for the end-to-end run):
+Measures, in one process (plus child processes for the end-to-end runs):
+
+* end to end, side by side: the project's command and the anchor (the Flax
+  example with its step under ``jax.jit``, ``../shared/bench/flax_example_jit.py``)
+  run alternately, ``--pairs`` times, as whole processes on the same data and
+  epochs; each pair's wall-time ratio, the median ratio, peak RSS, and the
+  project's own breakdown of where its seconds went (``WORKDIR/timings.json``).
+  The project runs twice per pair: "cold" (an empty compilation cache, as a
+  first run of a config) and "warm" (the cache that cold run filled, as every
+  later run of it);
 
 * the float32 matmul rate at the model's own layer shapes (forward and both
   backward products, batch ``config.batch_size``) and at a large square size;
@@ -14,7 +23,9 @@ Measures, in one process (plus one child process for the end-to-end run):
   ``python -m vae_jax.main --config=... --config.num_epochs=E`` (data loading,
   training, an evaluation and a checkpoint every epoch) in a fresh workdir.
 
-Results go to a JSON file. Run:
+Results go to a JSON file. Run (the anchor's setting: threshold-binarized
+Fashion-MNIST, 10 epochs; the project's defaults: test ELBO, images and a
+checkpoint every epoch):
 
   python experiments/benchmark.py --config=configs/fashion_mnist.py \\
     --config.binarization=threshold --out=results/benchmark_cpu.json
@@ -30,6 +41,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -51,7 +63,16 @@ flags.DEFINE_string("out", "results/benchmark.json", "Where to write the JSON re
 flags.DEFINE_integer("repeats", 5, "Timed repeats of the steady-state measurement.")
 flags.DEFINE_integer("dispatches", 10, "Train-chunk calls per timed repeat.")
 flags.DEFINE_integer("square", 2048, "Size of the square matmul for the peak rate.")
-flags.DEFINE_integer("end_to_end_epochs", 10, "Epochs of the end-to-end run (0: skip it).")
+flags.DEFINE_integer("end_to_end_epochs", 10, "Epochs of each end-to-end run (0: skip them).")
+flags.DEFINE_integer("pairs", 3, "Alternating anchor/project pairs of end-to-end runs.")
+flags.DEFINE_string(
+  "anchor",
+  str(REPO.parent / "shared" / "bench" / "flax_example_jit.py"),
+  "The anchor script (the Flax example with a jitted step).",
+)
+flags.DEFINE_string(
+  "anchor_idx_dir", "/usr/share/datasets/fashion-mnist", "IDX files the anchor reads."
+)
 flags.DEFINE_bool("synthetic_data", False, "Random uint8 images instead of the dataset.")
 flags.DEFINE_float("matmul_gflop_per_call", 1.0, "Work per timed matmul call, in GFLOP.")
 
@@ -184,19 +205,8 @@ def per_step_loop(trainer, config, host_images: np.ndarray, num_steps: int) -> f
   return num_steps * bs / (time.perf_counter() - start)
 
 
-def end_to_end(config_arg: str, overrides: list[str], epochs: int) -> dict:
-  workdir = tempfile.mkdtemp(prefix="vae_jax_bench_")
-  cmd = [
-    sys.executable,
-    "-m",
-    "vae_jax.main",
-    f"--config={config_arg}",
-    f"--workdir={workdir}",
-    f"--config.num_epochs={epochs}",
-    "--config.progress_bar=False",
-    *overrides,
-  ]
-  log_path = os.path.join(workdir, "benchmark_run.log")
+def _run(cmd: list[str], log_path: str) -> tuple[float, float]:
+  """Runs ``cmd``; returns its wall seconds and peak RSS in MB."""
   start = time.perf_counter()
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -205,16 +215,58 @@ def end_to_end(config_arg: str, overrides: list[str], epochs: int) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
   if os.waitstatus_to_exitcode(status) != 0:
-    raise RuntimeError(f"End-to-end run failed; see {log_path}:\n{open(log_path).read()[-3000:]}")
-  rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-  test = [r for r in rows if r["split"] == "test"]
+    raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}:\n{open(log_path).read()[-3000:]}")
+  return wall, usage.ru_maxrss / 1024
+
+
+def end_to_end_pairs(config_arg: str, overrides: list[str], epochs: int, pairs: int) -> dict:
+  """The project's command and the anchor, alternately, ``pairs`` times (see the docstring)."""
+  scratch = pathlib.Path(tempfile.mkdtemp(prefix="vae_jax_bench_"))
+  project = [
+    sys.executable, "-m", "vae_jax.main", f"--config={config_arg}",
+    f"--config.num_epochs={epochs}", "--config.progress_bar=False", *overrides,
+  ]  # fmt: skip
+  anchor = [sys.executable, FLAGS.anchor, FLAGS.anchor_idx_dir, str(epochs)]
+  runs = []
+  for i in range(pairs):
+    cache = scratch / f"cache_{i}"
+    out = {}
+    order = ("anchor", "cold", "warm") if i % 2 == 0 else ("cold", "warm", "anchor")
+    for kind in order:
+      log = str(scratch / f"{kind}_{i}.log")
+      if kind == "anchor":
+        out["anchor_s"], out["anchor_rss_mb"] = _run(anchor, log)
+        continue
+      workdir = scratch / f"{kind}_{i}"
+      cmd = [*project, f"--workdir={workdir}", f"--compilation_cache={cache}"]
+      out[f"{kind}_s"], out[f"{kind}_rss_mb"] = _run(cmd, log)
+      out[f"{kind}_timings_s"] = json.loads((workdir / "timings.json").read_text())["seconds"]
+      rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+      out[f"{kind}_test_neg_elbo"] = [r for r in rows if r["split"] == "test"][-1]["neg_elbo"]
+      shutil.rmtree(workdir / "checkpoints")
+    out["cold_ratio"] = out["cold_s"] / out["anchor_s"]
+    out["warm_ratio"] = out["warm_s"] / out["anchor_s"]
+    out["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    logging.info("pair %d: %s", i, {k: v for k, v in out.items() if "timings" not in k})
+    runs.append(out)
+
+  def median(key):
+    return statistics.median(r[key] for r in runs)
+
+  phases = sorted({k for r in runs for k in r["warm_timings_s"]})
   return {
-    "command": " ".join(cmd[1:]),
+    "project_command": " ".join(["python", *project[1:]]),
+    "anchor_command": " ".join(["python", *anchor[1:]]),
     "epochs": epochs,
-    "wall_seconds": wall,
-    "peak_rss_mb": usage.ru_maxrss / 1024,
-    "final_test_neg_elbo": test[-1]["neg_elbo"] if test else None,
-    "workdir": workdir,
+    "pairs": runs,
+    "median_cold_ratio": median("cold_ratio"),
+    "median_warm_ratio": median("warm_ratio"),
+    "median_seconds": {k: median(f"{k}_s") for k in ("anchor", "cold", "warm")},
+    "median_peak_rss_mb": {k: median(f"{k}_rss_mb") for k in ("anchor", "cold", "warm")},
+    "median_breakdown_s": {
+      kind: {p: statistics.median(r[f"{kind}_timings_s"].get(p, 0.0) for r in runs) for p in phases}
+      for kind in ("cold", "warm")
+    },
   }
 
 
@@ -279,7 +331,9 @@ def main(argv):
     "process_start_to_first_step_seconds": first_step_s,
   }
   if FLAGS.end_to_end_epochs:
-    results["end_to_end"] = end_to_end(config_arg, overrides, FLAGS.end_to_end_epochs)
+    results["end_to_end"] = end_to_end_pairs(
+      config_arg, overrides, FLAGS.end_to_end_epochs, FLAGS.pairs
+    )
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(results, indent=2) + "\n")

@@ -8,7 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import process_env
+from conftest import FIXTURE_IDX_DIR, process_env
 
 REPO = pathlib.Path(__file__).parents[1]
 
@@ -28,7 +28,15 @@ def test_flop_count_of_the_flax_example_model():
   assert benchmark.train_flops_per_example(params, 784) == pytest.approx(4.100e6, rel=1e-4)
 
 
+ANCHOR = REPO.parent / "shared" / "bench" / "flax_example_jit.py"
+
+
+@pytest.mark.skipif(
+  not ANCHOR.is_file(), reason=f"the anchor script {ANCHOR} (../shared beside the repo) is absent"
+)
 def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
+  """A tiny setting of the whole benchmark: steady state, matmul rates, and one pair of
+  end-to-end runs against the anchor (both on the 400-digit fixture, one epoch)."""
   out = tmp_path / "bench.json"
   result = subprocess.run(
     [
@@ -41,6 +49,8 @@ def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
       "--square=128",
       "--matmul_gflop_per_call=0.02",
       "--end_to_end_epochs=1",
+      "--pairs=1",
+      f"--anchor_idx_dir={FIXTURE_IDX_DIR}",
       f"--out={out}",
     ],
     cwd=REPO,
@@ -66,5 +76,13 @@ def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
   assert r["matmul_gflops"]["square_128"] > 0 and r["matmul_gflops"]["model_shapes"] > 0
   assert r["compile_seconds"] > 0 and r["process_start_to_first_step_seconds"] > 0
   e2e = r["end_to_end"]
-  assert e2e["epochs"] == 1 and e2e["wall_seconds"] > 0 and e2e["peak_rss_mb"] > 0
-  assert e2e["final_test_neg_elbo"] > 0
+  (pair,) = e2e["pairs"]
+  assert e2e["epochs"] == 1 and pair["anchor_s"] > 0 and pair["warm_s"] > 0
+  assert pair["cold_ratio"] == pytest.approx(pair["cold_s"] / pair["anchor_s"])
+  assert e2e["median_warm_ratio"] == pytest.approx(pair["warm_ratio"])
+  assert pair["warm_test_neg_elbo"] > 0 and e2e["median_peak_rss_mb"]["warm"] > 0
+  breakdown = e2e["median_breakdown_s"]["warm"]
+  assert {"setup", "train", "evaluate", "save", "total"} <= set(breakdown)
+  assert breakdown["total"] == pytest.approx(
+    sum(v for k, v in breakdown.items() if k != "total"), rel=1e-6
+  )

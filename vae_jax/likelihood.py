@@ -78,8 +78,9 @@ def make_eval_fn(
     bs = min(batch_size, n)
     num_batches = -(-n // bs)
     pad = num_batches * bs - n
-    xb = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-    xb = xb.reshape(num_batches, bs, *x.shape[1:])
+    if pad:  # No copy of the split when the batches divide it (a reshape is free).
+      x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+    xb = x.reshape(num_batches, bs, *x.shape[1:])
     mask = (jnp.arange(num_batches * bs) < n).reshape(num_batches, bs).astype(jnp.float32)
 
     def body(totals, inputs):

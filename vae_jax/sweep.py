@@ -409,6 +409,7 @@ def train_sweep(
     trainer = build_sweep_trainer(config, train_np.shape[1:], len(train_np))
     logging.info("Sweep of %d models on %s", trainer.num_models, trainer.mesh or jax.devices()[0])
     program = Sweep(config, trainer, train.device_data(config, splits, trainer.sharding()))
+    del splits, train_np  # The device holds the data now; free the host copies.
     program.workdir = workdir
     return loop.run(program, config, workdir)
 

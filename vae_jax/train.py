@@ -561,6 +561,7 @@ def train_and_evaluate(
     trainer = build_trainer(config, train_np.shape[1:], len(train_np))
     logging.info("Data-parallel over %d device(s): %s", trainer.mesh.size, trainer.mesh.devices)
     program = SingleRun(config, trainer, device_data(config, splits, trainer.replicated))
+    del splits, train_np  # The device holds the data now; free the host copies.
     program.workdir = workdir
     return loop.run(program, config, workdir)
 
