@@ -22,7 +22,7 @@ from vae_jax import checkpointing, input_pipeline, models, networks, objectives,
 
 # Choices of the string fields, each from the module that implements them.
 CHOICES: dict[str, tuple[str, ...]] = {
-  "dataset": tuple(input_pipeline.DATASETS),
+  "dataset": (*input_pipeline.DATASETS, *input_pipeline.DSPRITES),
   "binarization": input_pipeline.BINARIZATIONS,
   "model.kind": models.KINDS,
   "model.activation": tuple(networks.ACTIVATIONS),
@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "optimizer.schedule": optim.SCHEDULES,
   "nonfinite_policy": ("stop", "skip"),
   "matmul_precision": ("default", "high", "highest"),
+  "disentanglement_counts": ("disentanglement_lib", "cpu"),
 }
 
 
@@ -46,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Root of every PRNG key (init, eps, shuffling, binarization).
 
   # Data (see vae_jax/input_pipeline.py).
-  c.dataset = "mnist"  # "mnist" | "fashion_mnist".
+  # "mnist" | "fashion_mnist" | "dsprites" (the published file) | "dsprites_rendered"
+  # (the same factor grid rendered offline) | "dsprites_cpu" (a coarser grid) | "dsprites_smoke".
+  c.dataset = "mnist"
   c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS dir; None: default.
   c.idx_dir = ml_collections.FieldReference(None, field_type=str)  # Local IDX files; None: find.
   # "none" (grey levels / 255) | "threshold" | "dynamic" (a fresh Bernoulli draw
@@ -93,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Objective (see vae_jax/objectives.py).
   # "elbo" (VAE) | "iwae" (importance-weighted bound, k = num_samples) |
-  # "autoencoder" (deterministic AE baseline: z = mean, no KL).
+  # "autoencoder" (deterministic AE baseline: z = mean, no KL) | "beta_tcvae"
+  # (Chen et al. 2018: the ELBO with beta weighting the total correlation instead).
   c.objective = "elbo"
   c.beta = 1.0  # Weight of the KL term; 1 is the plain VAE. Test metrics always use beta=1.
   c.num_samples = 1  # Samples of z per example in the training objective (IWAE's k).
@@ -139,6 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep = ml_collections.ConfigDict()
   c.sweep.betas = ()
   c.sweep.seeds = (0,)  # One seed shared by every model, or one per beta.
+
+  # Disentanglement metrics in --mode=evaluate, for datasets with ground-truth factors
+  # (dSprites): "disentanglement_lib" (its point counts) | "cpu" (about 10x fewer).
+  c.disentanglement_counts = "disentanglement_lib"
 
   # Matmul precision of training on GPUs and TPUs: "default" (the platform's, e.g.
   # TF32 or bfloat16 passes) | "high" | "highest" (full float32). Reported numbers
@@ -307,6 +315,14 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
       f"config.beta={c.beta} (or config.sweep.betas), but the IWAE bound has no KL weight; "
       "use beta=1, or objective='elbo' to sweep beta."
     )
+  if c.objective == "beta_tcvae" and not (
+    m.stochastic_layers == 1 and m.prior == "standard" and c.num_samples == 1
+  ):
+    raise ValueError(
+      "config.objective='beta_tcvae' estimates the total correlation of one Gaussian layer "
+      "under N(0, I) from one sample per example: use model.stochastic_layers=1, "
+      "model.prior='standard' and num_samples=1."
+    )
   if c.gradient_estimator == "dreg" and c.objective != "iwae":
     raise ValueError("config.gradient_estimator='dreg' is for config.objective='iwae'.")
   if c.gradient_estimator == "dreg" and m.prior == "vampprior":
@@ -410,6 +426,7 @@ RESUMABLE_CHANGES = frozenset(
     "num_devices",
     "data_dir",
     "idx_dir",
+    "disentanglement_counts",
   }
 )
 # Fields that older versions wrote and this one no longer has, with the value
@@ -470,7 +487,12 @@ def _same(a: Any, b: Any) -> bool:
 
 def likelihood_caveat(config: ml_collections.ConfigDict) -> str | None:
   """What a reader of this run's log-likelihoods must know, or ``None``."""
-  if config.model.likelihood == "bernoulli" and config.binarization in ("none", "dequantize"):
+  binary_data = config.dataset in input_pipeline.BINARY_DATASETS
+  if (
+    config.model.likelihood == "bernoulli"
+    and config.binarization in ("none", "dequantize")
+    and not binary_data
+  ):
     return (
       f"likelihood='bernoulli' on grey levels (binarization={config.binarization!r}): the "
       "reconstruction term is the negative binary cross-entropy, not a log-density of the "

@@ -115,11 +115,16 @@ FULL = Grid()
 SMOKE = Grid(
   scale=(0, 5), orientation=(0, 10, 20, 30), pos_x=(0, 8, 16, 24, 31), pos_y=(0, 8, 16, 24, 31)
 )
-_GRIDS = {"full": FULL, "smoke": SMOKE}
+# 3 shapes x 6 scales x 10 orientations (every fourth) x 16 x 16 positions (every other) =
+# 46,080 images: every factor keeps its range at a coarser step. The CPU-sized protocol's data.
+CPU = Grid(
+  orientation=tuple(range(0, 40, 4)), pos_x=tuple(range(0, 32, 2)), pos_y=tuple(range(0, 32, 2))
+)
+_GRIDS = {"full": FULL, "cpu": CPU, "smoke": SMOKE}
 
 
 def get_grid(name: str) -> Grid:
-  """The named grid: ``"full"`` (737,280 images) or ``"smoke"`` (600 images)."""
+  """The named grid: ``"full"`` (737,280 images), ``"cpu"`` (46,080) or ``"smoke"`` (600)."""
   try:
     return _GRIDS[name]
   except KeyError:

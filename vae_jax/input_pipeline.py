@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from vae_jax import locks
+from vae_jax import dsprites, locks
 
 # Pixels of the evaluation split are binarized once with this fixed seed
 # (independent of the run's seed), so likelihoods are comparable across runs.
@@ -232,6 +232,114 @@ class IdxImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 # --------------------------------------------------------------------------
+# dSprites (Matthey et al. 2017): 64x64 binary sprites with five ground-truth factors.
+
+# name -> (grid, source): "published" is DeepMind's npz (verified before use),
+# "rendered" the offline generator of vae_jax.dsprites (the same factor grid, not
+# byte-identical images; documented there).
+DSPRITES: dict[str, tuple[dsprites.Grid, str]] = {
+  "dsprites": (dsprites.FULL, "published"),
+  "dsprites_rendered": (dsprites.FULL, "rendered"),
+  "dsprites_cpu": (dsprites.CPU, "rendered"),
+  "dsprites_smoke": (dsprites.SMOKE, "rendered"),
+}
+# Datasets whose images are binary already (any binarization leaves them as they are).
+BINARY_DATASETS = frozenset(DSPRITES)
+
+
+def factor_grid(name: str) -> dsprites.Grid | None:
+  """The ground-truth factor grid of dataset ``name`` (its train split enumerates it in
+  ``dsprites.index_to_factors`` order, labels ``[n, 5]``), or ``None`` without factors."""
+  return DSPRITES[name][0] if name in DSPRITES else None
+
+
+def dsprites_test_indices(num_images: int) -> np.ndarray:
+  """The fixed test subset of a dSprites grid: ``min(10000, n // 10)`` images, sorted.
+
+  dSprites has no test split; models train on every image (as disentanglement_lib
+  does) and the test ELBO is monitored on this fixed subset of them.
+  """
+  rng = np.random.default_rng(0)
+  return np.sort(rng.choice(num_images, min(10000, num_images // 10), replace=False))
+
+
+class DspritesImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """dSprites as a TFDS dataset: ``image`` ``[64, 64, 1]`` uint8 in {0, 255}, ``factors`` [5]."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(name=name, description=f"dSprites, {source}, {grid.num_images} images")
+    for name, (grid, source) in DSPRITES.items()
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"A directory holding {dsprites.PUBLISHED_FILENAME}."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(64, 64, 1)),
+          "factors": tfds.features.Tensor(shape=(5,), dtype=np.int32),
+        }
+      ),
+      disable_shuffling=True,  # Row i of train is index_to_factors(i): keep the order.
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    grid, source = DSPRITES[self.builder_config.name]
+    if source == "published":
+      images, factors = dsprites.load_published(
+        str(pathlib.Path(dl_manager.manual_dir) / dsprites.PUBLISHED_FILENAME)
+      )
+    else:
+      images, factors = None, dsprites.index_to_factors(np.arange(grid.num_images), grid)
+    test = dsprites_test_indices(grid.num_images)
+    return {
+      "train": self._generate_examples(grid, images, factors, np.arange(grid.num_images)),
+      "test": self._generate_examples(grid, images, factors, test),
+    }
+
+  def _generate_examples(self, grid, images, factors, indices):
+    for start in range(0, len(indices), 4096):
+      block = indices[start : start + 4096]
+      pixels = images[block] if images is not None else dsprites.render(factors[block], grid)
+      for j, i in enumerate(block):
+        image = Image.fromarray(pixels[j, :, :, 0] * np.uint8(255), mode="L")
+        yield int(i), {"image": image, "factors": factors[i].astype(np.int32)}
+
+
+def _dsprites_source(name: str, idx_dir: str | None, download_dir: pathlib.Path) -> str:
+  """The directory holding the published npz (given, found, or downloaded and verified)."""
+  if DSPRITES[name][1] == "rendered":
+    return str(download_dir)  # Unused: rendered images need no file.
+  for candidate in (idx_dir or os.environ.get("VAE_JAX_IDX_DIR"), str(download_dir)):
+    if candidate and (pathlib.Path(candidate) / dsprites.PUBLISHED_FILENAME).is_file():
+      return candidate
+  if not _online(dsprites.PUBLISHED_URL):
+    raise DataError(
+      f"dSprites is not prepared and {dsprites.PUBLISHED_URL} cannot be reached. Put "
+      f"{dsprites.PUBLISHED_FILENAME} in a directory and pass --config.idx_dir=DIR, or use "
+      "the offline renderer: --config.dataset=dsprites_rendered (or dsprites_cpu)."
+    )
+  download_dir.mkdir(parents=True, exist_ok=True)
+  target = download_dir / dsprites.PUBLISHED_FILENAME
+  with tempfile.NamedTemporaryFile(dir=download_dir, delete=False) as tmp:
+    try:
+      with urllib.request.urlopen(dsprites.PUBLISHED_URL, timeout=_DOWNLOAD_TIMEOUT_S) as r:
+        shutil.copyfileobj(r, tmp)
+    except (urllib.error.URLError, OSError) as e:
+      os.unlink(tmp.name)
+      raise DataError(f"Downloading {dsprites.PUBLISHED_URL} failed: {e}.") from e
+  try:
+    dsprites.load_published(tmp.name)  # Verified before it is kept.
+  except ValueError as e:
+    os.unlink(tmp.name)
+    raise DataError(str(e)) from e
+  os.replace(tmp.name, target)
+  return str(download_dir)
+
+
+# --------------------------------------------------------------------------
 # Finding and fetching the IDX files.
 
 
@@ -368,10 +476,14 @@ def load_dataset(
   Raises:
     DataError: unknown name, missing or malformed files, or offline without data.
   """
-  if name not in DATASETS:
-    raise DataError(f"Unknown dataset {name!r}. Choose one of {sorted(DATASETS)}.")
-  spec = DATASETS[name]
+  if name not in DATASETS and name not in DSPRITES:
+    raise DataError(
+      f"Unknown dataset {name!r}. Choose one of {sorted(DATASETS) + sorted(DSPRITES)}."
+    )
   data_dir = pathlib.Path(data_dir).expanduser() if data_dir else _default_data_dir()
+  if name in DSPRITES:
+    return _load_dsprites(name, data_dir, idx_dir)
+  spec = DATASETS[name]
   explicit = idx_dir or os.environ.get("VAE_JAX_IDX_DIR")
   lock = data_dir / f".vae_jax_{name}.lock"
   # Processes sharing a data directory take turns: the first prepares, the others
@@ -404,6 +516,20 @@ def load_dataset(
           )
       record.write_text(json.dumps(source_fingerprint(explicit), indent=1) + "\n")
     return splits
+
+
+def _load_dsprites(name: str, data_dir: pathlib.Path, idx_dir: str | None) -> dict[str, Split]:
+  lock = data_dir / f".vae_jax_{name}.lock"
+  with locks.exclusive(lock, wait=True, what=f"the {name!r} data in {data_dir}"):
+    builder = DspritesImages(config=name, data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+      source = _dsprites_source(name, idx_dir, data_dir / "downloads" / "vae_jax" / "dsprites")
+      logging.info("Preparing %s into %s", name, builder.data_dir)
+      builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=source),
+      )
+    return {split: _load_split(builder, split) for split in SPLITS}
 
 
 # Beside the prepared files: where they were prepared from, and what those files held.
@@ -454,7 +580,7 @@ def _check_source(name: str, builder: IdxImages, record: pathlib.Path, idx_dir: 
     )
 
 
-def _load_split(builder: IdxImages, split: str) -> Split:
+def _load_split(builder: tfds.core.DatasetBuilder, split: str) -> Split:
   """Decodes a split through its TFDS data source, caching the arrays.
 
   PNG decoding runs at a few thousand images/s, so the decoded arrays are
@@ -492,16 +618,19 @@ def _load_split(builder: IdxImages, split: str) -> Split:
 
 
 def _decode_all(source) -> Split:
+  """Every record of a data source: ``image`` and its ``label`` (a class) or ``factors``."""
   n = len(source)
-  images, labels = None, np.empty(n, np.int32)
+  images = labels = None
   chunk = 1024
   for start in range(0, n, chunk):
     records = source.__getitems__(range(start, min(start + chunk, n)))
     for i, record in enumerate(records, start):
+      label = record["factors"] if "factors" in record else record["label"]
       if images is None:
         images = np.empty((n, *record["image"].shape), np.uint8)
+        labels = np.empty((n, *np.shape(label)), np.int32)
       images[i] = record["image"]
-      labels[i] = record["label"]
+      labels[i] = label
   return Split(images=images, labels=labels)
 
 

@@ -9,6 +9,10 @@
   (Burda et al. 2015), or with DReG gradients ``losses.dreg_iw_bound``
   (Tucker et al. 2019).
 * ``autoencoder``: the deterministic baseline, ``log p(x | z = mean)``.
+* ``beta_tcvae``: the ELBO with the total correlation of the aggregate posterior
+  weighted by beta instead of 1 (Chen et al. 2018, with their alpha = gamma = 1):
+  ``ELBO - (beta - 1) TC``, TC by minibatch weighted sampling over the dataset's
+  ``N`` points (``vae_jax.total_correlation``).
 * KL shaping, one schedule over steps for single runs and sweeps: linear
   warm-up of beta (``kl_weight``), free bits (``losses.free_bits_kl``) and
   capacity annealing (``losses.capacity_objective``, Burgess et al. 2018).
@@ -25,14 +29,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vae_jax import losses, models
+from vae_jax import losses, models, total_correlation
 from vae_jax.models import Model, Params
 
 Array = jax.Array
 Metrics = dict[str, Array]
 LossFn = Callable[[Params, Array, Array, Array], tuple[Array, Metrics]]
 
-OBJECTIVES = ("elbo", "iwae", "autoencoder")
+OBJECTIVES = ("elbo", "iwae", "autoencoder", "beta_tcvae")
 GRADIENT_ESTIMATORS = ("plain", "dreg")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned")
 
@@ -84,6 +88,7 @@ class Spec(NamedTuple):
   warmup_steps: int = 0
   capacity_nats: float = 0.0
   capacity_steps: int = 1
+  dataset_size: int = 1  # beta_tcvae: N, the training examples the batches are drawn from.
 
 
 # --------------------------------------------------------------------------
@@ -202,6 +207,17 @@ def make_loss_fn(
     loss = -losses.capacity_objective(rec, kl, beta, c_t)
     return {**summary(loss, parts.reconstruction, parts.kl), "capacity": c_t}
 
+  def beta_tcvae(params, x, key, step):
+    del step
+    eps = losses.sample_eps(key, (1, x.shape[0], model.latents))
+    _, log_px_z, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
+    mean, logvar = model.encode(params, x)
+    tc = total_correlation.total_correlation_mws(post.z[0], mean, logvar, spec.dataset_size)
+    reconstruction, kl = log_px_z[0], post.kl[0]
+    elbo_terms = losses.elbo_from_terms(reconstruction, kl)
+    loss = -jnp.mean(elbo_terms) + (beta - 1.0) * jnp.mean(tc)
+    return {**summary(loss, reconstruction, kl), "total_correlation_mws": jnp.mean(tc)}
+
   def plain_elbo(params, x, key, step):
     beta_t = kl_weight(beta, step, spec.warmup_steps)
     parts = elbo(model, params, x, key, log_likelihood_fn, beta=beta_t, num_samples=k)
@@ -211,6 +227,8 @@ def make_loss_fn(
     fn = autoencoder
   elif spec.objective == "iwae":
     fn = iwae
+  elif spec.objective == "beta_tcvae":
+    fn = beta_tcvae
   elif spec.capacity_nats:
     fn = capacity
   elif spec.free_bits:

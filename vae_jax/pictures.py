@@ -32,6 +32,10 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "Bag",
     "Ankle boot",
   ),
+  **{
+    name: ("square", "ellipse", "heart")
+    for name in ("dsprites", "dsprites_rendered", "dsprites_cpu", "dsprites_smoke")
+  },
 }
 
 # --------------------------------------------------------------------------

@@ -37,7 +37,8 @@ gradients, which is how beta-TCVAE uses MWS; to *report* a TC value, use the str
 estimator.
 ``tests/test_total_correlation.py`` checks both estimators against exact computations.
 
-Besides the standard library, everything here imports only ``jax``: pure functions on arrays
+Besides the standard library, everything here imports only ``jax`` and the densities of
+``vae_jax.losses``: pure functions on arrays
 that work under ``jax.jit`` and ``jax.vmap`` (``dataset_size`` is a Python int, static under
 ``jit``). Units are nats.
 """
@@ -51,9 +52,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from vae_jax import losses
 
-_LOG_2PI = math.log(2.0 * math.pi)
+Array = jax.Array
 
 
 class TCDecomposition(NamedTuple):
@@ -103,17 +104,12 @@ def _check_inputs(z: Array, mean: Array, logvar: Array, dataset_size: int) -> in
 
 def _log_q_pairs(z: Array, mean: Array, logvar: Array) -> Array:
   """``[M, M, latent]``: ``log N(z[i, d]; mean[j, d], exp(logvar[j, d]))``."""
-  dtype = jnp.result_type(jnp.float32, z.dtype, mean.dtype, logvar.dtype)
-  z, mean, logvar = (a.astype(dtype) for a in (z, mean, logvar))
-  diff = z[:, None, :] - mean[None, :, :]
-  return -0.5 * (diff**2 * jnp.exp(-logvar)[None, :, :] + logvar[None, :, :] + _LOG_2PI)
-
-
-def _log_gaussian(z: Array, mean: Array, logvar: Array) -> Array:
-  """``[M]``: ``log N(z_i; mean_i, diag(exp(logvar_i)))``, summed over dimensions."""
-  dtype = jnp.result_type(jnp.float32, z.dtype, mean.dtype, logvar.dtype)
-  z, mean, logvar = (a.astype(dtype) for a in (z, mean, logvar))
-  return jnp.sum(-0.5 * ((z - mean) ** 2 * jnp.exp(-logvar) + logvar + _LOG_2PI), axis=-1)
+  shape = (z.shape[0], *mean.shape)
+  return losses.diag_gaussian_log_prob_per_dim(
+    jnp.broadcast_to(z[:, None, :], shape),
+    jnp.broadcast_to(mean[None], shape),
+    jnp.broadcast_to(logvar[None], shape),
+  )
 
 
 def log_qz_mws(z: Array, mean: Array, logvar: Array, dataset_size: int) -> tuple[Array, Array]:
@@ -140,8 +136,8 @@ def log_qz_mws(z: Array, mean: Array, logvar: Array, dataset_size: int) -> tuple
   n = _check_inputs(z, mean, logvar, dataset_size)
   pairs = _log_q_pairs(z, mean, logvar)
   log_norm = math.log(n) + math.log(z.shape[0])
-  log_qz = jax.nn.logsumexp(pairs.sum(axis=-1), axis=1) - log_norm
-  log_prod_qzj = jnp.sum(jax.nn.logsumexp(pairs, axis=1) - log_norm, axis=-1)
+  log_qz = losses.logsumexp(pairs.sum(axis=-1), axis=1) - log_norm
+  log_prod_qzj = jnp.sum(losses.logsumexp(pairs, axis=1) - log_norm, axis=-1)
   return log_qz, log_prod_qzj
 
 
@@ -185,8 +181,8 @@ def log_qz_stratified(
     raise ValueError("The stratified estimator needs a batch of at least 2 samples.")
   pairs = _log_q_pairs(z, mean, logvar)
   log_w = _stratified_log_weights(batch, n, pairs.dtype)
-  log_qz = jax.nn.logsumexp(log_w + pairs.sum(axis=-1), axis=1)
-  log_prod_qzj = jnp.sum(jax.nn.logsumexp(log_w[:, :, None] + pairs, axis=1), axis=-1)
+  log_qz = losses.logsumexp(log_w + pairs.sum(axis=-1), axis=1)
+  log_prod_qzj = jnp.sum(losses.logsumexp(log_w[:, :, None] + pairs, axis=1), axis=-1)
   return log_qz, log_prod_qzj
 
 
@@ -227,9 +223,8 @@ def tc_decomposition(
       f"estimator must be one of {sorted(_ESTIMATORS)}, got {estimator!r}."
     ) from None
   log_qz, log_prod_qzj = estimate(z, mean, logvar, dataset_size)
-  log_qz_given_x = _log_gaussian(z, mean, logvar)
-  zeros = jnp.zeros_like(z)
-  log_pz = _log_gaussian(z, zeros, zeros)
+  log_qz_given_x = losses.diag_gaussian_log_prob(z, mean, logvar)
+  log_pz = losses.standard_normal_log_prob(z)
   return TCDecomposition(
     index_code_mi=log_qz_given_x - log_qz,
     total_correlation=log_qz - log_prod_qzj,

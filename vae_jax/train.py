@@ -121,6 +121,7 @@ def objective_spec(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     warmup_steps=round(config.kl_warmup_epochs * steps_per_epoch),
     capacity_nats=config.capacity_nats,
     capacity_steps=max(1, round(config.capacity_epochs * steps_per_epoch)),
+    dataset_size=steps_per_epoch * config.batch_size,
   )
 
 
