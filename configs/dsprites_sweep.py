@@ -58,6 +58,7 @@ def get_config(arg: str | None = None):
   config.num_epochs = 26
   config.sweep.betas = (1.0, 2.0, 4.0, 6.0, 8.0, 16.0)
   config.sweep.seeds = (0, 1, 2)
+  config.sweep.cross = True  # Every beta with every seed.
   config.num_image_samples = 0
   config.log_every_steps = 200
   config.eval_every_steps = 11520  # Every epoch of the full grid.

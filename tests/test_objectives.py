@@ -716,3 +716,29 @@ def test_hierarchical_elbo_is_assembled_by_the_public_functions():
   rec, kl = jnp.mean(lw.log_px_z, 0), jnp.mean(lw.posterior.kl, 0)
   np.testing.assert_array_equal(out.elbo, losses.elbo_from_terms(rec, kl, 0.3))
   np.testing.assert_allclose(out.elbo, rec - 0.3 * kl, rtol=1e-6)
+
+
+def test_beta_tcvae_is_the_elbo_minus_beta_minus_one_times_the_mws_total_correlation():
+  from vae_jax import total_correlation
+
+  model = _tiny_vae("mlp", 1)
+  x = _binary(4, (_BATCH, *_EVENT))
+  params = model.init(jax.random.key(5), x)
+  key = jax.random.key(6)
+  for beta in (1.0, 3.0):
+    spec = objectives.Spec(objective="beta_tcvae", dataset_size=1000)
+    loss, metrics = objectives.make_loss_fn(model, _BERNOULLI, spec, beta)(params, x, key, 0)
+    eps = losses.sample_eps(key, (1, _BATCH, model.latents))
+    post = model.posterior(params, x, eps)
+    mean, logvar = model.encode(params, x)
+    rec = losses.sample_log_likelihoods(
+      post.z, x, functools.partial(model.decode, params), _BERNOULLI
+    )
+    tc = total_correlation.total_correlation_mws(post.z[0], mean, logvar, 1000)
+    elbo = jnp.mean(rec[0] - post.kl[0])
+    np.testing.assert_allclose(loss, -elbo + (beta - 1.0) * jnp.mean(tc), rtol=1e-5)
+    np.testing.assert_allclose(metrics["elbo"], elbo, rtol=1e-5)
+  config = config_lib.base_config()
+  config.objective, config.model.stochastic_layers = "beta_tcvae", 2
+  with pytest.raises(ValueError, match="beta_tcvae"):
+    config_lib.validate(config)

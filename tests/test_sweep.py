@@ -349,3 +349,14 @@ def test_sweep_records_its_config_only_after_its_checkpoints_restored(smoke_conf
   with pytest.raises(checkpointing.CheckpointError, match="does not match"):
     sweep.train_sweep(bigger, str(tmp_path / "run"), allow_config_change=True)
   assert (tmp_path / "run" / "config.json").read_text() == record
+
+
+def test_a_crossed_grid_has_every_beta_with_every_seed(smoke_config):
+  config = _sweep_config(smoke_config, betas=(1.0, 4.0, 8.0), seeds=(0, 1))
+  with pytest.raises(ValueError, match="one seed"):
+    config_lib.sweep_grid(config)
+  config.sweep.cross = True
+  betas, seeds = config_lib.sweep_grid(config)
+  assert list(zip(betas, seeds, strict=True)) == [
+    (1.0, 0), (4.0, 0), (8.0, 0), (1.0, 1), (4.0, 1), (8.0, 1)
+  ]  # fmt: skip

@@ -143,6 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep = ml_collections.ConfigDict()
   c.sweep.betas = ()
   c.sweep.seeds = (0,)  # One seed shared by every model, or one per beta.
+  c.sweep.cross = False  # True: a model for every (beta, seed) pair of the two lists.
 
   # Disentanglement metrics in --mode=evaluate, for datasets with ground-truth factors
   # (dSprites): "disentanglement_lib" (its point counts) | "cpu" (about 10x fewer).
@@ -372,7 +373,8 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
 
 
 def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[int, ...]]:
-  """``(betas, seeds)`` of ``config.sweep``, one pair per model; a single seed is shared.
+  """``(betas, seeds)`` of ``config.sweep``, one pair per model: a single seed is shared,
+  one seed per beta pairs them, and ``sweep.cross`` crosses the two lists.
 
   Raises:
     ValueError: no betas, or a number of seeds that is neither 1 nor one per beta.
@@ -383,7 +385,9 @@ def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tu
     raise ValueError("config.sweep.betas is empty; give at least one beta to run a sweep.")
   if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
     raise ValueError(f"config.sweep.seeds must be integers, got {seeds}.")
-  if len(seeds) == 1:
+  if config.sweep.cross:  # Every beta with every seed, seeds outer.
+    betas, seeds = betas * len(seeds), tuple(s for s in seeds for _ in config.sweep.betas)
+  elif len(seeds) == 1:
     seeds = seeds * len(betas)
   if len(seeds) != len(betas):
     raise ValueError(
