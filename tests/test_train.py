@@ -307,3 +307,17 @@ def test_process_env_drops_the_callers_jax_settings(monkeypatch):
   assert "XLA_FLAGS" not in env and "JAX_ENABLE_X64" not in env
   assert env["JAX_PLATFORMS"] == "cpu" and env["VAE_JAX_IDX_DIR"] == ""
   assert process_env(XLA_FLAGS="x")["XLA_FLAGS"] == "x"
+
+
+def test_save_refuses_a_non_finite_state(tmp_path):
+  """The last line of defence: nothing non-finite anywhere in the state is written."""
+  ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
+  good = {"params": {"w": jnp.ones(3)}, "opt": {"mu": jnp.zeros(3)}, "step": jnp.int32(1)}
+  loop.save(ckpt, 1, good)
+  ckpt.wait()
+  bad = jax.tree.map(lambda x: x, good)
+  bad["opt"]["mu"] = jnp.array([0.0, jnp.inf, 0.0])  # Only the optimizer state.
+  with pytest.raises(loop.NonFiniteError, match=r"state at step 2 holds NaN or infinite values"):
+    loop.save(ckpt, 2, bad)
+  ckpt.close()
+  assert checkpointing.saved_steps(tmp_path / "checkpoints") == [1]
