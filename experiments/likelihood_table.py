@@ -24,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vae_jax import evaluate, train
+from vae_jax.main import limit_malloc_arenas
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -91,6 +92,7 @@ def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  limit_malloc_arenas()  # As vae_jax.main does: flat memory over thousands of saves.
   out_dir = pathlib.Path(FLAGS.out_dir)
   path = out_dir / "table.json"
   rows = json.loads(path.read_text()) if path.exists() else {}

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -321,3 +322,14 @@ def test_save_refuses_a_non_finite_state(tmp_path):
     loop.save(ckpt, 2, bad)
   ckpt.close()
   assert checkpointing.saved_steps(tmp_path / "checkpoints") == [1]
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_sets_them(monkeypatch):
+  from vae_jax import main as main_lib
+
+  monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+  assert not main_lib.limit_malloc_arenas()  # The user's setting is glibc's to apply.
+  monkeypatch.delenv("MALLOC_ARENA_MAX")
+  if not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc":
+    pytest.skip("mallopt(M_ARENA_MAX) exists only in glibc; this platform has another libc.")
+  assert main_lib.limit_malloc_arenas()

@@ -167,7 +167,8 @@ def traversal_rows(
     how = "from -3 to 3"
   visible = model.decoder_reads or model.latents
   dims = [int(d) for d in np.argsort(-score[:visible])[: min(max_rows, visible)]]
-  labels = [f"z{d} {score_name} {score[d]:.2f}" for d in dims]
+  # 1-based names, as on the latent map's axes: z1 is latent 0 of the code arrays.
+  labels = [f"z{d + 1} {score_name} {score[d]:.2f}" for d in dims]
   return dims, np.linspace(low[dims], high[dims], 11, axis=1), labels, how
 
 
