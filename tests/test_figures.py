@@ -283,3 +283,21 @@ def test_figure_to_array():
   assert image.dtype == np.uint8 and image.shape == (round(height * 50), round(width * 50), 3)
   assert (image < 128).any() and (image == 255).any()  # Ink on white.
   assert figures.figure_to_array(fig).shape[0] == round(height * fig.dpi)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 21])
+@pytest.mark.parametrize("label", ["z1", "beta=0.25 z19 KL 2.49", "a much longer row label " * 2])
+def test_grid_figures_keep_their_row_labels_inside_the_figure(label, rows):
+  steps = 11
+  images = np.random.default_rng(0).uniform(size=(rows * steps, 28, 28, 1))
+  labels = [label] + [f"z{i}" for i in range(2, rows + 1)]
+  for fig in (
+    figures.traversal_figure(images, labels, np.linspace(-3.0, 3.0, steps), title="T"),
+    figures.interpolation_figure(images, steps - 2, row_labels=labels, title="T"),
+  ):
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    width = fig.bbox.width
+    for text in fig.axes[0].get_yticklabels():
+      extent = text.get_window_extent(renderer)
+      assert 0.0 <= extent.x0 and extent.x1 <= width, (text.get_text(), extent, width)

@@ -45,8 +45,8 @@ def _mpl() -> types.SimpleNamespace:
   """matplotlib's modules, imported on first use: half a second of start-up that a
   training run, which draws no figure, does not pay."""
   names = ("matplotlib", "matplotlib.backends.backend_agg", "matplotlib.figure",
-           "matplotlib.lines", "matplotlib.ticker")  # fmt: skip
-  mpl, agg, figure, lines, ticker = (importlib.import_module(n) for n in names)
+           "matplotlib.lines", "matplotlib.ticker", "matplotlib.textpath")  # fmt: skip
+  mpl, agg, figure, lines, ticker, textpath = (importlib.import_module(n) for n in names)
   return types.SimpleNamespace(
     rc_context=mpl.rc_context,
     colormaps=mpl.colormaps,
@@ -55,6 +55,7 @@ def _mpl() -> types.SimpleNamespace:
     Line2D=lines.Line2D,
     MaxNLocator=ticker.MaxNLocator,
     NullLocator=ticker.NullLocator,
+    TextPath=textpath.TextPath,
   )
 
 
@@ -94,9 +95,16 @@ def _styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
   return wrapper
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def _label_inches(labels: Sequence[str]) -> float:
+  """Width of the longest tick label in inches, at the style's tick font size."""
+  size = _STYLE["ytick.labelsize"]
+  widths = [_mpl().TextPath((0, 0), s, size=size).get_extents().width for s in labels if s]
+  return max(widths, default=0.0) / 72.0  # Points to inches.
+
+
+def _new_figure(width: float, height: float, layout: str = "constrained") -> Figure:
   """A figure of ``width x height`` inches on its own Agg canvas (no pyplot)."""
-  figure = _mpl().Figure(figsize=(width, height), layout="constrained")
+  figure = _mpl().Figure(figsize=(width, height), layout=layout)
   _mpl().FigureCanvasAgg(figure)
   return figure
 
@@ -232,8 +240,8 @@ def traversal_figure(
       f"{images.shape[0]} images for {rows} rows of {steps} steps; images must be "
       "[rows * steps, h, w, c] in row order."
     )
-  margin = 0.07 * max(len(s) for s in row_labels) + 0.3
-  figure = _new_figure(steps * cell_inches + margin, rows * cell_inches + 0.7)
+  margin = _label_inches(row_labels) + 0.3
+  figure = _new_figure(steps * cell_inches + margin, rows * cell_inches + 0.7, "compressed")
   ax = figure.subplots()
   _image_grid_axes(ax, images, steps, column_labels, row_labels)
   ax.set_xlabel(xlabel)
@@ -277,8 +285,8 @@ def interpolation_figure(
     raise ValueError(f"{len(row_labels)} row labels for {pairs} rows.")
   t = _format_values(np.linspace(0.0, 1.0, num_steps))
   column_labels = ["$x_a$", *t, "$x_b$"]
-  margin = 0.07 * max((len(s) for s in row_labels), default=0) + 0.3
-  figure = _new_figure(columns * cell_inches + margin, pairs * cell_inches + 0.7)
+  margin = _label_inches(row_labels) + 0.3
+  figure = _new_figure(columns * cell_inches + margin, pairs * cell_inches + 0.7, "compressed")
   ax = figure.subplots()
   _image_grid_axes(ax, images, columns, column_labels, row_labels)
   ax.set_xlabel(r"$t$: decoded $(1 - t)\,z_a + t\,z_b$; ends: the images $x_a$, $x_b$")
