@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vae_jax import input_pipeline, train  # noqa: E402
+from vae_jax import input_pipeline, loop, train  # noqa: E402
 from vae_jax import step as step_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -206,17 +206,23 @@ def per_step_loop(trainer, config, host_images: np.ndarray, num_steps: int) -> f
 
 
 def _run(cmd: list[str], log_path: str) -> tuple[float, float]:
-  """Runs ``cmd``; returns its wall seconds and peak RSS in MB."""
+  """Runs ``cmd``; returns its wall seconds and peak RSS in MB.
+
+  The peak is the child's own ``VmHWM`` (``loop.peak_rss_mib``), read every 20 ms while it
+  runs: ``wait4``'s ``ru_maxrss`` would report at least this benchmark's own peak, which
+  Linux carries over the child's ``exec``.
+  """
   start = time.perf_counter()
+  peak = 0.0
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    # wait4 gives this child's own peak RSS (RUSAGE_CHILDREN would be the
-    # maximum over every child this process has waited for).
-    _, status, usage = os.wait4(proc.pid, 0)
+    while proc.poll() is None:
+      peak = max(peak, loop.peak_rss_mib(proc.pid) or 0.0)
+      time.sleep(0.02)
   wall = time.perf_counter() - start
-  if os.waitstatus_to_exitcode(status) != 0:
+  if proc.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}:\n{open(log_path).read()[-3000:]}")
-  return wall, usage.ru_maxrss / 1024
+  return wall, peak
 
 
 def end_to_end_pairs(config_arg: str, overrides: list[str], epochs: int, pairs: int) -> dict:

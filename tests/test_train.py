@@ -333,3 +333,16 @@ def test_malloc_arenas_are_capped_unless_the_environment_sets_them(monkeypatch):
   if not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc":
     pytest.skip("mallopt(M_ARENA_MAX) exists only in glibc; this platform has another libc.")
   assert main_lib.limit_malloc_arenas()
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+  # A small child of this large process: getrusage's ru_maxrss would report at least the
+  # parent's peak (Linux carries it over exec); VmHWM is the child's own.
+  parent = loop.peak_rss_mib()
+  assert parent > 150  # JAX alone is about 240 MiB.
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+  peaks = []
+  while child.poll() is None:
+    peaks.append(loop.peak_rss_mib(child.pid))
+  assert 1 < max(p for p in peaks if p is not None) < parent / 2
+  assert loop.peak_rss_mib(child.pid) is None  # Exited and reaped.

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import pathlib
-import resource
 import time
 from typing import Any
 
@@ -43,6 +42,7 @@ from vae_jax import (
   figures,
   input_pipeline,
   likelihood,
+  loop,
   models,
   objectives,
   optim,
@@ -316,10 +316,6 @@ def disentanglement_scores(
 # The evaluate command.
 
 
-def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB.
-
-
 def _write_json(path: pathlib.Path, results: dict[str, Any]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".json.tmp")
@@ -494,7 +490,7 @@ def _evaluate_model(
   results["images"] = [str(p.relative_to(out_dir)) for p in paths]
   results["timings_s"] = {**extra["timings"], **timings}
   results["wall_time_s"] = time.perf_counter() - start
-  results["peak_rss_mib"] = _peak_rss_mib()
+  results["peak_rss_mib"] = loop.peak_rss_mib()
   results["machine"] = _machine()
   name = f"step_{step:08d}.json" if deterministic else f"step_{step:08d}_k{num_samples}.json"
   path = out_dir / "eval" / name

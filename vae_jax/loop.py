@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import signal
+import sys
 import threading
 import time
 from typing import Any, Protocol
@@ -223,6 +225,30 @@ def seconds_since_process_start() -> float:
 _IMPORTED = time.perf_counter()
 
 
+def peak_rss_mib(pid: int | str = "self") -> float | None:
+  """Peak resident memory of process ``pid`` so far, in MiB (None if it has exited).
+
+  Linux: ``VmHWM`` of ``/proc/<pid>/status``, the high-water mark of the process's own
+  address space. Not ``getrusage``'s ``ru_maxrss``: Linux carries that over ``exec`` from
+  the process that forked, so a run started by a large Python process (a benchmark, a
+  notebook) would report its parent's peak. Elsewhere, ``ru_maxrss`` of this process
+  (KiB on Linux and BSD, bytes on macOS).
+  """
+  if os.path.exists("/proc/self/status"):
+    try:
+      with open(f"/proc/{pid}/status") as f:
+        for line in f:
+          if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0  # kB.
+    except (FileNotFoundError, ProcessLookupError):
+      pass
+    return None  # Gone, or exited and not yet reaped (no address space left).
+  if pid != "self":
+    raise OSError(f"Cannot read the peak memory of process {pid} without /proc.")
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
 class Stopwatch:
   """Wall seconds per phase of a run, written to ``WORKDIR/timings.json`` at its end.
 
@@ -248,6 +274,7 @@ class Stopwatch:
     record = {
       "seconds": {"setup": setup, **self.seconds, "total": total},
       "steps": steps,
+      "peak_rss_mib": peak_rss_mib(),
       "note": "wall seconds of this process's phases; see vae_jax.loop.Stopwatch",
     }
     path = workdir / "timings.json"
