@@ -97,8 +97,15 @@ def make_sweep_step(
   def sweep_step(state: SweepState, batch: Array, keys: SweepKeys) -> tuple[SweepState, Metrics]:
     if batch_sharding is not None:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    models, metrics = jax.vmap(one_model, in_axes=(0, None, 0, 0))(
-      state.models, batch, keys.eps, keys.beta
+    # Each model gets its own copy of the batch. With one shared batch, XLA computes the
+    # first layer of all M models as one [batch, in] x [in, M * out] product, and its
+    # weight gradient as [in, M, out], then transposes that (and the Adam moments that
+    # follow) into the stacked [M, in, out] layout: three transposes of every model's
+    # largest weight per step. A copy per model makes every product a batched product
+    # over the model axis, with the single run's shapes; the copy is M x 400 KB.
+    batches = jnp.broadcast_to(batch, (keys.beta.shape[0], *batch.shape))
+    models, metrics = jax.vmap(one_model, in_axes=(0, 0, 0, 0))(
+      state.models, batches, keys.eps, keys.beta
     )
     return SweepState(state.step + 1, models), metrics
 
