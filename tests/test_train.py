@@ -340,7 +340,7 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
   # parent's peak (Linux carries it over exec); VmHWM is the child's own.
   parent = loop.peak_rss_mib()
   assert parent > 150  # JAX alone is about 240 MiB.
-  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"], env=process_env())
   peaks = []
   while child.poll() is None:
     peaks.append(loop.peak_rss_mib(child.pid))
