@@ -11,20 +11,28 @@ trained further; an interrupted one resumes), evaluates it with
 and writes the row into ``--out_dir/table.json`` (one entry per ``--name``,
 replaced on a rerun) and ``--out_dir/table.md``. Each row holds the command's
 config, the checkpoint step, ``-log p(x)`` with its standard error and ``K``,
-the test ELBO, the paper's number, the machine and the wall times.
+the test ELBO, the paper's number, the machine and the wall times. Beside the
+table go the run's evaluation JSON (``<run>_eval_k<K>.json``, ``<run>`` the
+workdir's name), its validation and test curves (``<run>_curves.jsonl``, from
+``metrics.jsonl``) and ``validation_curves.{png,pdf}``: the validation -ELBO of
+every row's run against epochs.
+
+``--unfinished`` records a run that cannot finish on this machine without
+training or evaluating it: how far it got (epochs, best validation ELBO and
+where) and its curves, so the table says what each missing number would take.
 """
 
 import json
 import pathlib
 import platform
+import shutil
 import time
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import evaluate, train
-from vae_jax.main import limit_malloc_arenas
+from vae_jax import checkpointing, evaluate, figures, loop, train, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -36,6 +44,7 @@ flags.DEFINE_integer("num_importance_samples", 5000, "K: importance samples per 
 flags.DEFINE_bool("reuse_eval", False, "Read WORKDIR/eval/step_<N>_k<K>.json if it exists.")
 flags.DEFINE_bool("allow_config_change", False, "As for vae_jax.main (fine-tuning a copy).")
 flags.DEFINE_string("out_dir", str(REPO / "results/likelihood"), "Where table.json/.md go.")
+flags.DEFINE_bool("unfinished", False, "Record how far the run got; do not train or evaluate.")
 flags.mark_flags_as_required(["config", "workdir", "name"])
 
 
@@ -45,9 +54,11 @@ def run_row(config, workdir: str, num_samples: int, reuse_eval: bool, allow_chan
   state = train.train_and_evaluate(config, workdir, allow_config_change=allow_change)
   train_s = time.perf_counter() - start
   step = int(state.step)
+  if evaluate.params_source(config, workdir) == "best":  # The best step, not the last.
+    step = checkpointing.saved_steps(pathlib.Path(workdir) / train.BEST_DIR)[-1]
   cached = pathlib.Path(workdir) / "eval" / f"step_{step:08d}_k{num_samples}.json"
   start = time.perf_counter()
-  if reuse_eval and cached.exists() and not config.validation_examples:
+  if reuse_eval and cached.exists():
     results = json.loads(cached.read_text())
     logging.info("Reusing %s", cached)
   else:
@@ -66,10 +77,66 @@ def run_row(config, workdir: str, num_samples: int, reuse_eval: bool, allow_chan
     "config": json.loads(config.to_json()),
     "train_wall_s_this_call": train_s,
     "eval_wall_s_this_call": eval_s,
+    "eval_wall_s": results.get("wall_time_s"),
     "eval_timings_s": results.get("timings_s"),
     "machine": f"{platform.machine()} {jax.devices()[0].device_kind}, "
     f"{jax.device_count()} device(s), jax {jax.__version__}",
   }
+
+
+def copy_curves(workdir: pathlib.Path, out_dir: pathlib.Path) -> list[dict]:
+  """Writes the run's validation and test rows to ``<run>_curves.jsonl``; returns them."""
+  rows = writers.read_metrics(workdir / "metrics.jsonl")
+  kept = [r for r in rows if r.get("split") in ("validation", "test")]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+  (out_dir / f"{workdir.name}_curves.jsonl").write_text(text)
+  return kept
+
+
+def progress_row(config, workdir: pathlib.Path, curves: list[dict]) -> dict:
+  """How far an unfinished run got, from its curves (one validation row per epoch)."""
+  val = [r for r in curves if r["split"] == "validation"]
+  if not val:
+    raise ValueError(f"{workdir} has no validation rows yet; nothing to record.")
+  if config.eval_every_steps:
+    raise ValueError("--unfinished counts epochs by validation rows: needs eval_every_steps=0.")
+  best = max(range(len(val)), key=lambda i: val[i]["elbo"])
+  return {
+    "status": "unfinished",
+    "epochs_completed": len(val),
+    "last_step": val[-1]["step"],
+    "best_validation_neg_elbo": -val[best]["elbo"],
+    "best_epoch": best + 1,
+    "last_validation_neg_elbo": -val[-1]["elbo"],
+    "max_epochs": config.num_epochs,
+    "patience_epochs": config.early_stopping_patience_epochs,
+    "workdir": str(workdir),
+    "config": json.loads(config.to_json()),
+  }
+
+
+def write_curves_figure(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
+  """``validation_curves.{png,pdf}``: each row's validation -ELBO against epochs."""
+  curves = {}
+  for name, r in rows.items():
+    path = out_dir / f"{pathlib.Path(r['workdir']).name}_curves.jsonl"
+    if not path.exists():
+      continue
+    val = [json.loads(line) for line in path.read_text().splitlines()]
+    val = [v for v in val if v["split"] == "validation"]
+    if val:
+      epochs = range(1, len(val) + 1)
+      curves[name] = (list(epochs), [-v["elbo"] for v in val])
+  if curves:
+    fig = figures.curves_figure(
+      curves,
+      xlabel="epoch",
+      ylabel="validation -ELBO (nats)",
+      title="Validation -ELBO (one evaluation per epoch)",
+      ylim_from=min(100, min(len(x) for x, _ in curves.values()) // 2),
+    )
+    figures.save_figure(fig, out_dir / "validation_curves")
 
 
 def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
@@ -81,6 +148,13 @@ def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
   ]
   for name, r in rows.items():
     paper = "-" if r.get("paper_nll") is None else f"{r['paper_nll']:.2f}"
+    if r.get("status") == "unfinished":
+      lines.append(
+        f"| {name} | unfinished: {r['epochs_completed']} of up to {r['max_epochs']} epochs, "
+        f"best validation -ELBO {r['best_validation_neg_elbo']:.2f} (epoch {r['best_epoch']}) | "
+        f"{paper} | - | - | {r['last_step']} |"
+      )
+      continue
     lines.append(
       f"| {name} | {r['nll_nats']:.2f} +- {r['standard_error_nats']:.2f} "
       f"(K={r['num_importance_samples']}) | {paper} | {r['test_neg_elbo']:.2f} | "
@@ -92,21 +166,30 @@ def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  limit_malloc_arenas()  # As vae_jax.main does: flat memory over thousands of saves.
+  loop.limit_malloc_arenas()  # As vae_jax.main does: flat memory over thousands of saves.
   out_dir = pathlib.Path(FLAGS.out_dir)
   path = out_dir / "table.json"
   rows = json.loads(path.read_text()) if path.exists() else {}
-  row = run_row(
-    FLAGS.config,
-    FLAGS.workdir,
-    FLAGS.num_importance_samples,
-    FLAGS.reuse_eval,
-    FLAGS.allow_config_change,
-  )
+  workdir = pathlib.Path(FLAGS.workdir)
+  if FLAGS.unfinished:
+    row = progress_row(FLAGS.config, workdir, copy_curves(workdir, out_dir))
+  else:
+    row = run_row(
+      FLAGS.config,
+      FLAGS.workdir,
+      FLAGS.num_importance_samples,
+      FLAGS.reuse_eval,
+      FLAGS.allow_config_change,
+    )
+    copy_curves(workdir, out_dir)
+    k = row["num_importance_samples"]
+    eval_json = workdir / "eval" / f"step_{row['checkpoint_step']:08d}_k{k}.json"
+    shutil.copyfile(eval_json, out_dir / f"{workdir.name}_eval_k{k}.json")
   row["paper_nll"] = FLAGS.paper_nll
   rows[FLAGS.name] = row
   write_table(rows, out_dir)
-  logging.info("%s: -log p(x) = %.2f nats; wrote %s", FLAGS.name, row["nll_nats"], out_dir)
+  write_curves_figure(rows, out_dir)
+  logging.info("%s: wrote %s", FLAGS.name, out_dir)
 
 
 if __name__ == "__main__":

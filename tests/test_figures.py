@@ -301,3 +301,20 @@ def test_grid_figures_keep_their_row_labels_inside_the_figure(label, rows):
     for text in fig.axes[0].get_yticklabels():
       extent = text.get_window_extent(renderer)
       assert 0.0 <= extent.x0 and extent.x1 <= width, (text.get_text(), extent, width)
+
+
+def test_curves_figure_draws_each_curve_and_frames_the_converged_part():
+  x = np.arange(1, 201)
+  a = 300.0 * np.exp(-x / 5.0) + 230.0  # A transient, then about 230.
+  b = a - 2.0
+  fig = figures.curves_figure(
+    {"a": (x, a), "b": (x, b)}, xlabel="epoch", ylabel="nats", ylim_from=50
+  )
+  (ax,) = fig.axes
+  assert [line.get_gid() for line in ax.get_lines()] == ["a", "b"]
+  assert _texts(ax.get_legend().get_texts()) == ["a", "b"]
+  lo, hi = ax.get_ylim()
+  assert lo < b[49:].min() and hi > a[49:].max() and hi < 240.0  # Not stretched to 530.
+  assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "nats")
+  with pytest.raises(ValueError, match="curve 'c'"):
+    figures.curves_figure({"c": ([1, 2], [1.0])}, xlabel="x", ylabel="y")

@@ -45,3 +45,33 @@ def test_row_is_written_and_replaced(tmp_path, tfds_dir):
   assert "Reusing" in again.stderr
   rows = json.loads((out / "table.json").read_text())
   assert list(rows) == ["smoke VAE"] and rows["smoke VAE"]["nll_nats"] == row["nll_nats"]
+
+
+def test_curves_eval_json_and_an_unfinished_row(tmp_path, tfds_dir):
+  out, work = tmp_path / "out", tmp_path / "run"
+  done = run([f"--workdir={work}", f"--out_dir={out}", "--name=done"], tfds_dir)
+  assert done.returncode == 0, done.stderr[-2000:]
+  row = json.loads((out / "table.json").read_text())["done"]
+  k = row["num_importance_samples"]
+  copied = json.loads((out / f"run_eval_k{k}.json").read_text())
+  assert copied["test"]["log_likelihood"]["nll_nats"] == row["nll_nats"]
+  curves = [json.loads(x) for x in (out / "run_curves.jsonl").read_text().splitlines()]
+  assert curves and {c["split"] for c in curves} == {"test"}  # No validation in this config.
+
+  # A run with validation, recorded as unfinished: neither trained further nor evaluated.
+  val_work = tmp_path / "val_run"
+  common = ["--config.validation_examples=100", f"--out_dir={out}"]
+  trained = run([*common, f"--workdir={val_work}", "--name=first"], tfds_dir)
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  before = sorted(p.name for p in (val_work / "eval").iterdir())
+  partial = run([*common, f"--workdir={val_work}", "--name=partial", "--unfinished"], tfds_dir)
+  assert partial.returncode == 0, partial.stderr[-2000:]
+  assert sorted(p.name for p in (val_work / "eval").iterdir()) == before
+  rows = json.loads((out / "table.json").read_text())
+  got = rows["partial"]
+  assert got["status"] == "unfinished" and got["epochs_completed"] == 1
+  val = [json.loads(x) for x in (out / "val_run_curves.jsonl").read_text().splitlines()]
+  best = max(v["elbo"] for v in val if v["split"] == "validation")
+  assert got["best_validation_neg_elbo"] == -best
+  assert "| partial | unfinished: 1 of up to 1 epochs" in (out / "table.md").read_text()
+  assert (out / "validation_curves.png").exists() and (out / "validation_curves.pdf").exists()

@@ -325,14 +325,12 @@ def test_save_refuses_a_non_finite_state(tmp_path):
 
 
 def test_malloc_arenas_are_capped_unless_the_environment_sets_them(monkeypatch):
-  from vae_jax import main as main_lib
-
   monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-  assert not main_lib.limit_malloc_arenas()  # The user's setting is glibc's to apply.
+  assert not loop.limit_malloc_arenas()  # The user's setting is glibc's to apply.
   monkeypatch.delenv("MALLOC_ARENA_MAX")
   if not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc":
     pytest.skip("mallopt(M_ARENA_MAX) exists only in glibc; this platform has another libc.")
-  assert main_lib.limit_malloc_arenas()
+  assert loop.limit_malloc_arenas()
 
 
 def test_peak_rss_is_the_processs_own_not_its_parents():
@@ -340,7 +338,9 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
   # parent's peak (Linux carries it over exec); VmHWM is the child's own.
   parent = loop.peak_rss_mib()
   assert parent > 150  # JAX alone is about 240 MiB.
-  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"], env=process_env())
+  child = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(1.0)"], env=process_env()
+  )
   peaks = []
   while child.poll() is None:
     peaks.append(loop.peak_rss_mib(child.pid))

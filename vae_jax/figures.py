@@ -587,6 +587,57 @@ def training_curves_figure(
 
 
 @_styled
+def curves_figure(
+  curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+  *,
+  xlabel: str,
+  ylabel: str,
+  title: str = "",
+  ylim_from: float = 0.0,
+  size_inches: tuple[float, float] = (4.5, 3.0),
+) -> Figure:
+  """One line per run of a quantity over training, e.g. the validation -ELBO of each row
+  of a likelihood table against epochs.
+
+  Args:
+    curves: ``{label: (x, y)}``, each ``x`` and ``y`` of the same length.
+    xlabel, ylabel, title: axis labels and title.
+    ylim_from: the y limits hold every point with ``x >= ylim_from`` (and the
+      points before it are still drawn): an early transient (a KL warm-up, the
+      first epochs) would otherwise squash the converged part into a line.
+    size_inches: the figure's size.
+
+  Returns:
+    A figure with one axes, one line per curve (``gid`` and legend text: its
+    label) in the order given.
+
+  Raises:
+    ValueError: an ``x`` and ``y`` of different lengths.
+  """
+  figure = _new_figure(*size_inches)
+  ax = figure.subplots()
+  shown = []
+  for label, (x, y) in curves.items():
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+      raise ValueError(
+        f"curve {label!r}: x and y must be 1-D of one length; got {x.shape}, {y.shape}."
+      )
+    ax.plot(x, y, linewidth=1.0, label=label, gid=label)
+    shown.append(y[x >= ylim_from])
+  values = np.concatenate(shown) if shown else np.zeros(0)
+  values = values[np.isfinite(values)]
+  if values.size:
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.05 * (hi - lo) or 1.0
+    ax.set_ylim(lo - pad, hi + pad)
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  if curves:
+    ax.legend(frameon=False)
+  return figure
+
+
+@_styled
 def metric_vs_beta_figure(
   betas: np.ndarray,
   seeds: np.ndarray,

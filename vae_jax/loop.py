@@ -15,6 +15,7 @@ device; this loop decides when. Its guarantees hold for every program:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pathlib
@@ -223,6 +224,28 @@ def seconds_since_process_start() -> float:
 
 
 _IMPORTED = time.perf_counter()
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+  """Caps glibc's malloc arenas for this process (``M_ARENA_MAX``); True if it was set.
+
+  glibc gives threads that contend for malloc arenas of their own, up to 8 per core.
+  Orbax's and TensorStore's save threads allocate and free in many of them, and the freed
+  memory stays fragmented there: a training run's resident memory grew by about 1.4 MB
+  per checkpoint (66 MB over 47 saves of the Fashion-MNIST model), which over the
+  thousands of evaluations and saves of a likelihood run adds up to gigabytes. With two
+  arenas it grew by about 0.3 MB per save, at no measured cost in speed
+  (docs/performance.md). A ``MALLOC_ARENA_MAX`` in the environment is left to glibc;
+  other C libraries are left alone.
+  """
+  if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:  # Not glibc (e.g. musl).
+    return False
+  m_arena_max = -8  # From glibc's malloc.h.
+  return bool(libc.mallopt(m_arena_max, arenas))
 
 
 def peak_rss_mib(pid: int | str = "self") -> float | None:

@@ -13,7 +13,6 @@ validation, the EMA or the latest, or ``--eval_step=N``; see
 ``WORKDIR/models/<name>/``).
 """
 
-import ctypes
 import logging as py_logging
 import os
 import pathlib
@@ -98,32 +97,10 @@ def run(config, workdir: str, mode: str = "train", **kwargs):
   return train.train_and_evaluate(config, workdir, **kwargs)
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-  """Caps glibc's malloc arenas for this process (``M_ARENA_MAX``); True if it was set.
-
-  glibc gives threads that contend for malloc arenas of their own, up to 8 per core.
-  Orbax's and TensorStore's save threads allocate and free in many of them, and the freed
-  memory stays fragmented there: a training run's resident memory grew by about 1.4 MB
-  per checkpoint (66 MB over 47 saves of the Fashion-MNIST model), which over the
-  thousands of evaluations and saves of a likelihood run adds up to gigabytes. With two
-  arenas it grew by about 0.3 MB per save, at no measured cost in speed
-  (docs/performance.md). A ``MALLOC_ARENA_MAX`` in the environment is left to glibc;
-  other C libraries are left alone.
-  """
-  if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:  # Not glibc (e.g. musl).
-    return False
-  m_arena_max = -8  # From glibc's malloc.h.
-  return bool(libc.mallopt(m_arena_max, arenas))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  limit_malloc_arenas()  # Before the first device and checkpoint threads start.
+  loop.limit_malloc_arenas()  # Before the first device and checkpoint threads start.
   logging.get_absl_handler().addFilter(_quiet_orbax)
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
