@@ -90,6 +90,8 @@ class Run:
     return self.proc.returncode
 
   def kill(self, sig=signal.SIGKILL):
+    # A signal sent after the run ended would make the test pass or fail by luck.
+    assert self.proc.poll() is None, "the run ended before the signal:\n" + "".join(self.log[-5:])
     self.proc.send_signal(sig)
 
 
@@ -111,12 +113,15 @@ KILL_SCHEDULES = {
   "during_checkpoint_write": [(r"Saving checkpoint at step 12", 0.0)],
   "during_evaluation": [(r"Evaluating at step 24", 0.0)],
   # Patterns match whether or not the previous kill landed before a checkpoint.
+  # Delays stay far below one run's length on a fast machine (a CI machine ran
+  # all 48 steps within 0.7 s of "Starting a new run"); each kill must land
+  # while the run still has work left, or the test would test nothing.
   "four_kills_at_steps_and_saves": [
-    (r"Starting a new run", 1.0),  # Compiling or in the first steps.
-    (r"Saving checkpoint at step \d+", 0.3),  # In the steps after a save.
+    (r"Starting a new run", 0.05),  # Compiling or in the first steps.
+    (r"Saving checkpoint at step \d+", 0.02),  # In the write or the steps after it.
     # Right after a restore (or a fresh start, if the save was still being written).
-    (r"Resumed from checkpoint|Starting a new run", 0.5),
-    (r"Saving checkpoint at step (3\d|4[0-2])\b", 0.02),  # In a late save.
+    (r"Resumed from checkpoint|Starting a new run", 0.0),
+    (r"Saving checkpoint at step (3\d|4[0-2])\b", 0.01),  # In a late save.
   ],
 }
 
@@ -164,8 +169,9 @@ def test_sigterm_saves_current_step_and_exits_143(kind, request, tfds_dir, tmp_p
   args = CLI_ARGS if kind == "single" else SWEEP_ARGS
   workdir = tmp_path / "run"
   run = Run(workdir, tfds_dir, args=args)
-  assert run.wait_for(r"Starting a new run")
-  time.sleep(1.0)
+  # Sent on a log line, not after a delay: a fast machine finishes all 48 steps
+  # within a second, and a signal that lands after the loop tests nothing.
+  assert run.wait_for(r"Evaluating at step 12\b")
   sent = time.monotonic()
   run.kill(signal.SIGTERM)
   code = run.finish()
