@@ -1,5 +1,6 @@
 """matplotlib figures: what each panel shows (limits, labels, points, lines), not pixels."""
 
+import logging
 import subprocess
 import sys
 
@@ -263,9 +264,12 @@ def test_metric_vs_beta_figure():
     figures.metric_vs_beta_figure(betas, seeds, {"MIG": mig[:3]})
 
 
-def test_save_figure_writes_valid_png_and_pdf_atomically(tmp_path):
+def test_save_figure_writes_valid_png_and_pdf_atomically(tmp_path, caplog):
   fig = figures.rate_distortion_figure(np.array([1.0, 2.0]), np.array([3.0, 1.0]), ["a", "b"])
-  paths = figures.save_figure(fig, tmp_path / "new" / "dir" / "rd")
+  with caplog.at_level(logging.INFO):  # absl's level in a run.
+    paths = figures.save_figure(fig, tmp_path / "new" / "dir" / "rd")
+  # Font subsetting logged hundreds of INFO lines into a run's log per PDF.
+  assert not [r for r in caplog.records if r.name.startswith("fontTools")]
   assert paths == [tmp_path / "new/dir/rd.png", tmp_path / "new/dir/rd.pdf"]
   png, pdf = (p.read_bytes() for p in paths)
   assert png.startswith(PNG_MAGIC) and len(png) > 1000

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import io
+import logging
 import math
 import os
 import pathlib
@@ -47,6 +48,9 @@ def _mpl() -> types.SimpleNamespace:
   names = ("matplotlib", "matplotlib.backends.backend_agg", "matplotlib.figure",
            "matplotlib.lines", "matplotlib.ticker", "matplotlib.textpath")  # fmt: skip
   mpl, agg, figure, lines, ticker, textpath = (importlib.import_module(n) for n in names)
+  # Embedding TrueType fonts in a PDF subsets them with fontTools, which logs
+  # hundreds of INFO lines per file ("glyf pruned", ...) into absl's log.
+  logging.getLogger("fontTools").setLevel(logging.WARNING)
   return types.SimpleNamespace(
     rc_context=mpl.rc_context,
     colormaps=mpl.colormaps,
