@@ -75,16 +75,17 @@ def test_eps_key_is_folded_with_the_step():
   assert float(m0["loss"]) != float(m5["loss"])
 
 
-def test_chunk_equals_single_steps_and_compiles_once():
+@pytest.mark.parametrize("chunk_len", [4, 1])  # 1: no loop around the step.
+def test_chunk_equals_single_steps_and_compiles_once(chunk_len):
   _, optimizer, loss_fn, state = _tiny_parts()
   step = step_lib.make_train_step(loss_fn, optimizer)
   images = jax.random.randint(jax.random.key(1), (40, 28, 28, 1), 0, 256).astype(jnp.uint8)
   steps_per_epoch = 40 // 8
   chunk = step_lib.make_train_chunk(
-    step, chunk_len=4, batch_size=8, steps_per_epoch=steps_per_epoch, binarization="dynamic"
+    step, chunk_len=chunk_len, batch_size=8, steps_per_epoch=steps_per_epoch, binarization="dynamic"
   )
   shuffle_key, eps_key, bin_key = jax.random.key(2), jax.random.key(3), jax.random.key(4)
-  perms = [step_lib.epoch_permutation(shuffle_key, e, 40) for e in range(3)]
+  perms = [step_lib.epoch_permutation(shuffle_key, e, 40) for e in range(4)]
 
   # Reference: one jitted step at a time, batches built the documented way.
   ref = jax.tree.map(jnp.copy, state)
@@ -98,7 +99,7 @@ def test_chunk_equals_single_steps_and_compiles_once():
 
   # Chunks of 4, 1, 4, 2 steps: crossing epoch boundaries, partial chunks.
   got_losses, s = [], 0
-  for n in (4, 1, 4, 2):
+  for n in (4, 1, 4, 2) if chunk_len == 4 else (1,) * 11:
     e = s // steps_per_epoch
     state, m = chunk(state, images, jnp.stack([perms[e], perms[e + 1]]), e, n, eps_key, bin_key)
     got_losses.extend(np.asarray(m["loss"][:n]).tolist())
@@ -108,6 +109,19 @@ def test_chunk_equals_single_steps_and_compiles_once():
   np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
   chex.assert_trees_all_close(state.params, ref.params, rtol=1e-5, atol=1e-6)
   assert chunk._cache_size() == 1
+
+
+def test_conv_models_on_cpu_dispatch_one_step_at_a_time(smoke_config):
+  """XLA's CPU backend runs convolutions inside a scan or cond body several times
+  slower (step.chunk_len_for); dense models keep their chunks on every platform."""
+  assert step_lib.chunk_len_for(100, 720, conv=True, platform="cpu") == 1
+  assert step_lib.chunk_len_for(100, 720, conv=True, platform="gpu") == 100
+  assert step_lib.chunk_len_for(100, 40, conv=False, platform="cpu") == 40
+  smoke_config.steps_per_dispatch = 4
+  assert train.build_trainer(smoke_config, (28, 28, 1), 400).chunk_len == 4
+  smoke_config.model.kind = "conv"
+  trainer = train.build_trainer(smoke_config, (28, 28, 1), 400)
+  assert trainer.chunk_len == (1 if jax.devices()[0].platform == "cpu" else 4)
 
 
 def _checkpoint_steps(workdir):

@@ -157,8 +157,14 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
     raise ValueError(
       f"config.batch_size={config.batch_size} exceeds the {num_train} training examples."
     )
-  chunk_len = min(config.steps_per_dispatch, steps_per_epoch)
   mesh = step_lib.make_mesh(config.num_devices)
+  platform = mesh.devices.flat[0].platform
+  conv = config.model.kind == "conv"
+  chunk_len = step_lib.chunk_len_for(config.steps_per_dispatch, steps_per_epoch, conv, platform)
+  if chunk_len < min(config.steps_per_dispatch, steps_per_epoch):
+    logging.info(
+      "A convolutional model on CPU: one train step per dispatch (see step.chunk_len_for)."
+    )
   if config.batch_size % mesh.size:
     raise ValueError(
       f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices "
