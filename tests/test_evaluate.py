@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -477,3 +478,38 @@ def test_reported_numbers_are_traced_at_full_float32_matmul_precision():
     objectives.make_loss_fn(model, ll, spec), optax.sgd(0.1), matmul_precision="highest"
   )
   assert set(_dot_precisions(jax.make_jaxpr(step)(state, x, key))) == {"HIGHEST"}
+
+
+def test_unrolled_evaluation_loops_give_the_same_numbers():
+  """``unroll`` (convolutional models on CPU, models.keep_out_of_loops) changes where the
+  loop runs, not what it computes; loops longer than MAX_UNROLL stay loops."""
+  model = models.make_mlp_vae(event_shape=(6,), latents=2, encoder_hidden=(5,))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))
+  x = (jax.random.uniform(jax.random.key(2), (10, 6)) > 0.5).astype(jnp.float32)
+  ll = objectives.make_log_likelihood_fn("bernoulli", 1)
+  key, idx = jax.random.key(1), jnp.arange(10)
+  split = [likelihood.make_eval_fn(model, ll, 3, unroll=u)(params, x, key) for u in (False, True)]
+  for k in split[0]:
+    np.testing.assert_allclose(split[0][k], split[1][k], rtol=1e-6)
+  per_example = [
+    likelihood.make_per_example_fn(model, ll, "bernoulli", num_samples=7, sample_chunk=2, unroll=u)(
+      params, x, key, idx
+    )
+    for u in (False, True)
+  ]
+  for k in per_example[0]:
+    np.testing.assert_allclose(per_example[0][k], per_example[1][k], rtol=1e-6)
+
+  def unrolls(fn, *args):  # Each scan's unroll factor (its length when fully unrolled).
+    return [int(u) for u in re.findall(r"unroll=(\d+)", str(jax.make_jaxpr(fn)(*args)))]
+
+  assert unrolls(likelihood.make_eval_fn(model, ll, 3), params, x, key) == [1]
+  assert unrolls(likelihood.make_eval_fn(model, ll, 3, unroll=True), params, x, key) == [4]
+  many = jnp.zeros((likelihood.MAX_UNROLL + 1, 6))
+  assert unrolls(likelihood.make_eval_fn(model, ll, 1, unroll=True), params, many, key) == [1]
+  fn = likelihood.make_per_example_fn(
+    model, ll, "bernoulli", num_samples=7, sample_chunk=2, unroll=True
+  )
+  assert unrolls(fn, params, x, key, idx) == [4]
+  assert models.keep_out_of_loops("conv", "cpu") and not models.keep_out_of_loops("mlp", "cpu")
+  assert not models.keep_out_of_loops("conv", "gpu")

@@ -114,9 +114,9 @@ def test_chunk_equals_single_steps_and_compiles_once(chunk_len):
 def test_conv_models_on_cpu_dispatch_one_step_at_a_time(smoke_config):
   """XLA's CPU backend runs convolutions inside a scan or cond body several times
   slower (step.chunk_len_for); dense models keep their chunks on every platform."""
-  assert step_lib.chunk_len_for(100, 720, conv=True, platform="cpu") == 1
-  assert step_lib.chunk_len_for(100, 720, conv=True, platform="gpu") == 100
-  assert step_lib.chunk_len_for(100, 40, conv=False, platform="cpu") == 40
+  assert step_lib.chunk_len_for(100, 720, kind="conv", platform="cpu") == 1
+  assert step_lib.chunk_len_for(100, 720, kind="conv", platform="gpu") == 100
+  assert step_lib.chunk_len_for(100, 40, kind="mlp", platform="cpu") == 40
   smoke_config.steps_per_dispatch = 4
   assert train.build_trainer(smoke_config, (28, 28, 1), 400).chunk_len == 4
   smoke_config.model.kind = "conv"

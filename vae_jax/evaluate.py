@@ -357,6 +357,7 @@ def evaluate_params(
       num_samples=k,
       sample_chunk=sample_chunk,
       deterministic=deterministic,
+      unroll=models.keep_out_of_loops(config.model.kind, jax.default_backend()),
     )
     split_key = jax.random.fold_in(eval_key, _SPLIT_TAGS[split])
     values[split] = likelihood.per_example_values(

@@ -47,6 +47,10 @@ DEFAULT_NUM_IMPORTANCE_SAMPLES = 5000
 # activations in the CPU's cache (measured fastest on a 2-core CPU).
 IW_BATCH_SIZE = 100
 IW_SAMPLE_CHUNK = 20
+# The longest loop that ``unroll=True`` unrolls: each iteration is a copy of the
+# model in the compiled program, so longer loops stay loops (and slow on CPU for
+# convolutional models) rather than take minutes to compile.
+MAX_UNROLL = 32
 # Matmul precision of every reported number. On GPUs and TPUs the default may use
 # TF32 or bfloat16 passes, which moves ELBOs and likelihoods at the second
 # decimal; on CPU it changes nothing.
@@ -58,6 +62,7 @@ def make_eval_fn(
   log_likelihood_fn: losses.LogLikelihoodFn,
   batch_size: int,
   deterministic: bool = False,
+  unroll: bool = False,
 ) -> Callable[[Params, Array, Array], dict[str, Array]]:
   """Returns jitted ``evaluate(params, x, key) -> {"elbo", "reconstruction", "kl"}``.
 
@@ -65,7 +70,9 @@ def make_eval_fn(
   means over its ``n`` examples in nats (``objectives.elbo`` with ``beta=1``,
   one sample of z per example; batch ``i`` draws from ``fold_in(key, i)``).
   ``deterministic=True`` (the autoencoder baseline) decodes the posterior mean
-  and reports ``kl = 0``. Traced at ``EVAL_MATMUL_PRECISION``.
+  and reports ``kl = 0``. Traced at ``EVAL_MATMUL_PRECISION``. ``unroll``
+  unrolls the scan over batches when it has at most ``MAX_UNROLL`` of them
+  (``models.keep_out_of_loops``: convolutional models on CPU).
   """
 
   @jax.jit
@@ -99,6 +106,7 @@ def make_eval_fn(
       body,
       {"elbo": zero, "reconstruction": zero, "kl": zero},
       (jnp.arange(num_batches), xb, mask),
+      unroll=unroll and num_batches <= MAX_UNROLL,
     )
     return {k: v / n for k, v in totals.items()}
 
@@ -155,6 +163,7 @@ def make_per_example_fn(
   num_samples: int,
   sample_chunk: int = IW_SAMPLE_CHUNK,
   deterministic: bool = False,
+  unroll: bool = False,
 ) -> Callable[[Params, Array, Array, Array], dict[str, Array]]:
   """Returns jitted ``fn(params, x, key, indices) -> {name: [batch, ...]}``.
 
@@ -167,6 +176,8 @@ def make_per_example_fn(
       multiple (the last chunk is padded and its weights masked to zero).
     deterministic: the autoencoder baseline: no sampling, only the codes and
       the reconstruction from the posterior mean.
+    unroll: unroll the scan over sample chunks when it has at most
+      ``MAX_UNROLL`` of them (``models.keep_out_of_loops``).
 
   The returned function takes ``x: [batch, *event_shape]``, the split's PRNG
   ``key`` and ``indices: [batch]`` int32, the examples' positions in the split
@@ -260,7 +271,9 @@ def make_per_example_fn(
     neg_inf = jnp.full((batch,), -jnp.inf, jnp.float32)
     zeros = jnp.zeros((batch,), jnp.float32)
     init = (neg_inf, neg_inf, zeros, zeros, jnp.zeros((batch, latent), jnp.float32))
-    (lse, lse_sq, rec_sum, kl_sum, kl_dim_sum), _ = jax.lax.scan(body, init, (eps, valid))
+    (lse, lse_sq, rec_sum, kl_sum, kl_dim_sum), _ = jax.lax.scan(
+      body, init, (eps, valid), unroll=unroll and num_chunks <= MAX_UNROLL
+    )
     mean, _ = model.encode(params, x)
     out = at_mean(params, x, mean)
     out.update(

@@ -50,6 +50,22 @@ Encoder, Decoder = networks.Encoder, networks.Decoder
 ConvEncoder, ConvDecoder = networks.ConvEncoder, networks.ConvDecoder
 
 KINDS = ("mlp", "conv")
+
+
+def keep_out_of_loops(kind: str, platform: str) -> bool:
+  """Whether a model of ``kind`` should run at the top level of its compiled
+  programs on ``platform``, not inside a ``lax.scan``/``lax.cond`` body.
+
+  XLA's CPU backend runs a convolution inside a loop or conditional body many
+  times slower than at the top level: the dSprites conv VAE's train step took
+  0.20 s alone and 1.8 s inside a scan (jax 0.10.2, 2-core x86-64; see
+  docs/performance.md). Dense layers and accelerators are not affected. Callers
+  then dispatch one train step at a time (``step.chunk_len_for``) and unroll the
+  evaluation's short loops (``likelihood``).
+  """
+  return kind == "conv" and platform == "cpu"
+
+
 PRIORS = ("standard", "vampprior")
 HIERARCHIES = ("iwae", "vampprior")
 

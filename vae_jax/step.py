@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax import input_pipeline
+from vae_jax import input_pipeline, models
 from vae_jax.models import Model, Params
 
 Array = jax.Array
@@ -235,18 +235,12 @@ def make_train_chunk(
   return jax.jit(chunk, donate_argnums=0)
 
 
-def chunk_len_for(steps_per_dispatch: int, steps_per_epoch: int, conv: bool, platform: str) -> int:
+def chunk_len_for(steps_per_dispatch: int, steps_per_epoch: int, kind: str, platform: str) -> int:
   """Steps per dispatch: ``steps_per_dispatch``, at most an epoch, and 1 for a
-  convolutional model on CPU.
-
-  XLA's CPU backend runs a convolution inside a loop or conditional body (the
-  chunk's ``lax.scan`` and ``lax.cond``) many times slower than at the top level
-  of a program: the dSprites conv VAE's step took 0.20 s on its own and 1.8 s
-  inside the scan, unrolled 0.20 s (jax 0.10.2, 2-core x86-64;
-  ``tests/test_step.py::test_conv_models_on_cpu_dispatch_one_step_at_a_time``).
-  Dense layers are not affected, and at a fifth of a second per step the host's
-  dispatch costs nothing.
+  model that must stay out of loop bodies (``models.keep_out_of_loops``: a
+  convolutional model on CPU, where the chunk's scan made its step 9x slower).
+  At a fifth of a second per step the host's dispatch costs nothing.
   """
-  if conv and platform == "cpu":
+  if models.keep_out_of_loops(kind, platform):
     return 1
   return min(steps_per_dispatch, steps_per_epoch)

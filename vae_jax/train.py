@@ -159,8 +159,8 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
     )
   mesh = step_lib.make_mesh(config.num_devices)
   platform = mesh.devices.flat[0].platform
-  conv = config.model.kind == "conv"
-  chunk_len = step_lib.chunk_len_for(config.steps_per_dispatch, steps_per_epoch, conv, platform)
+  kind = config.model.kind
+  chunk_len = step_lib.chunk_len_for(config.steps_per_dispatch, steps_per_epoch, kind, platform)
   if chunk_len < min(config.steps_per_dispatch, steps_per_epoch):
     logging.info(
       "A convolutional model on CPU: one train step per dispatch (see step.chunk_len_for)."
@@ -193,7 +193,11 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
     batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
   )
   eval_fn = likelihood.make_eval_fn(
-    model, ll_fn, config.eval_batch_size, deterministic=config.objective == "autoencoder"
+    model,
+    ll_fn,
+    config.eval_batch_size,
+    deterministic=config.objective == "autoencoder",
+    unroll=models.keep_out_of_loops(kind, platform),
   )
   return Trainer(
     model=model,
