@@ -51,6 +51,9 @@ ConvEncoder, ConvDecoder = networks.ConvEncoder, networks.ConvDecoder
 
 KINDS = ("mlp", "conv")
 
+PRIORS = ("standard", "vampprior")
+HIERARCHIES = ("iwae", "vampprior")
+
 
 def keep_out_of_loops(kind: str, platform: str) -> bool:
   """Whether a model of ``kind`` should run at the top level of its compiled
@@ -64,10 +67,6 @@ def keep_out_of_loops(kind: str, platform: str) -> bool:
   evaluation's short loops (``likelihood``).
   """
   return kind == "conv" and platform == "cpu"
-
-
-PRIORS = ("standard", "vampprior")
-HIERARCHIES = ("iwae", "vampprior")
 
 
 class PosteriorSample(NamedTuple):
