@@ -360,3 +360,30 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
     peaks.append(loop.peak_rss_mib(child.pid))
   assert 1 < max(p for p in peaks if p is not None) < parent / 2
   assert loop.peak_rss_mib(child.pid) is None  # Exited and reaped.
+
+
+def test_log_rows_leave_out_values_with_nothing_to_average():
+  """No NaN in metrics.jsonl by design: a window without a sampled gradient norm (the
+  run's last, shorter one) or with every step skipped leaves those values out."""
+  nan = float("nan")
+
+  def window(grad_norm, finite):
+    w = loop._Window()
+    w.rows.append({
+      "loss": np.array([[1.0], [3.0]]),
+      "grad_norm": np.array([[g] for g in grad_norm]),
+      "finite": np.array([[f] for f in finite]),
+    })  # fmt: skip
+    w.seconds = 2.0
+    return w.scalars(0, batch_size=4)
+
+  assert window([nan, 5.0], [True, True]) == {
+    "loss": 2.0, "grad_norm": 5.0, "examples_per_sec": 4.0, "skipped_steps": 0.0
+  }  # fmt: skip
+  assert window([nan, nan], [True, True]) == {
+    "loss": 2.0, "examples_per_sec": 4.0, "skipped_steps": 0.0
+  }  # fmt: skip
+  assert window([nan, 5.0], [True, False]) == {
+    "loss": 1.0, "examples_per_sec": 4.0, "skipped_steps": 1.0
+  }  # fmt: skip
+  assert window([nan, nan], [False, False]) == {"examples_per_sec": 4.0, "skipped_steps": 2.0}

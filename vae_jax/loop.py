@@ -315,13 +315,21 @@ class _Window:
     self.seconds = 0.0
 
   def scalars(self, model: int, batch_size: int) -> dict[str, float]:
-    """Means over the window's applied steps of model ``model``, and examples/s."""
+    """Means over the window's applied steps of model ``model``, and examples/s.
+
+    A value with nothing to average is left out of the row rather than written
+    as NaN (which is not JSON, and which TensorBoard warns about): the means
+    when every step of the window was skipped, and ``grad_norm`` when the
+    window holds none of its sampled steps (a run's last, shorter window).
+    """
     rows = {k: np.concatenate([r[k][:, model] for r in self.rows]) for k in self.rows[0]}
     finite = rows.pop("finite").astype(bool)
-    out = {k: float(np.mean(v[finite])) if finite.any() else float("nan") for k, v in rows.items()}
+    out = {k: float(np.mean(v[finite])) for k, v in rows.items() if finite.any()}
     # The gradient norm is sampled (see step.make_train_step): the mean of its samples.
     sampled = rows["grad_norm"][finite & ~np.isnan(rows["grad_norm"])]
-    out["grad_norm"] = float(np.mean(sampled)) if sampled.size else float("nan")
+    out.pop("grad_norm", None)
+    if sampled.size:
+      out["grad_norm"] = float(np.mean(sampled))
     out["examples_per_sec"] = len(finite) * batch_size / max(self.seconds, 1e-9)
     out["skipped_steps"] = float(np.sum(~finite))
     return out
