@@ -32,6 +32,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -322,20 +323,19 @@ def _dsprites_source(name: str, idx_dir: str | None, download_dir: pathlib.Path)
       "the offline renderer: --config.dataset=dsprites_rendered (or dsprites_cpu)."
     )
   download_dir.mkdir(parents=True, exist_ok=True)
-  target = download_dir / dsprites.PUBLISHED_FILENAME
-  with tempfile.NamedTemporaryFile(dir=download_dir, delete=False) as tmp:
+
+  def verify(path: pathlib.Path) -> None:
     try:
-      with urllib.request.urlopen(dsprites.PUBLISHED_URL, timeout=_DOWNLOAD_TIMEOUT_S) as r:
-        shutil.copyfileobj(r, tmp)
-    except (urllib.error.URLError, OSError) as e:
-      os.unlink(tmp.name)
-      raise DataError(f"Downloading {dsprites.PUBLISHED_URL} failed: {e}.") from e
-  try:
-    dsprites.load_published(tmp.name)  # Verified before it is kept.
-  except ValueError as e:
-    os.unlink(tmp.name)
-    raise DataError(str(e)) from e
-  os.replace(tmp.name, target)
+      dsprites.load_published(str(path))
+    except ValueError as e:
+      raise DataError(str(e)) from e
+
+  _fetch_verified(
+    dsprites.PUBLISHED_URL,
+    download_dir / dsprites.PUBLISHED_FILENAME,
+    verify,
+    lambda e: f"Downloading {dsprites.PUBLISHED_URL} failed: {e}.",
+  )
   return str(download_dir)
 
 
@@ -380,18 +380,41 @@ def _download(spec: DatasetSpec, url: str, dest: pathlib.Path) -> None:
       if target.is_file():
         continue
       logging.info("Downloading %s%s", url, name)
-      # Write to a temporary file and rename, so an interrupted download never
-      # leaves a truncated file that looks complete.
-      with tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
-        try:
-          with urllib.request.urlopen(url + name, timeout=_DOWNLOAD_TIMEOUT_S) as r:
-            shutil.copyfileobj(r, tmp)
-        except (urllib.error.URLError, OSError) as e:
-          os.unlink(tmp.name)
-          raise DataError(_offline_message(spec, f"downloading {url + name} failed: {e}")) from e
-      _verify_download(spec, name, pathlib.Path(tmp.name), url + name)
-      os.replace(tmp.name, target)
+      _fetch_verified(
+        url + name,
+        target,
+        lambda path, name=name: _verify_download(spec, name, path, url + name),
+        lambda e, name=name: _offline_message(spec, f"downloading {url + name} failed: {e}"),
+      )
       read_idx(target)  # Fail now, naming the file, if the download is not IDX.
+
+
+def _fetch_verified(
+  url: str,
+  target: pathlib.Path,
+  verify: Callable[[pathlib.Path], None],
+  failure_message: Callable[[Exception], str],
+) -> None:
+  """Downloads ``url`` to ``target`` through a temporary file beside it, kept only
+  once ``verify(path)`` returns: an interrupted or wrong download never leaves a
+  file that looks complete, nor a temporary one behind.
+
+  Raises:
+    DataError: the download failed (``failure_message(error)``), or ``verify``'s.
+  """
+  with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+    try:
+      with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as r:
+        shutil.copyfileobj(r, tmp)
+    except (urllib.error.URLError, OSError) as e:
+      os.unlink(tmp.name)
+      raise DataError(failure_message(e)) from e
+  try:
+    verify(pathlib.Path(tmp.name))
+  except BaseException:
+    pathlib.Path(tmp.name).unlink(missing_ok=True)
+    raise
+  os.replace(tmp.name, target)
 
 
 def _sha256(path: pathlib.Path) -> str:
