@@ -324,10 +324,10 @@ class _Window:
     """
     rows = {k: np.concatenate([r[k][:, model] for r in self.rows]) for k in self.rows[0]}
     finite = rows.pop("finite").astype(bool)
+    grad_norm = rows.pop("grad_norm")
     out = {k: float(np.mean(v[finite])) for k, v in rows.items() if finite.any()}
     # The gradient norm is sampled (see step.make_train_step): the mean of its samples.
-    sampled = rows["grad_norm"][finite & ~np.isnan(rows["grad_norm"])]
-    out.pop("grad_norm", None)
+    sampled = grad_norm[finite & ~np.isnan(grad_norm)]
     if sampled.size:
       out["grad_norm"] = float(np.mean(sampled))
     out["examples_per_sec"] = len(finite) * batch_size / max(self.seconds, 1e-9)
