@@ -120,11 +120,8 @@ def write_curves_figure(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
   """``validation_curves.{png,pdf}``: each row's validation -ELBO against epochs."""
   curves = {}
   for name, r in rows.items():
-    path = out_dir / f"{pathlib.Path(r['workdir']).name}_curves.jsonl"
-    if not path.exists():
-      continue
-    val = [json.loads(line) for line in path.read_text().splitlines()]
-    val = [v for v in val if v["split"] == "validation"]
+    rows_of_run = writers.read_metrics(out_dir / f"{pathlib.Path(r['workdir']).name}_curves.jsonl")
+    val = [v for v in rows_of_run if v["split"] == "validation"]
     if val:
       epochs = range(1, len(val) + 1)
       curves[name] = (list(epochs), [-v["elbo"] for v in val])
