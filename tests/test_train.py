@@ -352,13 +352,15 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
   # parent's peak (Linux carries it over exec); VmHWM is the child's own.
   parent = loop.peak_rss_mib()
   assert parent > 150  # JAX alone is about 240 MiB.
+  # The child waits on its stdin, so it is alive while measured, however loaded the machine.
   child = subprocess.Popen(
-    [sys.executable, "-c", "import time; time.sleep(1.0)"], env=process_env()
-  )
-  peaks = []
-  while child.poll() is None:
-    peaks.append(loop.peak_rss_mib(child.pid))
-  assert 1 < max(p for p in peaks if p is not None) < parent / 2
+    [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.readline()"],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=process_env(),
+  )  # fmt: skip
+  assert child.stdout.readline().strip() == "ready"
+  peak = loop.peak_rss_mib(child.pid)
+  child.communicate("go\n")
+  assert 1 < peak < parent / 2
   assert loop.peak_rss_mib(child.pid) is None  # Exited and reaped.
 
 

@@ -13,11 +13,13 @@ validation, the EMA or the latest, or ``--eval_step=N``; see
 ``WORKDIR/models/<name>/``).
 """
 
+import gc
 import logging as py_logging
 import os
 import pathlib
 import sys
 import traceback
+import warnings
 
 import jax
 from absl import app, flags, logging
@@ -131,8 +133,24 @@ def main(argv):
   except USER_ERRORS as e:
     if not _raised_by_vae_jax(e):
       raise  # A library's own error: keep its traceback.
-    logging.error("%s: %s", type(e).__name__, e)
+    _report_last(f"{type(e).__name__}: {e}")
     sys.exit(1)
+
+
+def _report_last(message: str) -> None:
+  """Logs ``message`` as the run's last line.
+
+  A failed asynchronous checkpoint write leaves exceptions in Orbax's internal asyncio
+  futures and coroutines, which asyncio logs ("exception was never retrieved") and Python
+  warns about ("coroutine ... was never awaited") when they are garbage collected: at
+  interpreter exit, after the line that says what to do. Collecting them first puts what
+  can be collected above it; what asyncio or the warnings module would say after it
+  repeats a failure already reported, and is not said.
+  """
+  gc.collect()
+  logging.error("%s", message)
+  py_logging.getLogger("asyncio").disabled = True
+  warnings.simplefilter("ignore")
 
 
 # Errors that vae_jax raises for things a user can fix; their message says how.
