@@ -33,20 +33,13 @@ betas then weight the total correlation. Run the sweep's models one at a time
 with ``--config.sweep.betas='(4.0,)'``.
 """
 
-from vae_jax.config import base_config
+from vae_jax.config import base_config, parse_arg
 
-MODIFIERS = ("tcvae",)
 PROTOCOLS = ("full", "cpu", "smoke")
 
 
 def get_config(arg: str | None = None):
-  parts = [p for p in (arg or "full").split(",") if p]
-  kinds = [p for p in parts if p not in MODIFIERS]
-  if len(kinds) != 1 or kinds[0] not in PROTOCOLS:
-    raise ValueError(
-      f"Unknown config argument {arg!r}; use one of {PROTOCOLS}, optionally with ',tcvae'."
-    )
-  protocol = kinds[0]
+  protocol, parts = parse_arg(arg, choices=PROTOCOLS, modifiers=("tcvae",), default="full")
   config = base_config()
   config.dataset = "dsprites"
   config.binarization = "none"  # The sprites are binary already.
@@ -62,7 +55,6 @@ def get_config(arg: str | None = None):
   config.sweep.seeds = (0, 1, 2)
   config.sweep.cross = True  # Every beta with every seed.
   config.num_image_samples = 0
-  config.steps_per_dispatch = 20  # On CPU one step per dispatch (step.chunk_len_for).
   config.log_every_steps = 200
   config.eval_every_steps = 11520  # Every epoch of the full grid.
   config.checkpoint_every_steps = 11520
@@ -84,7 +76,6 @@ def get_config(arg: str | None = None):
     config.num_epochs = 1
     config.sweep.betas = (1.0, 4.0)
     config.sweep.seeds = (0,)
-    config.steps_per_dispatch = 4
     config.log_every_steps = 5
     config.eval_every_steps = 0
     config.checkpoint_every_steps = 0

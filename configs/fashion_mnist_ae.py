@@ -15,20 +15,19 @@ components (an autoencoder has no likelihood, ELBO or KL to report).
 beside configs/fashion_mnist_2d.py's VAE; ``:smoke`` is a seconds-long version.
 """
 
-from vae_jax.config import base_config, shrink_for_smoke
+from vae_jax.config import base_config, parse_arg, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
+  variant, modifiers = parse_arg(arg, choices=("2d",))
   # base_config() is the Flax example's recipe (spelled out in configs/mnist.py);
   # only what differs is set here.
   config = base_config()
   config.dataset = "fashion_mnist"
   config.objective = "autoencoder"
-  if arg == "2d":
+  if variant == "2d":
     config.model.latents = 2
     config.num_epochs = 20
-  elif arg == "smoke":
+  if "smoke" in modifiers:
     shrink_for_smoke(config, num_epochs=1)
-  elif arg:
-    raise ValueError(f"Unknown config argument {arg!r}; choose '2d' or 'smoke'.")
   return config

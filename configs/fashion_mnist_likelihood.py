@@ -52,22 +52,14 @@ Legacy arguments (the earlier, shorter protocol of results/likelihood/table.md:
 ``legacy_mlp``, ``legacy_hvae`` (the IWAE paper's hierarchy), ``legacy_conv_hvae``.
 """
 
-from vae_jax.config import base_config, shrink_for_smoke
+from vae_jax.config import base_config, parse_arg, shrink_for_smoke
 
 ROWS = ("vae", "vae_vampprior", "hvae", "hvae_vampprior")
 LEGACY = ("legacy_mlp", "legacy_hvae", "legacy_conv_hvae")
-MODIFIERS = ("smoke", "iwae")
 
 
 def get_config(arg: str | None = None):
-  parts = [p for p in (arg or "vae").split(",") if p]
-  kinds = [p for p in parts if p not in MODIFIERS]
-  if len(kinds) != 1 or kinds[0] not in ROWS + LEGACY:
-    raise ValueError(
-      f"Unknown config argument {arg!r}; use one of {ROWS + LEGACY}, optionally with "
-      "',iwae' and/or ',smoke'."
-    )
-  kind = kinds[0]
+  kind, parts = parse_arg(arg, choices=ROWS + LEGACY, modifiers=("iwae", "smoke"), default="vae")
   config = _legacy(kind) if kind in LEGACY else _protocol(kind)
   if "iwae" in parts:
     config.objective = "iwae"

@@ -32,19 +32,14 @@ access they are downloaded on first use (see the README's data section).
 Append ``,smoke`` (e.g. ``:iwae2,smoke``) for a seconds-long run of the same code.
 """
 
-from vae_jax.config import base_config, shrink_for_smoke
+from vae_jax.config import base_config, parse_arg, shrink_for_smoke
 
 ARGS = ("vae1", "iwae1", "vae2", "iwae2")
 
 
 def get_config(arg: str | None = None):
-  parts = [p for p in (arg or "").split(",") if p]
-  kinds = [p for p in parts if p != "smoke"]
-  if len(kinds) != 1 or kinds[0] not in ARGS:
-    raise ValueError(
-      f"configs/iwae_mnist.py needs one of {ARGS} (optionally ',smoke'), got {arg!r}."
-    )
-  kind, smoke = kinds[0], "smoke" in parts
+  kind, modifiers = parse_arg(arg, choices=ARGS, required=True)
+  smoke = "smoke" in modifiers
   config = base_config()
   config.dataset = "mnist"
   config.binarization = "dynamic"

@@ -3,7 +3,7 @@
 Measures, in one process (plus child processes for the end-to-end runs):
 
 * end to end, side by side: the project's command and the anchor (the Flax
-  example with its step under ``jax.jit``, ``../shared/bench/flax_example_jit.py``)
+  example with its step under ``jax.jit``, ``experiments/flax_anchor.py``)
   run alternately, ``--pairs`` times, as whole processes on the same data and
   epochs; each pair's wall-time ratio, the median ratio, peak RSS, and the
   project's own breakdown of where its seconds went (``WORKDIR/timings.json``).
@@ -14,7 +14,7 @@ Measures, in one process (plus child processes for the end-to-end runs):
 * the float32 matmul rate at the model's own layer shapes (forward and both
   backward products, batch ``config.batch_size``) and at a large square size;
 * steady-state training examples/s of the real training path
-  (``train.build_trainer`` -> ``train_chunk``, exactly what ``main`` runs),
+  (``trainer.build_trainer`` and the device feed's chunk, exactly what ``main`` runs),
   median and spread over repeats, with the achieved GFLOP/s by the exact dense
   FLOP count and its ratio to the measured matmul rates;
 * compile time of the train chunk and time from process start to the first
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vae_jax import input_pipeline, loop, train  # noqa: E402
+from vae_jax import datasets, input_pipeline, process, trainer  # noqa: E402
 from vae_jax import step as step_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ flags.DEFINE_integer("end_to_end_epochs", 10, "Epochs of each end-to-end run (0:
 flags.DEFINE_integer("pairs", 3, "Alternating anchor/project pairs of end-to-end runs.")
 flags.DEFINE_string(
   "anchor",
-  str(REPO.parent / "shared" / "bench" / "flax_example_jit.py"),
+  str(REPO / "experiments" / "flax_anchor.py"),
   "The anchor script (the Flax example with a jitted step).",
 )
 flags.DEFINE_string(
@@ -146,19 +146,19 @@ def model_shape_matmul_gflops(params, batch: int) -> float:
   return flops / seconds / 1e9
 
 
-def steady_state(config, images):
-  trainer = train.build_trainer(config, images.shape[1:], images.shape[0])
-  state = trainer.init_state()
-  # The permutations of epochs 0 and 1, as main uses them (random gathers).
-  shuffle = trainer.keys[step_lib.KEY_SHUFFLE]
-  perms = jnp.stack([step_lib.epoch_permutation(shuffle, e, images.shape[0]) for e in (0, 1)])
-  eps, binz = trainer.keys[step_lib.KEY_EPS], trainer.keys[step_lib.KEY_BINARIZE]
-  n = trainer.chunk_len
+def steady_state(config, splits):
+  built = trainer.build_trainer(config, splits.event_shape, splits.train.num_examples)
+  state = built.init_state()
+  # The device feed of the main command: the permutations of epochs 0 and 1, random gathers.
+  feed = built.device_feed(config, splits, built.replicated)
+  chunk = built.make_chunk(feed.batch, batch_sharding=built.batch_sharding)
+  inputs, eps = feed.inputs(0), built.keys[step_lib.KEY_EPS]
+  n = built.chunk_len
 
   start = time.perf_counter()
-  trainer.train_chunk.lower(state, images, perms, 0, n, eps, binz).compile()
+  chunk.lower(state, inputs, n, eps).compile()
   compile_s = time.perf_counter() - start
-  state, m = trainer.train_chunk(state, images, perms, 0, 1, eps, binz)
+  state, m = chunk(state, inputs, 1, eps)
   jax.block_until_ready(m)
   first_step_s = time.perf_counter() - _PROCESS_START
 
@@ -168,11 +168,11 @@ def steady_state(config, images):
     for _ in range(FLAGS.dispatches):
       # Restart the epoch's positions so every dispatch runs n real steps.
       state = state._replace(step=jnp.zeros((), jnp.int32))
-      state, m = trainer.train_chunk(state, images, perms, 0, n, eps, binz)
+      state, m = chunk(state, inputs, n, eps)
     jax.block_until_ready(m)
     rates.append(FLAGS.dispatches * n * config.batch_size / (time.perf_counter() - start))
   assert np.all(np.isfinite(np.asarray(m["loss"]))), "non-finite loss in the benchmark"
-  return trainer, state, rates, compile_s, first_step_s
+  return built, state, rates, compile_s, first_step_s
 
 
 def per_step_loop(trainer, config, host_images: np.ndarray, num_steps: int) -> float:
@@ -208,7 +208,7 @@ def per_step_loop(trainer, config, host_images: np.ndarray, num_steps: int) -> f
 def _run(cmd: list[str], log_path: str) -> tuple[float, float]:
   """Runs ``cmd``; returns its wall seconds and peak RSS in MB.
 
-  The peak is the child's own ``VmHWM`` (``loop.peak_rss_mib``), read every 20 ms while it
+  The peak is the child's own ``VmHWM`` (``process.peak_rss_mib``), read every 20 ms while it
   runs: ``wait4``'s ``ru_maxrss`` would report at least this benchmark's own peak, which
   Linux carries over the child's ``exec``.
   """
@@ -217,7 +217,7 @@ def _run(cmd: list[str], log_path: str) -> tuple[float, float]:
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     while proc.poll() is None:
-      peak = max(peak, loop.peak_rss_mib(proc.pid) or 0.0)
+      peak = max(peak, process.peak_rss_mib(proc.pid) or 0.0)
       time.sleep(0.02)
   wall = time.perf_counter() - start
   if proc.returncode != 0:
@@ -286,15 +286,18 @@ def main(argv):
   if FLAGS.synthetic_data:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
+    labels = np.zeros(60000, np.int32)
+    test = datasets.Split(images[:100], labels[:100])
+    data = {"train": datasets.Split(images, labels), "test": test}
     data_source = "synthetic uint8 60000x28x28x1"
   else:
-    data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-    images = data["train"].images
+    data = datasets.load(config.dataset, config.data_dir, config.idx_dir)
     data_source = f"{config.dataset} train split"
-  host_images = np.asarray(images)
-  images = jax.device_put(images)
+  splits = input_pipeline.cut(config, data)
+  host_images = np.asarray(splits.train.images)
+  images = splits.train.images
 
-  trainer, state, rates, compile_s, first_step_s = steady_state(config, images)
+  trainer, state, rates, compile_s, first_step_s = steady_state(config, splits)
   flops = train_flops_per_example(state.params, int(np.prod(images.shape[1:])))
   median = statistics.median(rates)
   square = FLAGS.square

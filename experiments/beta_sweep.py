@@ -8,19 +8,21 @@ Train and evaluate with the main command, then report:
   python experiments/beta_sweep.py --workdir=runs/beta_sweep
 
 Reads each model's newest evaluation (``WORKDIR/models/<name>/eval/*.json``, the
-largest K of the latest step) and the sweep's checkpoint, and writes:
+largest K of the latest step) and the evaluated parameters (as ``--mode=evaluate``
+chose them), and writes, into ``--out_dir`` (default ``WORKDIR/report``):
 
-* ``--out_dir/results.csv`` and ``results.json``: per model beta, seed, test
-  ELBO, rate, distortion, importance-sampled log-likelihood (with ``K`` and
-  standard errors), active units, and the disentanglement scores when the
-  evaluation computed them;
-* ``--docs_dir/beta_sweep_table.md``: the table as Markdown;
-* ``--docs_dir/beta_sweep_rate_distortion.{png,pdf}``: rate against distortion,
-  labelled by beta, over lines of equal ELBO;
-* ``--docs_dir/beta_sweep_metrics.{png,pdf}``: each metric against beta, seeds as
-  points;
-* ``--docs_dir/beta_sweep_traversals.{png,pdf}``: the 3 most informative latents
-  of each model swept around test image 0's code.
+* ``results.csv`` and ``results.json``: per model beta, seed, test ELBO, rate,
+  distortion, importance-sampled log-likelihood (with ``K`` and standard errors),
+  active units, and the disentanglement scores when the evaluation computed them;
+* ``beta_sweep_table.md``: the table as Markdown;
+* ``beta_sweep_rate_distortion.{png,pdf}``: rate against distortion, each model
+  labelled by beta and seed, over lines of equal ELBO;
+* ``beta_sweep_metrics.{png,pdf}``: each metric against beta, seeds as points;
+* ``beta_sweep_traversals.{png,pdf}``: the 3 most informative latents of each model
+  swept around test image 0's code, rows named by beta and seed.
+
+``--docs_dir`` puts the table and figures elsewhere (the project's own docs/ are
+written only when named: ``--out_dir=results/beta_sweep --docs_dir=docs``).
 """
 
 import csv
@@ -33,18 +35,20 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import checkpointing, evaluate, figures, input_pipeline, pictures, sweep, train
 from vae_jax import config as config_lib
+from vae_jax import evaluate, figures, files, input_pipeline, pictures
+from vae_jax import workdir as workdir_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   "config", None, "The sweep's config (default: the workdir's config.json)."
 )
 flags.DEFINE_string("workdir", None, "The sweep's directory, trained and evaluated.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory, if not the one the sweep recorded.")
-flags.DEFINE_string("out_dir", str(REPO / "results/beta_sweep"), "Where the table goes.")
-flags.DEFINE_string("docs_dir", str(REPO / "docs"), "Where the plots and table for people go.")
+flags.DEFINE_string("out_dir", None, "Where the results go (default: WORKDIR/report).")
+flags.DEFINE_string(
+  "docs_dir", None, "Where the Markdown table and the figures go (default: --out_dir)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 COLUMNS = (
@@ -115,22 +119,23 @@ def rows_of(config, workdir: pathlib.Path) -> list[dict]:
 
 
 def traversal_figure(config, workdir: pathlib.Path, rows: list[dict]):
-  """The top-3 latents of every model swept around test image 0's code, one figure."""
-  data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-  train_images, _ = train.split_validation(data["train"].images, config)
-  test_x = np.asarray(input_pipeline.eval_images(data["test"].images[:1], config.binarization))
-  trainer = sweep.build_sweep_trainer(config, test_x.shape[1:], len(train_images))
-  _, state = checkpointing.restore_read_only(workdir / "checkpoints", trainer.state_shape())
-  stacked = sweep.eval_params(state)
-  model, images, labels = trainer.base.model, [], []
-  for i, row in enumerate(rows):
-    params = jax.tree.map(lambda x, i=i: x[i], stacked)
+  """The top-3 latents of every model swept around test image 0's code, one figure, each
+  row named by the model's beta and seed."""
+  splits = input_pipeline.load_splits(config)
+  test_x = np.asarray(input_pipeline.eval_images(splits.test.images[:1], config.binarization))
+  model, targets = evaluate.restore_targets(
+    config, workdir, splits.event_shape, splits.train.num_examples
+  )
+  by_name = {t.name: t for t in targets}
+  images, labels = [], []
+  for row in rows:
+    params = by_name[config_lib.model_name(row["beta"], row["seed"])].params
     code = np.asarray(jax.jit(model.encode)(params, test_x)[0])
     summary = {k: row[k] for k in ("kl_per_dim", "posterior_mean_variance") if row[k] is not None}
     dims, values, names, _ = evaluate.traversal_rows(model, summary, code, False, max_rows=3)
-    decode = evaluate._decoder(model, params, config.model.likelihood)
+    decode = evaluate.mean_decoder(model, params)
     images.append(pictures.traversal_images(decode, code[0], dims, values))
-    labels += [f"beta={row['beta']:g} {n}" for n in names]
+    labels += [f"beta={row['beta']:g} seed={row['seed']} {n}" for n in names]
   return figures.traversal_figure(
     np.concatenate(images),
     labels,
@@ -153,12 +158,12 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
     "importance-weighted bound with num_importance_samples samples per example",
     "models": rows,
   }
-  (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+  files.atomic_write(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
   order = np.argsort([r["beta"] for r in rows], kind="stable")
   fig = figures.rate_distortion_figure(
     np.array([rows[i]["rate"] for i in order]),
     np.array([rows[i]["distortion"] for i in order]),
-    [f"beta={rows[i]['beta']:g}" for i in order],
+    [f"beta={rows[i]['beta']:g} seed={rows[i]['seed']}" for i in order],
     title="Test rate and distortion per beta (grey: equal ELBO; red: best)",
   )
   figures.save_figure(fig, docs_dir / "beta_sweep_rate_distortion")
@@ -183,7 +188,7 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
       f"(K={r['num_importance_samples']}) | {r['active_units']}/{r['latents']} |"
     )
     lines.append(line + "".join(f" {r.get(s, float('nan')):.3f} |" for s in scores))
-  (docs_dir / "beta_sweep_table.md").write_text("\n".join(lines) + "\n")
+  files.atomic_write(docs_dir / "beta_sweep_table.md", "\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -192,18 +197,18 @@ def main(argv):
   logging.get_absl_handler().addFilter(
     lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname
   )
-  workdir = pathlib.Path(FLAGS.workdir)
+  workdir = files.expand(FLAGS.workdir)
   config = FLAGS.config
   if config is None:
-    config = config_lib.read_record(workdir)
+    config = workdir_lib.read_record(workdir)
   if FLAGS.data_dir:
-    config.data_dir = FLAGS.data_dir
+    config.data_dir = str(files.expand(FLAGS.data_dir))
+  out_dir = files.expand(FLAGS.out_dir) if FLAGS.out_dir else workdir / "report"
+  docs_dir = files.expand(FLAGS.docs_dir) if FLAGS.docs_dir else out_dir
   rows = rows_of(config, workdir)
-  write_outputs(rows, pathlib.Path(FLAGS.out_dir), pathlib.Path(FLAGS.docs_dir))
-  figures.save_figure(
-    traversal_figure(config, workdir, rows), pathlib.Path(FLAGS.docs_dir) / "beta_sweep_traversals"
-  )
-  logging.info("Wrote %s and %s", FLAGS.out_dir, FLAGS.docs_dir)
+  write_outputs(rows, out_dir, docs_dir)
+  figures.save_figure(traversal_figure(config, workdir, rows), docs_dir / "beta_sweep_traversals")
+  logging.info("Wrote %s%s", out_dir, f" and {docs_dir}" if docs_dir != out_dir else "")
 
 
 if __name__ == "__main__":

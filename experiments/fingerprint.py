@@ -202,8 +202,8 @@ def main(argv):
     [
       sys.executable,
       "-c",
-      "import sys; from vae_jax import input_pipeline; "
-      "input_pipeline.load_dataset('mnist', data_dir=sys.argv[1], idx_dir=sys.argv[2])",
+      "import sys; from vae_jax import datasets; "
+      "datasets.load('mnist', data_dir=sys.argv[1], idx_dir=sys.argv[2])",
       tfds_dir,
       str(FIXTURE),
     ],

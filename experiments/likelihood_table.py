@@ -32,7 +32,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import checkpointing, evaluate, figures, loop, train, writers
+from vae_jax import checkpointing, evaluate, figures, process, train, writers
+from vae_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -55,7 +56,7 @@ def run_row(config, workdir: str, num_samples: int, reuse_eval: bool, allow_chan
   train_s = time.perf_counter() - start
   step = int(state.step)
   if evaluate.params_source(config, workdir) == "best":  # The best step, not the last.
-    step = checkpointing.saved_steps(pathlib.Path(workdir) / train.BEST_DIR)[-1]
+    step = checkpointing.saved_steps(pathlib.Path(workdir) / workdir_lib.BEST)[-1]
   cached = pathlib.Path(workdir) / "eval" / f"step_{step:08d}_k{num_samples}.json"
   start = time.perf_counter()
   if reuse_eval and cached.exists():
@@ -163,7 +164,7 @@ def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  loop.limit_malloc_arenas()  # As vae_jax.main does: flat memory over thousands of saves.
+  process.limit_malloc_arenas()  # As vae_jax.main does: flat memory over thousands of saves.
   out_dir = pathlib.Path(FLAGS.out_dir)
   path = out_dir / "table.json"
   rows = json.loads(path.read_text()) if path.exists() else {}

@@ -1,7 +1,7 @@
 """Is a sweep of M models in one program faster than M single runs one after another?
 
-Measures, on the real training path of each (``sweep.build_sweep_trainer`` ->
-``sweep_chunk``, and ``train.build_trainer`` -> ``train_chunk`` per beta, as
+Measures, on the real training path of each (``sweep.build_sweep_trainer`` and its
+vmapped chunk, and ``trainer.build_trainer`` and its chunk per beta, as
 ``train_and_evaluate`` runs it), the wall time of ``--steps`` train steps:
 
 * ``sweep_s``: one sweep of M models, all steps;
@@ -26,11 +26,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import input_pipeline, sweep, train
+from vae_jax import input_pipeline, sweep, trainer
 from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,20 +45,11 @@ def _load() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def _run_single(trainer: train.Trainer, state, images, perms_of, steps: int):
+def _run_single(built, chunk, state, feed, steps: int):
   step, end = int(state.step), int(state.step) + steps
   while step < end:
-    n = min(end - step, trainer.chunk_len)
-    epoch = step // trainer.steps_per_epoch
-    state, metrics = trainer.train_chunk(
-      state,
-      images,
-      perms_of(epoch),
-      epoch,
-      n,
-      trainer.keys[step_lib.KEY_EPS],
-      trainer.keys[step_lib.KEY_BINARIZE],
-    )
+    n = min(end - step, built.chunk_len)
+    state, metrics = chunk(state, feed.inputs(step), n, built.keys[step_lib.KEY_EPS])
     step += n
   jax.block_until_ready((state, metrics))
   return state
@@ -70,48 +60,45 @@ def main(argv):
   config = FLAGS.config
   config.sweep.betas = tuple(2.0**k / 4 for k in range(FLAGS.num_models))
   config.sweep.seeds = (config.seed,)
-  data = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-  num_train, *event_shape = data["train"].images.shape
-  images = jax.device_put(data["train"].images)
-
-  perm_fn = jax.jit(step_lib.epoch_permutation, static_argnums=2)
-  shuffle = step_lib.run_keys(config.seed)[step_lib.KEY_SHUFFLE]
-  perms = {}
-
-  def perms_of(epoch):
-    if epoch not in perms:
-      perms[epoch] = jnp.stack([perm_fn(shuffle, e, num_train) for e in (epoch, epoch + 1)])
-    return perms[epoch]
+  splits = input_pipeline.load_splits(config)
+  event_shape, num_train = splits.event_shape, splits.train.num_examples
 
   # Sweep: build, first call (compile + one chunk).
   t = time.perf_counter()
   st = sweep.build_sweep_trainer(config, event_shape, num_train)
+  sweep_feed = st.base.device_feed(config, splits, st.sharding())
+  sweep_chunk = st.base.make_chunk(sweep_feed.batch, st.sweep_step)
   sweep_state = st.init_state()
-  sweep_state, pending = sweep.run_steps(st, sweep_state, images, st.base.chunk_len)
+  sweep_state, pending = sweep.run_steps(
+    st, sweep_state, sweep_feed, st.base.chunk_len, sweep_chunk
+  )
   jax.block_until_ready((sweep_state, pending))
   sweep_first_s = time.perf_counter() - t
+  # Every single run reads the sweep's data stream (config.seed's), as the sweep's models do.
+  feed = sweep_feed
 
   singles, single_states, single_first_s = [], [], []
   for beta in config.sweep.betas:
     c = config.copy_and_resolve_references()
     c.beta = beta
     t = time.perf_counter()
-    trainer = train.build_trainer(c, event_shape, num_train)
-    state = _run_single(trainer, trainer.init_state(), images, perms_of, trainer.chunk_len)
+    built = trainer.build_trainer(c, event_shape, num_train)
+    chunk = built.make_chunk(feed.batch, batch_sharding=built.batch_sharding)
+    state = _run_single(built, chunk, built.init_state(), feed, built.chunk_len)
     single_first_s.append(time.perf_counter() - t)
-    singles.append(trainer)
+    singles.append((built, chunk))
     single_states.append(state)
 
   repeats = []
   for r in range(FLAGS.repeats):
     load_before = _load()
     t = time.perf_counter()
-    sweep_state, pending = sweep.run_steps(st, sweep_state, images, FLAGS.steps)
+    sweep_state, pending = sweep.run_steps(st, sweep_state, sweep_feed, FLAGS.steps, sweep_chunk)
     jax.block_until_ready((sweep_state, pending))
     sweep_s = time.perf_counter() - t
     t = time.perf_counter()
-    for i, trainer in enumerate(singles):
-      single_states[i] = _run_single(trainer, single_states[i], images, perms_of, FLAGS.steps)
+    for i, (built, chunk) in enumerate(singles):
+      single_states[i] = _run_single(built, chunk, single_states[i], feed, FLAGS.steps)
     sequential_s = time.perf_counter() - t
     repeats.append(
       {

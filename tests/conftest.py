@@ -1,4 +1,9 @@
-"""Test-wide JAX settings: broadcasting and dtype bugs fail loudly."""
+"""Test-wide JAX settings: broadcasting and dtype bugs fail loudly (as equinox's tests).
+
+Rank promotion raises: a wrong shape that would broadcast across ranks is an error.
+Dtype promotion is strict: mixing dtypes (int32 with float32, float32 with bfloat16)
+without an explicit cast is an error, so no computation silently changes precision.
+"""
 
 import os
 import pathlib
@@ -6,8 +11,8 @@ import pathlib
 import jax
 import pytest
 
-# A wrong shape that would broadcast across ranks raises instead of passing.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 FIXTURE_IDX_DIR = pathlib.Path(__file__).parent / "fixtures" / "mnist_tiny"
 
@@ -26,10 +31,10 @@ def process_env(**overrides: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
   """A TFDS data directory with the tiny real-MNIST fixture prepared once."""
-  from vae_jax import input_pipeline
+  from vae_jax import datasets
 
   data_dir = tmp_path_factory.mktemp("tfds")
-  input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(FIXTURE_IDX_DIR))
+  datasets.load("mnist", data_dir=str(data_dir), idx_dir=str(FIXTURE_IDX_DIR))
   return str(data_dir)
 
 

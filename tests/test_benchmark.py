@@ -32,15 +32,10 @@ print(benchmark.train_flops_per_example(params, 784))
   assert float(result.stdout.split()[-1]) == pytest.approx(4.100e6, rel=1e-4)
 
 
-ANCHOR = REPO.parent / "shared" / "bench" / "flax_example_jit.py"
-
-
-@pytest.mark.skipif(
-  not ANCHOR.is_file(), reason=f"the anchor script {ANCHOR} (../shared beside the repo) is absent"
-)
 def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
   """A tiny setting of the whole benchmark: steady state, matmul rates, and one pair of
-  end-to-end runs against the anchor (both on the 400-digit fixture, one epoch)."""
+  end-to-end runs against the anchor (experiments/flax_anchor.py, in the repository; both
+  on the 400-digit fixture, one epoch)."""
   out = tmp_path / "bench.json"
   result = subprocess.run(
     [
@@ -85,6 +80,7 @@ def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
   assert pair["cold_ratio"] == pytest.approx(pair["cold_s"] / pair["anchor_s"])
   assert e2e["median_warm_ratio"] == pytest.approx(pair["warm_ratio"])
   assert pair["warm_test_neg_elbo"] > 0 and e2e["median_peak_rss_mb"]["warm"] > 0
+  assert "experiments/flax_anchor.py" in e2e["anchor_command"]
   breakdown = e2e["median_breakdown_s"]["warm"]
   assert {"setup", "train", "evaluate", "save", "total"} <= set(breakdown)
   assert breakdown["total"] == pytest.approx(

@@ -98,15 +98,28 @@ def test_restore_refuses_other_shapes(tmp_path):
 def test_a_workdir_written_before_the_redesign_resumes(tmp_path, tfds_dir):
   """``tests/fixtures/workdir_0091dbe``: config.json and checkpoint 24 of
   ``--config=configs/mnist.py:smoke --config.dataset=mnist`` written by commit
-  0091dbe (before the one-loop redesign). The current command resumes it."""
+  0091dbe (before the one-loop redesign). The current command resumes it under the
+  config it recorded (no --config), with one more epoch.
+
+  Today's ``:smoke`` also caps the training split at 400 images
+  (``data.max_train_examples``), which that run's record does not say; given again,
+  it is refused as the different config it is, naming the field."""
   workdir = tmp_path / "run"
   shutil.copytree(REPO / "tests" / "fixtures" / "workdir_0091dbe", workdir)
-  cmd = [
-    sys.executable, "-m", "vae_jax.main", "--config=configs/mnist.py:smoke",
-    f"--workdir={workdir}", "--config.dataset=mnist", f"--config.data_dir={tfds_dir}",
-    "--config.num_epochs=3", "--config.progress_bar=False",
+  command = [sys.executable, "-m", "vae_jax.main", f"--workdir={workdir}"]
+  overrides = [
+    f"--config.data_dir={tfds_dir}", "--config.num_epochs=3", "--config.progress_bar=False"
   ]  # fmt: skip
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=process_env())
+  refused = subprocess.run(
+    [*command, "--config=configs/mnist.py:smoke", "--config.dataset=mnist", *overrides],
+    cwd=REPO, capture_output=True, text=True, env=process_env(),
+  )  # fmt: skip
+  assert refused.returncode == 1 and "data.max_train_examples: workdir has None, now 400" in (
+    refused.stderr
+  )
+  done = subprocess.run(
+    [*command, *overrides], cwd=REPO, capture_output=True, text=True, env=process_env()
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Resumed from checkpoint 24" in done.stderr
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
   import importlib.util, json, shutil, sys
   import jax, numpy as np
   from vae_jax import train
+  from vae_jax import trainer as trainer_lib
 
   data_dir, out = sys.argv[1], sys.argv[2]
   spec = importlib.util.spec_from_file_location("c", "configs/mnist.py")
@@ -47,7 +48,7 @@ SCRIPT = textwrap.dedent(
   bad = config(8)
   bad.batch_size = 36
   try:
-    train.build_trainer(bad, (28, 28, 1), 400)
+    trainer_lib.build_trainer(bad, (28, 28, 1), 400)
     error = None
   except ValueError as e:
     error = str(e)
@@ -100,6 +101,7 @@ def test_two_processes_on_localhost_train_like_one(tfds_dir, smoke_config, tmp_p
   import numpy as np
 
   from vae_jax import checkpointing, train, writers
+  from vae_jax import trainer as trainer_lib
 
   workdir = tmp_path / "two"
   port = _free_port()
@@ -132,7 +134,7 @@ def test_two_processes_on_localhost_train_like_one(tfds_dir, smoke_config, tmp_p
   single = train.train_and_evaluate(smoke_config, str(tmp_path / "one"))
   # The 2-process checkpoint restores on this 1-device process, through the
   # target shardings of the code path a resume takes.
-  target = train.build_trainer(smoke_config, (28, 28, 1), 400).abstract_state()
+  target = trainer_lib.build_trainer(smoke_config, (28, 28, 1), 400).abstract_state()
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
   step, two = ckpt.restore_latest(target)
   ckpt.close()

@@ -160,16 +160,24 @@ MAIN_COMMANDS = [(w, t) for w, kind, t, _ in COMMANDS if kind == "main"]
 EXPERIMENT_COMMANDS = [(w, t) for w, kind, t, _ in COMMANDS if kind == "experiment"]
 
 
-def _load_config(spec: str, overrides: list[str]):
-  """The config ``--config=spec`` plus ``overrides`` gives, parsed as absl parses it."""
-  path, _, arg = spec.partition(":")
-  assert (REPO / path).is_file(), f"no config file {path}"
-  resolved = f"{REPO / path}:{arg}" if arg else str(REPO / path)
-  argv = ["docs", f"--config={resolved}", *overrides]
+def _load_config(spec: str | None, overrides: list[str]):
+  """The config ``--config=spec`` plus ``overrides`` gives, parsed as absl parses it.
+  Without ``spec`` (a workdir's recorded config stands in), the overrides apply to
+  ``config.base_config()``, so each must at least name a field of the right type."""
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-    "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
-  )
+  if spec is None:
+    argv = ["docs", *overrides]
+    config_flags.DEFINE_config_dict(
+      "config", config_lib.base_config(), flag_values=flag_values, lock_config=True
+    )
+  else:
+    path, _, arg = spec.partition(":")
+    assert (REPO / path).is_file(), f"no config file {path}"
+    resolved = f"{REPO / path}:{arg}" if arg else str(REPO / path)
+    argv = ["docs", f"--config={resolved}", *overrides]
+    config_flags.DEFINE_config_file(
+      "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
   flag_values(argv)
   return flag_values.config
 
@@ -193,9 +201,11 @@ def test_main_command_resolves(tokens):
   from vae_jax import main  # Defines the command's flags on absl's global FLAGS.
 
   spec, overrides, others = _split_config_args(tokens[3:])
-  assert spec is not None, "the command has no --config"
   config = _load_config(spec, overrides)
-  config_lib.validate(config)
+  if spec is not None:
+    config_lib.validate(config)
+  else:  # The workdir's record stands in for --config: only to resume or evaluate it.
+    assert any(a.startswith("--workdir=") for a in others), "no --config and no --workdir"
   given = set()
   for arg in others:
     name, value = _flag_name_value(arg)
@@ -263,10 +273,6 @@ pip install -e ".[test]" && python -m pytest -q"""
 def test_readme_starts_with_the_commands_ci_runs():
   lang, _, text = _blocks(README)[0]
   assert lang == "bash" and text == README_FIRST_BLOCK
-
-
-def test_readme_reads_in_five_minutes():
-  assert len(README.read_text().splitlines()) <= 230
 
 
 def test_readme_smoke_command_runs_end_to_end(tmp_path):
@@ -345,22 +351,49 @@ def _module_imports() -> dict[str, set[str]]:
   "path, row", [(README, r"^\| `vae_jax/(\w+)\.py` \|"), (DESIGN, r"^\| `(\w+)\.py` \|")],
   ids=["README", "design"],
 )  # fmt: skip
-def test_module_table_lists_every_module_bottom_floor_first(path, row):
-  imports = _module_imports()
+def test_module_tables_name_every_module(path, row):
   listed = re.findall(row, path.read_text(), re.M)
-  assert sorted(listed) == sorted(imports), "the table and vae_jax/ differ"
-  for i, module in enumerate(listed):
-    above = set(listed[:i])
-    assert imports[module] <= above, f"{module} imports {imports[module] - above}, listed below it"
+  assert sorted(listed) == sorted(_module_imports()), "the table and vae_jax/ differ"
 
 
-def test_design_table_states_each_modules_imports():
+def test_imports_go_one_way_with_none_inside_functions():
+  """The modules' imports form no cycle, and no function imports vae_jax (which is how a
+  cycle is dodged)."""
   imports = _module_imports()
-  rows = re.findall(r"^\| `(\w+)\.py` \| \d+ \| ([^|]*) \|", DESIGN.read_text(), re.M)
-  assert {m for m, _ in rows} == set(imports)
-  for module, stated in rows:
-    names = set() if stated.strip() == "-" else {s.strip() for s in stated.split(",")}
-    assert names == imports[module], f"{module}: the table says {names}, the code {imports[module]}"
+  done: set[str] = set()
+
+  def visit(module: str, path: tuple[str, ...]) -> None:
+    assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+    if module in done:
+      return
+    for dep in imports[module]:
+      visit(dep, (*path, module))
+    done.add(module)
+
+  for module in imports:
+    visit(module, ())
+  local = []
+  for path in sorted((REPO / "vae_jax").glob("*.py")):
+    for fn in ast.walk(ast.parse(path.read_text())):
+      if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+        local += [
+          f"{path.name}:{n.lineno}"
+          for n in ast.walk(fn)
+          if isinstance(n, ast.Import | ast.ImportFrom) and "vae_jax" in ast.unparse(n)
+        ]
+  assert not local, f"vae_jax imported inside functions: {local}"
+
+
+def test_config_imports_nothing_of_vae_jax_but_errors():
+  """Config files (configs/*.py) import only ml_collections and vae_jax.config, so the
+  config module stays on the bottom floor."""
+  assert _module_imports()["config"] <= {"errors"}
+  for path in (REPO / "configs").glob("*.py"):
+    assert _third_party_imports(path) <= {"ml_collections"}, path.name
+    vae_jax_modules = {
+      n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+    }
+    assert vae_jax_modules <= {"vae_jax.config", "ml_collections"}, path.name
 
 
 def test_readme_config_table_lists_every_config():

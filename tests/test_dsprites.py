@@ -245,19 +245,19 @@ def test_load_published_refuses_other_files(tmp_path):
 
 
 def test_dsprites_through_the_tfds_path(tmp_path):
-  from vae_jax import input_pipeline
+  from vae_jax import datasets
 
-  data = input_pipeline.load_dataset("dsprites_smoke", data_dir=str(tmp_path))
-  grid = input_pipeline.factor_grid("dsprites_smoke")
+  data = datasets.load("dsprites_smoke", data_dir=str(tmp_path))
+  grid = datasets.factor_grid("dsprites_smoke")
   train, test = data["train"], data["test"]
   assert train.images.shape == (600, 64, 64, 1) and train.labels.shape == (600, 5)
   # Row i is the grid's i-th factor combination, its pixels the renderer's (0/255 stored).
   np.testing.assert_array_equal(train.labels, dsprites.index_to_factors(np.arange(600), grid))
   np.testing.assert_array_equal(train.images // 255, dsprites.render(train.labels, grid))
   assert set(np.unique(train.images)) == {0, 255}
-  idx = input_pipeline.dsprites_test_indices(600)
+  idx = datasets.dsprites_test_indices(600)
   np.testing.assert_array_equal(test.labels, train.labels[idx])
-  assert len(idx) == 60 and input_pipeline.factor_grid("mnist") is None
+  assert len(idx) == 60 and datasets.factor_grid("mnist") is None
 
 
 def test_beta_tcvae_run_and_its_disentanglement_scores(tmp_path):

@@ -26,17 +26,20 @@ from PIL import Image
 from vae_jax import (
   baselines,
   checkpointing,
+  datasets,
+  estimators,
   evaluate,
   input_pipeline,
-  likelihood,
+  likelihoods,
   losses,
   models,
   objectives,
   train,
+  trainer,
   writers,
 )
-from vae_jax import config as config_lib
 from vae_jax import step as step_lib
+from vae_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).parents[1]
 _NUM_SIGMA = 4.0
@@ -68,8 +71,9 @@ class _LinearGaussian:
     self.log_px = -0.5 * (data * math.log(2.0 * math.pi) + logdet + maha)
     self.sigma = np.diag(np.linalg.inv(np.eye(latent) + self.w.T @ self.w / self.c))
     self.enc = self.w * self.sigma / self.c  # [data, latent]: mu = (x - b) @ enc.
-    self.model = models.from_encoder_decoder(None, self._encode, self._decode, latent)
-    self.log_likelihood_fn = functools.partial(losses.gaussian_log_likelihood, variance=self.c)
+    self.model = models.from_encoder_decoder(
+      None, self._encode, self._decode, latent, likelihoods.Gaussian(variance=self.c)
+    )
 
   def params(self, shift_in_stds=0.0, var_factor=1.0):
     """An encoder off by ``shift_in_stds`` posterior stds, ``var_factor`` too wide."""
@@ -104,12 +108,8 @@ class _LinearGaussian:
 
   def estimates(self, params, num_samples, repeats, sample_chunk=500):
     """``repeats`` independent runs of the estimator: {name: [repeats, batch, ...]}."""
-    fn = likelihood.make_per_example_fn(
-      self.model,
-      self.log_likelihood_fn,
-      "gaussian",
-      num_samples=num_samples,
-      sample_chunk=sample_chunk,
+    fn = estimators.make_per_example_fn(
+      self.model, num_samples=num_samples, sample_chunk=sample_chunk
     )
     x, idx = np.asarray(self.x, np.float32), np.arange(len(self.x), dtype=np.int32)
     runs = [fn(params, x, jax.random.key(r), idx) for r in range(repeats)]
@@ -204,14 +204,8 @@ def test_chunked_estimate_equals_unchunked_iw_bound(unchunked_reference, sample_
   """Example n's estimate is losses.iw_bound with key fold_in(key, n), however it is cut."""
   model, params, x = _tiny_vae()
   key, log_px, rec, kl = unchunked_reference
-  fn = likelihood.make_per_example_fn(
-    model,
-    functools.partial(losses.bernoulli_log_likelihood, event_ndims=3),
-    "bernoulli",
-    num_samples=50,
-    sample_chunk=sample_chunk,
-  )
-  got = likelihood.per_example_values(fn, params, x, key, batch_size)
+  fn = estimators.make_per_example_fn(model, num_samples=50, sample_chunk=sample_chunk)
+  got = estimators.per_example_values(fn, params, x, key, batch_size)
   np.testing.assert_allclose(got["log_px"], log_px, rtol=1e-5)
   np.testing.assert_allclose(got["reconstruction"], rec, rtol=1e-5)
   np.testing.assert_allclose(got["kl_per_dim"].sum(-1), kl, rtol=1e-5)
@@ -222,23 +216,18 @@ def test_chunked_estimate_equals_unchunked_iw_bound(unchunked_reference, sample_
 # Conversions and summaries by hand.
 
 
-def test_bits_per_dim():
-  assert likelihood.bits_per_dim(-784 * math.log(2.0), 784) == pytest.approx(1.0, rel=1e-12)
-  assert likelihood.bits_per_dim(-100.0, 784) == pytest.approx(0.18401722460318412, rel=1e-12)
-
-
 def test_standard_error():
-  assert likelihood.standard_error(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
+  assert estimators.standard_error(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
     0.6454972243679028, rel=1e-12
   )  # sqrt(5/3) / 2
 
 
 def test_active_units():
   means = np.array([[-1.0, 0.05, 0.15], [1.0, -0.05, -0.15]] * 3)
-  count, variances = likelihood.active_units(means)
+  count, variances = estimators.active_units(means)
   np.testing.assert_allclose(variances, [1.0, 0.0025, 0.0225], rtol=1e-12)
   assert count == 2  # Var 0.0025 is below the 0.01 threshold.
-  assert likelihood.active_units(means, threshold=0.001)[0] == 3
+  assert estimators.active_units(means, threshold=0.001)[0] == 3
 
 
 def test_summarize_split_by_hand():
@@ -252,20 +241,28 @@ def test_summarize_split_by_hand():
     "reconstruction_at_mean": np.array([-80.0, -82.0]),
     "squared_error": np.array([10.0, 20.0]),
   }
-  s = likelihood.summarize_split(values, num_dims=784)
+  to_bits = functools.partial(
+    likelihoods.Bernoulli().bits_per_dim, num_dims=784, binarization="dynamic", binary_data=False
+  )
+  s = estimators.summarize_split(values, to_bits_per_dim=to_bits)
   assert s["log_likelihood"]["nll_nats"] == 101.0
   assert s["log_likelihood"]["standard_error_nats"] == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
   assert s["log_likelihood"]["bits_per_dim"] == pytest.approx(101.0 / (784 * math.log(2)))
+  assert s["log_likelihood"]["standard_error_bits_per_dim"] == pytest.approx(
+    1 / (784 * math.log(2))
+  )
   assert s["log_likelihood"]["ess_mean"] == 20.0
   assert s["elbo"] == -98.0 and s["neg_elbo"] == 98.0  # (-95 + -101) / 2
   assert s["rate"] == 6.0 and s["distortion"] == 92.0
   assert s["kl_per_dim"] == [5.0, 1.0]
   assert s["active_units"] == 1 and s["posterior_mean_variance"] == [1.0, 0.0]
   assert s["distortion_at_posterior_mean"] == 81.0 and s["mse_per_image"] == 15.0
-  assert "log_likelihood" not in likelihood.summarize_split(values, 784, log_likelihood=False)
+  assert "log_likelihood" not in estimators.summarize_split(values, log_likelihood=False)
+  # A density of continuous data has no bits per dimension to report.
+  assert estimators.summarize_split(values)["log_likelihood"]["bits_per_dim"] is None
   # A prior without per-dimension KL terms (the VampPrior): the rate, no kl_per_dim.
   del values["kl_per_dim"]
-  s = likelihood.summarize_split(values, num_dims=784)
+  s = estimators.summarize_split(values)
   assert s["rate"] == 6.0 and "kl_per_dim" not in s
 
 
@@ -302,7 +299,7 @@ def test_pca_baseline_bernoulli_on_exactly_representable_data():
   patterns = (rng.uniform(size=(2, 30)) > 0.5).astype(np.float64)
   x = patterns[rng.integers(0, 2, size=200)]  # One direction of variation.
   pca = baselines.fit_pca(x, 1)
-  out = baselines.pca_baseline(pca, x, x, "bernoulli")
+  out = baselines.pca_baseline(pca, x, x, likelihoods.Bernoulli())
   assert out["mse_per_image"] == pytest.approx(0.0, abs=1e-12)
   assert out["explained_variance_fraction"] == pytest.approx(1.0)
   # Exact reconstructions: the smallest clip wins, NLL = 30 * -log(1 - 1e-6) = 3e-5 up to
@@ -331,12 +328,12 @@ def test_config_mismatch_is_refused_and_missing_fields_default(tfds_dir, tmp_pat
   saved = json.loads(config.to_json())
   del saved["objective"]  # Written before the field existed: counts as its default.
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  config_lib.check_evaluation(config, tmp_path)
+  workdir_lib.check_evaluation(config, tmp_path)
   config.binarization = "threshold"
   with pytest.raises(ValueError, match=r"binarization: workdir has 'dynamic'"):
-    config_lib.check_evaluation(config, tmp_path)
+    workdir_lib.check_evaluation(config, tmp_path)
   with pytest.raises(FileNotFoundError, match="Train first"):
-    evaluate.restore_params(config, tmp_path, (28, 28, 1), 400)
+    evaluate.restore_targets(config, tmp_path, (28, 28, 1), 400)
 
 
 @pytest.fixture(scope="module")
@@ -419,8 +416,8 @@ def test_evaluate_autoencoder_skips_likelihoods(tfds_dir, tmp_path):
   workdir = tmp_path / "ae"
   workdir.mkdir()
   (workdir / "config.json").write_text(config.to_json())
-  trainer = train.build_trainer(config, (28, 28, 1), 400)
-  model, state = trainer.model, trainer.init_state()
+  built = trainer.build_trainer(config, (28, 28, 1), 400)
+  model, state = built.model, built.init_state()
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints")
   checkpointer.save(7, state)  # An untrained autoencoder is enough for the bookkeeping.
   checkpointer.close()
@@ -432,10 +429,9 @@ def test_evaluate_autoencoder_skips_likelihoods(tfds_dir, tmp_path):
   for name in ("log_likelihood", "elbo", "rate", "kl_per_dim", "active_units", "prior_samples"):
     assert name in saved["skipped"] and name not in saved["test"]
   # Its distortion is the training loop's deterministic test reconstruction.
-  data = input_pipeline.load_dataset("mnist", tfds_dir)
+  data = datasets.load("mnist", tfds_dir)
   test_x = input_pipeline.eval_images(data["test"].images, config.binarization)
-  ll_fn = objectives.make_log_likelihood_fn(config.model.likelihood, 3)
-  loop = likelihood.make_eval_fn(model, ll_fn, 64, deterministic=True)(
+  loop = estimators.make_eval_fn(model, 64, deterministic=True)(
     state.params, test_x, jax.random.key(0)
   )
   assert saved["test"]["distortion_at_posterior_mean"] == pytest.approx(
@@ -462,37 +458,35 @@ def test_reported_numbers_are_traced_at_full_float32_matmul_precision():
   model = models.make_mlp_vae(event_shape=(6,), latents=2, encoder_hidden=(5,))
   params = model.init(jax.random.key(0), jnp.zeros((1, 6)))
   x = jnp.ones((4, 6)) * 0.5
-  ll = objectives.make_log_likelihood_fn("bernoulli", 1)
-  split_elbo = likelihood.make_eval_fn(model, ll, 2)
-  per_example = likelihood.make_per_example_fn(model, ll, "bernoulli", num_samples=3)
+  split_elbo = estimators.make_eval_fn(model, 2)
+  per_example = estimators.make_per_example_fn(model, num_samples=3)
   key, idx = jax.random.key(1), jnp.arange(4)
   for fn, args in ((split_elbo, (params, x, key)), (per_example, (params, x, key, idx))):
     precisions = _dot_precisions(jax.make_jaxpr(fn)(*args))
     assert precisions and set(precisions) == {"HIGHEST"}, precisions
   # Training keeps the platform default unless config.matmul_precision says otherwise.
   spec = objectives.Spec()
-  step = step_lib.make_train_step(objectives.make_loss_fn(model, ll, spec), optax.sgd(0.1))
+  step = step_lib.make_train_step(objectives.make_loss_fn(model, spec), optax.sgd(0.1))
   state = step_lib.initial_state(model, optax.sgd(0.1), key, (6,))
   assert set(_dot_precisions(jax.make_jaxpr(step)(state, x, key))) == {"DEFAULT"}
   step = step_lib.make_train_step(
-    objectives.make_loss_fn(model, ll, spec), optax.sgd(0.1), matmul_precision="highest"
+    objectives.make_loss_fn(model, spec), optax.sgd(0.1), matmul_precision="highest"
   )
   assert set(_dot_precisions(jax.make_jaxpr(step)(state, x, key))) == {"HIGHEST"}
 
 
 def test_unrolled_evaluation_loops_give_the_same_numbers():
-  """``unroll`` (convolutional models on CPU, models.keep_out_of_loops) changes where the
+  """``unroll`` (convolutional models on CPU, execution.Plan.unroll_loops) changes where the
   loop runs, not what it computes; loops longer than MAX_UNROLL stay loops."""
   model = models.make_mlp_vae(event_shape=(6,), latents=2, encoder_hidden=(5,))
   params = model.init(jax.random.key(0), jnp.zeros((1, 6)))
   x = (jax.random.uniform(jax.random.key(2), (10, 6)) > 0.5).astype(jnp.float32)
-  ll = objectives.make_log_likelihood_fn("bernoulli", 1)
   key, idx = jax.random.key(1), jnp.arange(10)
-  split = [likelihood.make_eval_fn(model, ll, 3, unroll=u)(params, x, key) for u in (False, True)]
+  split = [estimators.make_eval_fn(model, 3, unroll=u)(params, x, key) for u in (False, True)]
   for k in split[0]:
     np.testing.assert_allclose(split[0][k], split[1][k], rtol=1e-6)
   per_example = [
-    likelihood.make_per_example_fn(model, ll, "bernoulli", num_samples=7, sample_chunk=2, unroll=u)(
+    estimators.make_per_example_fn(model, num_samples=7, sample_chunk=2, unroll=u)(
       params, x, key, idx
     )
     for u in (False, True)
@@ -503,13 +497,9 @@ def test_unrolled_evaluation_loops_give_the_same_numbers():
   def unrolls(fn, *args):  # Each scan's unroll factor (its length when fully unrolled).
     return [int(u) for u in re.findall(r"unroll=(\d+)", str(jax.make_jaxpr(fn)(*args)))]
 
-  assert unrolls(likelihood.make_eval_fn(model, ll, 3), params, x, key) == [1]
-  assert unrolls(likelihood.make_eval_fn(model, ll, 3, unroll=True), params, x, key) == [4]
-  many = jnp.zeros((likelihood.MAX_UNROLL + 1, 6))
-  assert unrolls(likelihood.make_eval_fn(model, ll, 1, unroll=True), params, many, key) == [1]
-  fn = likelihood.make_per_example_fn(
-    model, ll, "bernoulli", num_samples=7, sample_chunk=2, unroll=True
-  )
+  assert unrolls(estimators.make_eval_fn(model, 3), params, x, key) == [1]
+  assert unrolls(estimators.make_eval_fn(model, 3, unroll=True), params, x, key) == [4]
+  many = jnp.zeros((estimators.MAX_UNROLL + 1, 6))
+  assert unrolls(estimators.make_eval_fn(model, 1, unroll=True), params, many, key) == [1]
+  fn = estimators.make_per_example_fn(model, num_samples=7, sample_chunk=2, unroll=True)
   assert unrolls(fn, params, x, key, idx) == [4]
-  assert models.keep_out_of_loops("conv", "cpu") and not models.keep_out_of_loops("mlp", "cpu")
-  assert not models.keep_out_of_loops("conv", "gpu")

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import FIXTURE_IDX_DIR, process_env
 
-from vae_jax import input_pipeline, loop, losses, models, train, writers
+from vae_jax import datasets, input_pipeline, loop, losses, networks, train, writers
 from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -234,7 +234,7 @@ def poisoned_tfds_dir(tmp_path_factory):
   raw[16 + POISON_IMAGE * 784] = 7  # Header is 16 bytes; pixel (0, 0) of the image.
   path.write_bytes(gzip.compress(bytes(raw)))
   data_dir = tmp_path_factory.mktemp("poison_tfds")
-  input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(idx_dir))
+  datasets.load("mnist", data_dir=str(data_dir), idx_dir=str(idx_dir))
   return str(data_dir)
 
 
@@ -256,7 +256,7 @@ def _poisoned_steps(config, num_train=400):
   steps_per_epoch = num_train // config.batch_size
   steps = []
   for epoch in range(config.num_epochs):
-    order = np.asarray(step_lib.epoch_permutation(shuffle_key, epoch, num_train))
+    order = np.asarray(input_pipeline.epoch_permutation(shuffle_key, epoch, num_train))
     pos = int(np.argmax(order == POISON_IMAGE))
     if pos < steps_per_epoch * config.batch_size:
       steps.append(epoch * steps_per_epoch + pos // config.batch_size)
@@ -415,7 +415,7 @@ def test_bad_command_line_input_gives_one_clear_error(override, message, tmp_pat
 
 def test_offline_without_data_stops_with_instructions(tmp_path):
   """The command offline: one message saying where to put the files. That it cannot hang
-  on name resolution is test_input_pipeline.py::test_reachability_probe_is_bounded."""
+  on name resolution is test_datasets.py::test_reachability_probe_is_bounded."""
   result = _cli(
     "--config=configs/mnist.py",
     f"--workdir={tmp_path}",
@@ -435,7 +435,7 @@ def test_elbo_finite_for_extreme_encoder_outputs(raw_logvar):
   x = jnp.array([[0.0, 1.0, 1.0, 0.0]])
 
   def objective(raw, logits_scale):
-    logvar = models.soft_clamp(jnp.full((1, 2), raw), -30.0, 30.0)
+    logvar = networks.soft_clamp(jnp.full((1, 2), raw), -30.0, 30.0)
     mean = jnp.array([[0.5, -0.5]])
     decode = lambda z: logits_scale * jnp.tanh(z @ jnp.ones((2, 4)))  # noqa: E731
     return jnp.sum(losses.elbo(jax.random.key(0), x, mean, logvar, decode).elbo)
@@ -517,11 +517,12 @@ def test_bad_values_are_one_line_errors_and_create_nothing(args, message, tfds_d
 
 def test_a_record_holding_nan_still_matches_itself(tmp_path):
   from vae_jax import config as config_lib
+  from vae_jax import workdir as workdir_lib
 
   config = config_lib.base_config()
   config.optimizer.ema_decay = float("nan")  # As an older version could have recorded.
-  config_lib.write_record(config, tmp_path)
-  assert config_lib.differences(config, tmp_path) == []
+  workdir_lib.write_record(config, tmp_path)
+  assert workdir_lib.differences(config, tmp_path) == []
 
 
 def test_resuming_into_a_smaller_model_names_each_array(tfds_dir, tmp_path):

@@ -1,214 +1,103 @@
-"""The data path users take: IDX files -> TFDS ArrayRecord -> arrays -> batches."""
-
-import functools
-import gzip
-import hashlib
-import http.server
-import pathlib
-import shutil
-import threading
+"""Feeding a run: its splits, preprocessing, the device feed, the evaluation data."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-from conftest import FIXTURE_IDX_DIR
 
-from vae_jax import input_pipeline
-
-
-def test_read_idx_fixture_is_real_mnist():
-  split = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "train")
-  assert split.images.shape == (400, 28, 28, 1)
-  assert split.images.dtype == np.uint8
-  np.testing.assert_array_equal(np.bincount(split.labels), [40] * 10)
-  # Real digits: dark background, bright strokes, mean grey level near MNIST's 0.13.
-  assert 0.08 < split.images.mean() / 255 < 0.2
-  assert split.images.max() == 255
+from vae_jax import config as config_lib
+from vae_jax import datasets, input_pipeline
 
 
-def test_tfds_read_path_returns_the_idx_contents(tfds_dir):
-  data = input_pipeline.load_dataset("mnist", data_dir=tfds_dir)
-  for name in ("train", "test"):
-    raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, name)
-    np.testing.assert_array_equal(data[name].images, raw.images)
-    np.testing.assert_array_equal(data[name].labels, raw.labels)
+def _data(num_train=10, num_test=4):
+  """A tiny dataset whose every image holds its own index, and whose labels are
+  ``1000 + index`` (classes) or ``[index, -index]`` (factors)."""
+
+  def split(n, offset, factors):
+    images = (np.arange(n) + offset).astype(np.uint8).reshape(n, 1, 1, 1)
+    labels = np.stack([np.arange(n), -np.arange(n)], -1) if factors else np.arange(n) + 1000
+    return datasets.Split(images=images, labels=labels.astype(np.int32))
+
+  return lambda factors=False: {
+    "train": split(num_train, 0, factors),
+    "test": split(num_test, 100, factors),
+  }
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "bit_flip"])
-def test_decoded_cache_is_verified_and_rebuilt_when_damaged(damage, tfds_dir, tmp_path):
-  data_dir = tmp_path / "tfds"
-  shutil.copytree(tfds_dir, data_dir)
-  (cache,) = data_dir.glob("idx_images/mnist/*/decoded-train.npz")
-  raw_bytes = bytearray(cache.read_bytes())
-  if damage == "garbage":
-    cache.write_bytes(b"not an npz")
-  elif damage == "empty":
-    cache.write_bytes(b"")
-  elif damage == "truncated":
-    cache.write_bytes(raw_bytes[: len(raw_bytes) // 2])
-  else:  # One bit inside the images' data: the zip member's CRC-32 catches it.
-    raw_bytes[len(raw_bytes) // 2] ^= 0x10
-    cache.write_bytes(raw_bytes)
-  data = input_pipeline.load_dataset("mnist", data_dir=str(data_dir))
-  raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "train")
-  np.testing.assert_array_equal(data["train"].images, raw.images)
-  assert cache.read_bytes() == tfds_cache_bytes(tfds_dir)  # Rebuilt, identical.
+def _config(validation=0, max_train=None) -> ml_collections.ConfigDict:
+  config = config_lib.base_config()
+  config.validation_examples = validation
+  config.data.max_train_examples = max_train
+  return config
 
 
-def tfds_cache_bytes(tfds_dir) -> bytes:
-  (cache,) = pathlib.Path(tfds_dir).glob("idx_images/mnist/*/decoded-train.npz")
-  return cache.read_bytes()
-
-
-def test_damaged_prepared_data_is_one_error_naming_what_to_delete(tfds_dir, tmp_path):
-  data_dir = tmp_path / "tfds"
-  shutil.copytree(tfds_dir, data_dir)
-  for cache in data_dir.glob("idx_images/mnist/*/decoded-*.npz"):
-    cache.unlink()
-  (records,) = data_dir.glob("idx_images/mnist/*/idx_images-train.array_record-*")
-  records.write_bytes(records.read_bytes()[:500])
-  prepared = records.parent
-  with pytest.raises(input_pipeline.DataError) as info:
-    input_pipeline.load_dataset("mnist", data_dir=str(data_dir))
-  message = str(info.value)
-  assert str(prepared) in message and "delete" in message and len(message.splitlines()) == 1
-
-
-def test_prepared_data_is_tied_to_its_source_files(tfds_dir, tmp_path):
-  """Data prepared from one IDX directory is not silently reused for other files."""
-  data_dir = tmp_path / "tfds"
-  shutil.copytree(tfds_dir, data_dir)
-  other = _copy_fixture(tmp_path / "other")
-  images = bytearray(gzip.decompress((other / "train-images-idx3-ubyte.gz").read_bytes()))
-  images[16 + 300] ^= 0xFF  # One pixel of the first image.
-  (other / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(images)))
-  with pytest.raises(input_pipeline.DataError, match=r"prepared from .*mnist_tiny.*not from"):
-    input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(other))
-  # The same files (recompressed, as Debian does) are accepted.
-  same = _copy_fixture(tmp_path / "same")
-  for f in same.glob("*.gz"):
-    f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes()), mtime=123))
-  assert input_pipeline.load_dataset("mnist", str(data_dir), str(same))["train"].num_examples == 400
-  # Data prepared by an older version (no record) is compared by content once.
-  for record in data_dir.glob("idx_images/mnist/*/vae_jax_source.json"):
-    record.unlink()
-  with pytest.raises(input_pipeline.DataError, match="train split differs"):
-    input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(other))
-  input_pipeline.load_dataset("mnist", data_dir=str(data_dir), idx_dir=str(FIXTURE_IDX_DIR))
-  assert list(data_dir.glob("idx_images/mnist/*/vae_jax_source.json"))
-
-
-def _copy_fixture(dst):
-  shutil.copytree(FIXTURE_IDX_DIR, dst)
-  return dst
-
-
-@pytest.mark.parametrize(
-  "damage, message",
-  [
-    ("truncate", "truncated or corrupt"),
-    ("magic", "not an IDX file"),
-    ("not_gzip", "Cannot read"),
-    ("missing", "lacks t10k-labels-idx1-ubyte.gz"),
-  ],
-)
-def test_malformed_idx_dir_gives_one_clear_error(tmp_path, damage, message):
-  idx_dir = _copy_fixture(tmp_path / "idx")
-  target = idx_dir / "t10k-labels-idx1-ubyte.gz"
-  raw = gzip.decompress(target.read_bytes())
-  if damage == "truncate":
-    target.write_bytes(gzip.compress(raw[:-7]))
-  elif damage == "magic":
-    target.write_bytes(gzip.compress(b"\x01\x02" + raw[2:]))
-  elif damage == "not_gzip":
-    target.write_bytes(b"garbage")
-  else:
-    target.unlink()
-  with pytest.raises(input_pipeline.DataError, match=message):
-    input_pipeline.load_dataset("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(idx_dir))
-
-
-def test_unknown_dataset_names_the_choices(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match=r"Unknown dataset 'cifar'.*fashion_mnist"):
-    input_pipeline.load_dataset("cifar", data_dir=str(tmp_path))
-
-
-def test_offline_without_data_fails_fast_with_instructions(tmp_path, monkeypatch):
-  monkeypatch.delenv("VAE_JAX_IDX_DIR", raising=False)
-  # A port on loopback that nothing listens on: the mirror cannot be reached.
-  spec = input_pipeline.DATASETS["mnist"]
-  monkeypatch.setitem(
-    input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", "http://127.0.0.1:9/")
-  )
-  with pytest.raises(input_pipeline.DataError, match=r"--config.idx_dir=/path/to/dir"):
-    input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
-  assert spec.url.startswith("https://")
-
-
-def test_reachability_probe_is_bounded(monkeypatch):
-  """A machine whose name resolution hangs (no DNS: minutes of retries) gets its answer
-  after the probe's own timeout, not after the resolver's: offline runs stop at once."""
-  unblock = threading.Event()
-
-  def hanging_connection(*args, **kwargs):
-    unblock.wait()  # Never answers until the test ends.
-    raise OSError("unreachable")
-
-  monkeypatch.setattr(input_pipeline.socket, "create_connection", hanging_connection)
-  answer = []
-  probe = threading.Thread(
-    target=lambda: answer.append(input_pipeline._online("https://example.org/", timeout_s=0.05))
-  )
-  probe.start()
-  probe.join(timeout=120)  # Far beyond the probe's 0.05 s: only a probe that hangs fails.
-  unblock.set()
-  assert answer == [False]
-
-
-def test_download_when_online_prepares_from_the_mirror(tmp_path, monkeypatch):
-  """Serves the fixture over HTTP on loopback and lets the download path fetch it."""
-  monkeypatch.delenv("VAE_JAX_IDX_DIR", raising=False)
-  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(FIXTURE_IDX_DIR))
-  handler.log_message = lambda *a: None
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  try:
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
-    # The fixture's own sizes and digests stand in for the published ones.
-    checksums = {
-      f.name: (f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest())
-      for f in FIXTURE_IDX_DIR.glob("*.gz")
-    }
-    wrong = dict(checksums, **{"t10k-labels-idx1-ubyte.gz": (4542, "0" * 64)})
-    monkeypatch.setitem(
-      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url, wrong)
+@pytest.mark.parametrize("factors", [False, True], ids=["classes", "factors"])
+@pytest.mark.parametrize("validation, max_train", [(0, None), (3, None), (0, 6), (2, 6)], ids=str)
+def test_every_split_keeps_its_labels_with_its_images(factors, validation, max_train):
+  """Wherever images are cut (the first N, the validation split at the end), their labels
+  or factors follow them; the full training split stays whole for the factor grid."""
+  data = _data()(factors)
+  splits = input_pipeline.cut(_config(validation, max_train), data)
+  for split in (splits.train, splits.validation, splits.test, splits.full_train):
+    if split is None:
+      continue
+    index = split.images[:, 0, 0, 0].astype(np.int32) % 100
+    expected = np.stack([index, -index], -1) if factors else index + 1000
+    np.testing.assert_array_equal(split.labels, expected)
+  kept = max_train or 10
+  assert splits.train.num_examples == kept - validation
+  if validation:
+    np.testing.assert_array_equal(
+      splits.validation.images[:, 0, 0, 0], np.arange(kept - validation, kept)
     )
-    with pytest.raises(input_pipeline.DataError, match=r"t10k-labels.*is not the published file"):
-      input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
-    assert not (tmp_path / "downloads/vae_jax/mnist/t10k-labels-idx1-ubyte.gz").exists()
-    monkeypatch.setitem(
-      input_pipeline.DATASETS, "mnist", input_pipeline.DatasetSpec("mnist", "", url, checksums)
-    )
-    data = input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
-  finally:
-    server.shutdown()
-  raw = input_pipeline.read_idx_split(FIXTURE_IDX_DIR, "test")
-  np.testing.assert_array_equal(data["test"].images, raw.images)
-  assert sorted(p.name for p in (tmp_path / "downloads" / "vae_jax" / "mnist").iterdir()) == sorted(
-    f for fs in input_pipeline._IDX_FILES.values() for f in fs
+  assert splits.full_train.num_examples == 10
+
+
+def test_a_cut_that_leaves_nothing_is_one_error():
+  with pytest.raises(config_lib.ConfigError, match=r"validation_examples=6 must be in \[0, 6\)"):
+    input_pipeline.cut(_config(validation=6, max_train=6), _data()())
+
+
+def test_device_feed_batches_follow_the_epoch_permutations():
+  """Batch s holds positions [(s % E) B, (s % E + 1) B) of epoch s // E's permutation."""
+  images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+  shuffle_key = jax.random.key(3)
+  feed = input_pipeline.DeviceFeed(
+    images=jnp.asarray(images),
+    batch_size=4,
+    binarization="none",
+    binarize_key=jax.random.key(0),
+    permutations=input_pipeline.Permutations(shuffle_key, 10),
   )
+  assert feed.steps_per_epoch == 2  # The remainder of 2 examples is dropped each epoch.
+  batch = jax.jit(feed.batch)
+  for step in range(6):
+    inputs = feed.inputs(step)
+    order = np.asarray(input_pipeline.epoch_permutation(shuffle_key, step // 2, 10))
+    want = order[(step % 2) * 4 : (step % 2 + 1) * 4] / 255.0
+    np.testing.assert_allclose(np.asarray(batch(inputs, step))[:, 0, 0, 0], want, rtol=1e-6)
+  # A dispatch starting late in an epoch reads the next epoch's order too.
+  inputs = feed.inputs(1)
+  order = np.asarray(input_pipeline.epoch_permutation(shuffle_key, 1, 10))
+  np.testing.assert_allclose(np.asarray(batch(inputs, 2))[:, 0, 0, 0], order[:4] / 255.0)
 
 
-def test_idx_dir_from_environment(tmp_path, monkeypatch):
-  monkeypatch.setenv("VAE_JAX_IDX_DIR", str(FIXTURE_IDX_DIR))
-  data = input_pipeline.load_dataset("mnist", data_dir=str(tmp_path))
-  assert data["train"].num_examples == 400
+def test_eval_data_refuses_data_outside_the_likelihoods_range():
+  from vae_jax import likelihoods
 
+  config = _config()
+  config.binarization = "dequantize"
+  splits = input_pipeline.cut(config, _data()())
+  data = input_pipeline.eval_data(config, splits, None, likelihoods.Bernoulli())
+  assert data.test.shape == (4, 1, 1, 1) and data.validation is None
 
-# --------------------------------------------------------------------------
-# Preprocessing.
+  class UnitOnly(likelihoods.Bernoulli):
+    data_range = (0.0, 0.1)
+
+  with pytest.raises(config_lib.ConfigError, match=r"defined for data in \[0.0, 0.1\]"):
+    input_pipeline.eval_data(config, splits, None, UnitOnly())
+
 
 _PIXELS = jnp.array([[0, 1, 127, 128, 200, 255]], jnp.uint8).reshape(1, 1, 6, 1)
 
@@ -245,5 +134,5 @@ def test_eval_binarization_is_fixed_across_calls():
 
 
 def test_unknown_binarization():
-  with pytest.raises(ValueError, match="binarization must be one of"):
+  with pytest.raises(ValueError, match=r"config.binarization='otsu' is not one of"):
     input_pipeline.preprocess(_PIXELS, "otsu")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import models
+from vae_jax import models, networks
 
 
 def test_default_is_the_flax_example_architecture():
@@ -49,14 +49,14 @@ def test_wrong_image_shape_is_a_clear_error():
 
 
 def test_unknown_activation():
-  with pytest.raises(ValueError, match="Unknown activation 'sigmoidish'"):
+  with pytest.raises(ValueError, match=r"config.model.activation='sigmoidish' is not one of"):
     models.make_mlp_vae(event_shape=(4,), latents=2, activation="sigmoidish")
 
 
 @pytest.mark.parametrize("x", [-1e4, -100.0, -35.0, -5.0, 0.0, 5.0, 35.0, 100.0, 1e4])
 def test_soft_clamp_bounds_and_is_identity_inside(x):
-  y = float(models.soft_clamp(jnp.float32(x), -30.0, 30.0))
-  g = float(jax.grad(lambda v: models.soft_clamp(v, -30.0, 30.0))(jnp.float32(x)))
+  y = float(networks.soft_clamp(jnp.float32(x), -30.0, 30.0))
+  g = float(jax.grad(lambda v: networks.soft_clamp(v, -30.0, 30.0))(jnp.float32(x)))
   assert -30.0 <= y <= 30.0
   assert np.isfinite(g) and g >= 0.0
   if abs(x) <= 5:
@@ -67,7 +67,7 @@ def test_soft_clamp_bounds_and_is_identity_inside(x):
 @pytest.mark.parametrize("x", [1e-7, -3e-5, 1e-3, 0.25, -2.0, 12.0])
 def test_soft_clamp_keeps_small_log_variances_exact(x):
   """Inactive units sit at logvar ~ 0; the clamp must not quantize them."""
-  y = float(models.soft_clamp(jnp.float32(x), -30.0, 30.0))
+  y = float(networks.soft_clamp(jnp.float32(x), -30.0, 30.0))
   assert y == pytest.approx(np.float32(x), rel=1e-6)
 
 
@@ -233,12 +233,13 @@ def test_vampprior_hierarchy_by_hand(prior):
 @pytest.mark.parametrize(
   ("kwargs", "match"),
   [
-    ({"prior": "vampprior", "stochastic_layers": 2}, "needs hierarchy='vampprior'"),
-    ({"gated": True, "kind": "conv"}, "gated=True is for kind='mlp'"),
-    ({"prior": "flat"}, "Unknown prior"),
-    ({"kernel_init": "zeros"}, "Unknown kernel_init"),
+    ({"prior": "vampprior", "stochastic_layers": 2}, "needs model.hierarchy='vampprior'"),
+    ({"gated": True, "kind": "conv"}, "gated=True is for model.kind='mlp'"),
+    ({"prior": "flat"}, r"config.model.prior='flat' is not one of"),
+    ({"kernel_init": "zeros"}, r"config.model.kernel_init='zeros' is not one of"),
+    ({"latents": 0}, r"config.model.latents=0 is out of range"),
   ],
 )
 def test_inconsistent_model_options_are_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    models.make_vae((4, 4, 1), 2, **kwargs)
+    models.make_vae((4, 4, 1), **{"latents": 2, **kwargs})

@@ -20,15 +20,13 @@ import optax
 import pytest
 
 from vae_jax import config as config_lib
-from vae_jax import likelihood, losses, models, objectives, train
+from vae_jax import estimators, losses, models, networks, objectives, trainer
 from vae_jax import step as step_lib
 
 
-def _loss(model, ll_fn, beta, num_samples, objective="elbo", **options):
+def _loss(model, beta, num_samples, objective="elbo", **options):
   """``objectives.make_loss_fn`` of these options; ``step`` defaults to 0."""
-  fn = objectives.make_loss_fn(
-    model, ll_fn, objectives.Spec(objective, num_samples, **options), beta
-  )
+  fn = objectives.make_loss_fn(model, objectives.Spec(objective, num_samples, **options), beta)
   return lambda params, x, key, step=0: fn(params, x, key, jnp.asarray(step, jnp.int32))
 
 
@@ -151,7 +149,7 @@ def test_iwae_k1_loss_is_minus_the_mean_log_weight():
   x = _binary(1, (_BATCH, *_EVENT))
   params = model.init(jax.random.key(0), x)
   key = jax.random.key(11)
-  loss, metrics = _loss(model, _BERNOULLI, 1.0, 1, "iwae")(params, x, key)
+  loss, metrics = _loss(model, 1.0, 1, "iwae")(params, x, key)
   # By hand from encode/decode, with the eps make_loss_fn draws from key.
   eps = jax.random.normal(key, (1, _BATCH, model.latents))[0]
   mean, logvar = model.encode(params, x)
@@ -175,8 +173,8 @@ def test_iwae_k1_agrees_with_the_elbo_in_expectation(layers):
   model = _tiny_vae("mlp", layers)
   x = _binary(2, (4, *_EVENT))
   params = model.init(jax.random.key(0), x)
-  iwae = _loss(model, _BERNOULLI, 1.0, 1, "iwae")
-  elbo = _loss(model, _BERNOULLI, 1.0, 1, "elbo")
+  iwae = _loss(model, 1.0, 1, "iwae")
+  elbo = _loss(model, 1.0, 1, "elbo")
   num = 2000
   keys = jax.random.split(jax.random.key(5), num)
 
@@ -245,8 +243,8 @@ def test_dreg_value_and_decoder_gradients_equal_plain_iwae(layers):
   model = _tiny_vae("mlp", layers)
   x = _binary(3, (4, *_EVENT))
   params = model.init(jax.random.key(1), x)
-  plain = _loss(model, _BERNOULLI, 1.0, _K, "iwae")
-  dreg = _loss(model, _BERNOULLI, 1.0, _K, "iwae", gradient_estimator="dreg")
+  plain = _loss(model, 1.0, _K, "iwae")
+  dreg = _loss(model, 1.0, _K, "iwae", gradient_estimator="dreg")
   key = jax.random.key(7)
   (loss_p, metrics_p), grads_p = jax.value_and_grad(plain, has_aux=True)(params, x, key)
   (loss_d, metrics_d), grads_d = jax.value_and_grad(dreg, has_aux=True)(params, x, key)
@@ -290,8 +288,8 @@ def encoder_gradient_samples(request):
     return _flat(_jit(per_key)(keys)).astype(np.float64)
 
   out = {
-    "plain": samples(_loss(model, ll, 1.0, k, "iwae")),
-    "dreg": samples(_loss(model, ll, 1.0, k, "iwae", gradient_estimator="dreg")),
+    "plain": samples(_loss(model, 1.0, k, "iwae")),
+    "dreg": samples(_loss(model, 1.0, k, "iwae", gradient_estimator="dreg")),
   }
   if layers == 1:  # A known-biased estimator, to show that the test can tell.
     out["stl"] = samples(stl)
@@ -369,11 +367,11 @@ def test_model_shapes(kind, layers):
 def _hand_two_layer(kind, params, x, eps, stop_density=False):
   """``q(z1|x) q(z2|z1)`` and ``p(z2) p(z1|z2)`` from the Flax modules, densities by hand."""
   if kind == "mlp":
-    x_encoder = models.Encoder((3,), _LATENTS, "tanh")
+    x_encoder = networks.Encoder((3,), _LATENTS, "tanh")
   else:
-    x_encoder = models.ConvEncoder((2,), (3,), _LATENTS, "tanh")
-  q_z2 = models.Encoder((3,), _TOP_LATENTS, "tanh")
-  p_z1 = models.Encoder((3,), _LATENTS, "tanh")
+    x_encoder = networks.ConvEncoder((2,), (3,), _LATENTS, "tanh")
+  q_z2 = networks.Encoder((3,), _TOP_LATENTS, "tanh")
+  p_z1 = networks.Encoder((3,), _LATENTS, "tanh")
   enc, dec = params["encoder"], params["decoder"]
   k, batch = eps.shape[:2]
 
@@ -492,7 +490,7 @@ def test_one_training_step(kind, layers, objective):
   x = _binary(10, (_BATCH, *_EVENT))
   options = dict(_OBJECTIVES[objective])
   num_samples, name = options.pop("num_samples"), options.pop("objective")
-  loss_fn = _loss(model, _BERNOULLI, 1.0, num_samples, name, **options)
+  loss_fn = _loss(model, 1.0, num_samples, name, **options)
   # Eager: the steps share JAX's per-operation cache; 16 jit compilations cost more.
   step = step_lib.make_train_step(loss_fn, optimizer)
   state = step_lib.initial_state(model, optimizer, jax.random.key(0), _EVENT)
@@ -511,17 +509,17 @@ def test_free_bits_loss_floors_every_dimension():
   x = _binary(10, (_BATCH, *_EVENT))
   params = model.init(jax.random.key(0), x)
   key = jax.random.key(2)
-  elbo = _loss(model, _BERNOULLI, 0.5, _K, "elbo")
+  elbo = _loss(model, 0.5, _K, "elbo")
   loss, metrics = elbo(params, x, key)
   # A floor above every dimension's KL: the KL term is the constant latents * lambda.
-  high = _loss(model, _BERNOULLI, 0.5, _K, "elbo", free_bits=50.0)
+  high = _loss(model, 0.5, _K, "elbo", free_bits=50.0)
   loss_high, metrics_high = high(params, x, key)
   np.testing.assert_allclose(
     loss_high, -metrics["reconstruction"] + 0.5 * 50.0 * model.latents, rtol=1e-6
   )
   assert float(metrics_high["kl"]) == pytest.approx(float(metrics["kl"]))  # True KL reported.
   # A floor below every dimension's KL: the plain beta-ELBO.
-  low = _loss(model, _BERNOULLI, 0.5, _K, "elbo", free_bits=1e-9)
+  low = _loss(model, 0.5, _K, "elbo", free_bits=1e-9)
   np.testing.assert_allclose(low(params, x, key)[0], loss, rtol=1e-6)
 
 
@@ -530,18 +528,27 @@ def test_free_bits_loss_floors_every_dimension():
 
 
 def test_free_bits_kl_by_hand():
+  """Per example: each dimension's KL where its batch mean clears the floor, else the
+  floor; the batch mean of these is Kingma et al.'s sum_d max(lambda, mean_n KL_nd)."""
   kl = jnp.array([[0.1, 1.0, 0.0], [0.3, 2.0, 0.2]])  # Batch means 0.2, 1.5, 0.1.
-  np.testing.assert_allclose(losses.free_bits_kl(kl, 0.25), 0.25 + 1.5 + 0.25, rtol=1e-6)
-  np.testing.assert_allclose(losses.free_bits_kl(kl, 0.15), 0.2 + 1.5 + 0.15, rtol=1e-6)
-  np.testing.assert_allclose(losses.free_bits_kl(kl, 0.0), 1.8, rtol=1e-6)
-  # A leading sample axis is averaged like the batch.
-  stacked = jnp.stack([kl, 3.0 * kl])  # Means 0.4, 3.0, 0.2.
-  np.testing.assert_allclose(losses.free_bits_kl(stacked, 0.3), 0.4 + 3.0 + 0.3, rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.free_bits_kl(kl, 0.25), [0.25 + 1.0 + 0.25, 0.25 + 2.0 + 0.25], rtol=1e-6
+  )
+  np.testing.assert_allclose(jnp.mean(losses.free_bits_kl(kl, 0.25)), 0.25 + 1.5 + 0.25, rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.free_bits_kl(kl, 0.15), [0.1 + 1.0 + 0.15, 0.3 + 2.0 + 0.15], rtol=1e-6
+  )
+  np.testing.assert_allclose(losses.free_bits_kl(kl, 0.0), [1.1, 2.5], rtol=1e-6)
+  # A leading sample axis is averaged per example; the floor is decided on the batch.
+  stacked = jnp.stack([kl, 3.0 * kl])  # Per example 2 kl; batch means 0.4, 3.0, 0.2.
+  np.testing.assert_allclose(
+    losses.free_bits_kl(stacked, 0.3), [0.2 + 2.0 + 0.3, 0.6 + 4.0 + 0.3], rtol=1e-6
+  )
 
 
 def test_free_bits_kl_gradient():
   kl = jnp.array([[0.1, 1.0, 0.0], [0.3, 2.0, 0.2]])  # Batch means 0.2, 1.5, 0.1.
-  grad = jax.grad(losses.free_bits_kl)(kl, 0.25)
+  grad = jax.grad(lambda a: jnp.mean(losses.free_bits_kl(a, 0.25)))(kl)
   plain = jax.grad(lambda a: jnp.mean(jnp.sum(a, -1)))(kl)
   np.testing.assert_array_equal(grad[:, [0, 2]], np.zeros((2, 2)))  # Below the floor.
   np.testing.assert_allclose(grad[:, 1], plain[:, 1], rtol=1e-6)  # Above it.
@@ -553,8 +560,8 @@ def test_free_bits_zero_is_the_batch_mean_kl():
   mean, logvar = rng.normal(size=(2, 6, 4)).astype(np.float32)
   kl_per_dim = losses.kl_divergence_per_dim(jnp.asarray(mean), jnp.asarray(logvar))
   expected = np.mean(_np_kl_per_dim(mean, logvar).sum(-1))
-  np.testing.assert_allclose(losses.free_bits_kl(kl_per_dim, 0.0), expected, rtol=1e-5)
-  g = jax.grad(losses.free_bits_kl)(kl_per_dim, 0.0)
+  np.testing.assert_allclose(jnp.mean(losses.free_bits_kl(kl_per_dim, 0.0)), expected, rtol=1e-5)
+  g = jax.grad(lambda a: jnp.mean(losses.free_bits_kl(a, 0.0)))(kl_per_dim)
   np.testing.assert_allclose(g, np.full((6, 4), 1.0 / 6), rtol=1e-6)
 
 
@@ -593,9 +600,6 @@ def test_learned_variance_decoder_and_training(kind, layers):
     top_latents=_TOP_LATENTS,
     top_hidden=(3,),
   )
-  log_likelihood = objectives.make_log_likelihood_fn(
-    config.model.likelihood, _EVENT_NDIMS, config.model.gaussian_variance
-  )
   model = models.make_model(config, _EVENT)
   x = jax.random.uniform(jax.random.key(3), (4, *_EVENT))
   params = model.init(jax.random.key(0), x)
@@ -605,11 +609,11 @@ def test_learned_variance_decoder_and_training(kind, layers):
   decoded = model.decode(params, mean)
   assert decoded.shape == (4, *_EVENT, 2)
   # The shared log-variance, soft-bounded (the identity to ~1e-4 this far inside the bound).
-  bound = models.LOG_VARIANCE_BOUND
-  expected = float(models.soft_clamp(jnp.float32(math.log(0.5)), -bound, bound))
+  bound = networks.LOG_VARIANCE_BOUND
+  expected = float(networks.soft_clamp(jnp.float32(math.log(0.5)), -bound, bound))
   np.testing.assert_allclose(decoded[..., 1], np.full((4, *_EVENT), expected), rtol=1e-6)
   np.testing.assert_allclose(expected, math.log(0.5), atol=1e-4)
-  loss_fn = _loss(model, log_likelihood, 1.0, _K, "elbo")
+  loss_fn = _loss(model, 1.0, _K, "elbo")
   grads = jax.grad(lambda p: loss_fn(p, x, jax.random.key(1))[0])(params)
   g_decoder = grads["decoder"] if layers == 1 else grads["decoder"]["p_x"]
   assert abs(float(g_decoder["log_variance"])) > 1e-3
@@ -634,9 +638,9 @@ def test_per_example_estimator_two_layers_chunking():
   key, indices = jax.random.key(14), jnp.arange(5, 8, dtype=jnp.int32)
   k = 20
   outs = {
-    chunk: likelihood.make_per_example_fn(
-      model, _BERNOULLI, "bernoulli", num_samples=k, sample_chunk=chunk
-    )(params, x, key, indices)
+    chunk: estimators.make_per_example_fn(model, num_samples=k, sample_chunk=chunk)(
+      params, x, key, indices
+    )
     for chunk in (7, 20)
   }
   np.testing.assert_allclose(outs[7]["log_px"], outs[20]["log_px"], rtol=1e-5, atol=1e-5)
@@ -679,15 +683,15 @@ def test_train_step_differentiates_exactly_the_public_elbo(monkeypatch):
     return real_elbo(*args, **kwargs)
 
   monkeypatch.setattr(losses, "elbo", spy)
-  trainer = train.build_trainer(config, (28, 28, 1), 4 * config.batch_size)
-  state = trainer.init_state()
+  built = trainer.build_trainer(config, (28, 28, 1), 4 * config.batch_size)
+  state = built.init_state()
   x = _binary(11, (config.batch_size, 28, 28, 1))
-  key = trainer.keys[step_lib.KEY_EPS]
-  new_state, metrics = jax.jit(trainer.train_step)(state, x, key)
+  key = built.keys[step_lib.KEY_EPS]
+  new_state, metrics = jax.jit(built.train_step)(state, x, key)
   assert len(calls) == 1 and calls[0]["beta"] == 0.7 and calls[0]["num_samples"] == 1
   monkeypatch.setattr(losses, "elbo", real_elbo)
 
-  model, params = trainer.model, state.params
+  model, params = built.model, state.params
   ll_fn = functools.partial(losses.bernoulli_log_likelihood, event_ndims=3)
 
   @jax.jit
@@ -710,9 +714,9 @@ def test_hierarchical_elbo_is_assembled_by_the_public_functions():
   x = _binary(4, (_BATCH, *_EVENT))
   params = model.init(jax.random.key(5), x)
   key = jax.random.key(6)
-  out = objectives.elbo(model, params, x, key, _BERNOULLI, beta=0.3, num_samples=_K)
+  out = objectives.elbo(model, params, x, key, beta=0.3, num_samples=_K)
   eps = losses.sample_eps(key, (_K, _BATCH, model.latents))
-  lw = models.log_weights(model, params, x, eps, _BERNOULLI)
+  lw = models.log_weights(model, params, x, eps)
   rec, kl = jnp.mean(lw.log_px_z, 0), jnp.mean(lw.posterior.kl, 0)
   np.testing.assert_array_equal(out.elbo, losses.elbo_from_terms(rec, kl, 0.3))
   np.testing.assert_allclose(out.elbo, rec - 0.3 * kl, rtol=1e-6)
@@ -727,7 +731,7 @@ def test_beta_tcvae_is_the_elbo_minus_beta_minus_one_times_the_mws_total_correla
   key = jax.random.key(6)
   for beta in (1.0, 3.0):
     spec = objectives.Spec(objective="beta_tcvae", dataset_size=1000)
-    loss, metrics = objectives.make_loss_fn(model, _BERNOULLI, spec, beta)(params, x, key, 0)
+    loss, metrics = objectives.make_loss_fn(model, spec, beta)(params, x, key, 0)
     eps = losses.sample_eps(key, (1, _BATCH, model.latents))
     post = model.posterior(params, x, eps)
     mean, logvar = model.encode(params, x)
@@ -742,3 +746,32 @@ def test_beta_tcvae_is_the_elbo_minus_beta_minus_one_times_the_mws_total_correla
   config.objective, config.model.stochastic_layers = "beta_tcvae", 2
   with pytest.raises(ValueError, match="beta_tcvae"):
     config_lib.validate(config)
+
+
+def test_public_dreg_bound_is_the_training_objectives_value_and_gradient():
+  """losses.iw_bound_dreg, for a user's own encoder and decoder, is exactly what
+  objective='iwae' with gradient_estimator='dreg' trains: the same value (iw_bound's for
+  the same key) and the same gradient."""
+  model = models.make_mlp_vae((4,), 2, encoder_hidden=(3,), activation="tanh")
+  x = _binary(2, (_BATCH, 4))
+  params = model.init(jax.random.key(0), x)
+  key = jax.random.key(9)
+  trained = _loss(model, 1.0, _K, "iwae", gradient_estimator="dreg")
+
+  def public(params):
+    mean, logvar = model.encode(params, x)
+    decode = lambda dec, z: model.decode({"decoder": dec}, z)  # noqa: E731
+    bound = losses.iw_bound_dreg(
+      key, x, mean, logvar, decode, params["decoder"], model.likelihood, num_samples=_K
+    )
+    return -jnp.mean(bound)
+
+  value, grads = jax.value_and_grad(public)(params)
+  (want, _), want_grads = jax.value_and_grad(trained, has_aux=True)(params, x, key)
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  _assert_same_tree(grads, want_grads, rtol=1e-5, atol=1e-7)
+  mean, logvar = model.encode(params, x)
+  plain = losses.iw_bound(
+    key, x, mean, logvar, functools.partial(model.decode, params), num_samples=_K
+  )
+  np.testing.assert_allclose(value, -jnp.mean(plain), rtol=1e-6)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import baselines, figures, models, pictures, writers
+from vae_jax import baselines, datasets, figures, models, pictures, writers
 
 
 def _coordinate_decoder(z):
@@ -60,7 +60,7 @@ def test_latent_map_figure_from_a_tiny_model():
   x = (np.random.default_rng(1).uniform(size=(50, 28, 28, 1)) < 0.3).astype(np.float32)
   codes = np.asarray(jax.jit(model.encode)(params, x)[0])
   labels = np.arange(50) % 10
-  decode = jax.jit(lambda z: models.decoder_mean(model.decode(params, z), "bernoulli"))
+  decode = jax.jit(lambda z: model.likelihood.mean(model.decode(params, z)))
 
   def decode_mean(z):
     return np.asarray(decode(np.asarray(z, np.float32)))
@@ -75,7 +75,7 @@ def test_latent_map_figure_from_a_tiny_model():
     labels,
     manifold,
     latent_limits=limits,
-    class_names=pictures.CLASS_NAMES["fashion_mnist"],
+    class_names=datasets.class_names("fashion_mnist"),
   )
   scatter, _, plane = figure.axes[:3]
   assert scatter.get_xlim() == pytest.approx(limits[0]) and plane.get_xlim() == pytest.approx(

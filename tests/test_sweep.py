@@ -19,22 +19,21 @@ from vae_jax import (
   checkpointing,
   input_pipeline,
   loop,
-  losses,
   models,
   objectives,
   sweep,
   train,
+  trainer,
   writers,
 )
 from vae_jax import config as config_lib
 from vae_jax import step as step_lib
+from vae_jax import workdir as workdir_lib
 
 
-def _loss(model, ll_fn, beta, num_samples, objective="elbo", **options):
+def _loss(model, beta, num_samples, objective="elbo", **options):
   """``objectives.make_loss_fn`` of these options; ``step`` defaults to 0."""
-  fn = objectives.make_loss_fn(
-    model, ll_fn, objectives.Spec(objective, num_samples, **options), beta
-  )
+  fn = objectives.make_loss_fn(model, objectives.Spec(objective, num_samples, **options), beta)
   return lambda params, x, key, step=0: fn(params, x, key, jnp.asarray(step, jnp.int32))
 
 
@@ -49,35 +48,21 @@ def _sweep_config(smoke_config, betas=(0.5, 1.0, 4.0), seeds=(0, 0, 3)):
 
 
 def _single_run_with_sweep_data(config, beta, seed):
-  """A single model trained by train's own chunk: its init/eps keys from ``seed``, data
-  keys (shuffle, binarize) from ``config.seed``, as the sweep defines them."""
-  data = input_pipeline.load_dataset(config.dataset, config.data_dir)
-  images = jax.device_put(data["train"].images)
+  """A single model trained by the single run's chunk: its init/eps keys from ``seed``,
+  data keys (shuffle, binarize) from ``config.seed``, as the sweep defines them."""
+  splits = input_pipeline.load_splits(config)
   single = config.copy_and_resolve_references()
-  single.beta, single.seed = beta, seed
-  trainer = train.build_trainer(single, images.shape[1:], images.shape[0])
-  data_keys = step_lib.run_keys(config.seed)
-  state = trainer.init_state()
-  total = config.num_epochs * trainer.steps_per_epoch
+  single.beta, single.seed, single.sweep.betas = beta, seed, ()
+  built = trainer.build_trainer(single, splits.event_shape, splits.train.num_examples)
+  data_keys = trainer.build_trainer(config, splits.event_shape, splits.train.num_examples)
+  feed = data_keys.device_feed(config, splits, None)  # config.seed's data stream.
+  chunk = built.make_chunk(feed.batch)
+  state = built.init_state()
+  total = config.num_epochs * built.steps_per_epoch
   step = 0
   while step < total:
-    n = min(total - step, trainer.chunk_len)
-    epoch = step // trainer.steps_per_epoch
-    perms = jnp.stack(
-      [
-        step_lib.epoch_permutation(data_keys[step_lib.KEY_SHUFFLE], e, images.shape[0])
-        for e in (epoch, epoch + 1)
-      ]
-    )
-    state, _ = trainer.train_chunk(
-      state,
-      images,
-      perms,
-      epoch,
-      n,
-      trainer.keys[step_lib.KEY_EPS],
-      data_keys[step_lib.KEY_BINARIZE],
-    )
+    n = min(total - step, built.chunk_len)
+    state, _ = chunk(state, feed.inputs(step), n, built.keys[step_lib.KEY_EPS])
     step += n
   return state
 
@@ -130,15 +115,16 @@ def test_each_model_is_its_single_run_and_resume_is_exact(smoke_config, tmp_path
 
 def test_sweep_chunk_compiles_once_for_any_chunk_length(smoke_config):
   config = _sweep_config(smoke_config)
-  data = input_pipeline.load_dataset(config.dataset, config.data_dir)
-  images = jax.device_put(data["train"].images)
-  trainer = sweep.build_sweep_trainer(config, images.shape[1:], images.shape[0])
-  state = trainer.init_state()
+  splits = input_pipeline.load_splits(config)
+  built = sweep.build_sweep_trainer(config, splits.event_shape, splits.train.num_examples)
+  feed = built.base.device_feed(config, splits, built.sharding())
+  chunk = built.base.make_chunk(feed.batch, built.sweep_step)
+  state = built.init_state()
   for n in (3, 4, 1, 7):  # Partial chunks and an epoch boundary.
-    state, metrics = sweep.run_steps(trainer, state, images, n)
+    state, metrics = sweep.run_steps(built, state, feed, n, chunk)
   assert int(state.step) == 15
-  assert metrics["loss"].shape == (trainer.base.chunk_len, 3)
-  assert trainer.sweep_chunk._cache_size() == 1
+  assert metrics["loss"].shape == (built.base.chunk_len, 3)
+  assert chunk._cache_size() == 1
 
 
 def test_bad_sweep_grids_are_clear_errors(smoke_config):
@@ -171,11 +157,11 @@ config.sweep.betas, config.sweep.seeds = (0.5, 4.0), (0,)
 for k in ("encoder_hidden", "conv_features", "top_hidden"):
   config.model[k] = tuple(config.model[k])
 config.sweep.betas, config.sweep.seeds = tuple(config.sweep.betas), tuple(config.sweep.seeds)
-data = input_pipeline.load_dataset(config.dataset, config.data_dir)
-images = data["train"].images
-trainer = sweep.build_sweep_trainer(config, images.shape[1:], images.shape[0])
+splits = input_pipeline.load_splits(config)
+trainer = sweep.build_sweep_trainer(config, splits.event_shape, splits.train.num_examples)
 state = trainer.init_state()
-state, _ = sweep.run_steps(trainer, state, trainer.replicated(images), 12)
+feed = trainer.base.device_feed(config, splits, trainer.sharding())
+state, _ = sweep.run_steps(trainer, state, feed, 12)
 ref = _single_run_with_sweep_data(config, 4.0, 0)
 # Batch-sharded gradients are summed in another order: equal to float tolerance.
 chex.assert_trees_all_close(sweep.model_state(state, 1).params, ref.params, rtol=1e-4, atol=1e-5)
@@ -212,12 +198,11 @@ def test_model_and_batch_axes_are_sharded_over_host_devices(smoke_config):
 def _tiny_model_and_state(num_models=2):
   model = models.make_mlp_vae(event_shape=(28, 28, 1), latents=2, encoder_hidden=(8,))
   optimizer = optax.adam(1e-3)
-  ll_fn = functools.partial(losses.bernoulli_log_likelihood, event_ndims=3)
   init = functools.partial(step_lib.initial_state, model, optimizer, event_shape=(28, 28, 1))
   keys = jax.random.split(jax.random.key(0), num_models)
   state = sweep.SweepState(jnp.zeros((), jnp.int32), jax.jit(jax.vmap(init))(keys))
   batch = jax.random.bernoulli(jax.random.key(1), 0.3, (8, 28, 28, 1)).astype(jnp.float32)
-  return model, optimizer, ll_fn, state, batch
+  return model, optimizer, state, batch
 
 
 def _at_step(state, step):
@@ -228,7 +213,7 @@ def _at_step(state, step):
 def test_kl_warmup_and_capacity_are_the_single_runs_step_with_each_models_beta():
   """The sweep step is the single run's step (objectives.make_loss_fn with the same
   schedule), vmapped with each model's beta: warm-up and capacity over steps included."""
-  model, optimizer, ll_fn, state, batch = _tiny_model_and_state()
+  model, optimizer, state, batch = _tiny_model_and_state()
   betas, eps = jnp.array([1.0, 4.0]), jax.random.split(jax.random.key(2), 2)
   keys = sweep.SweepKeys(eps, betas)
   specs = {
@@ -237,14 +222,14 @@ def test_kl_warmup_and_capacity_are_the_single_runs_step_with_each_models_beta()
   }
   for name, spec in specs.items():
     trainer = types.SimpleNamespace(
-      loss_fn=lambda beta, spec=spec: objectives.make_loss_fn(model, ll_fn, spec, beta),
+      loss_fn=lambda beta, spec=spec: objectives.make_loss_fn(model, spec, beta),
       optimizer=optimizer,
     )
     swept = jax.jit(sweep.make_sweep_step(trainer))
 
     @jax.jit
     def single(state, beta, key, spec=spec):  # The single run's step, beta traced.
-      loss_fn = objectives.make_loss_fn(model, ll_fn, spec, beta)
+      loss_fn = objectives.make_loss_fn(model, spec, beta)
       return step_lib.make_train_step(loss_fn, optimizer)(state, batch, key)
 
     for step, scale, c in [(0, 0.0, 0.0), (2, 0.5, 1.0), (4, 1.0, 2.0), (9, 1.0, 3.0)]:
@@ -261,11 +246,11 @@ def test_kl_warmup_and_capacity_are_the_single_runs_step_with_each_models_beta()
 
 
 def test_capacity_loss_is_rec_plus_gamma_times_distance_to_capacity():
-  model, _, ll_fn, state, batch = _tiny_model_and_state(1)
+  model, _, state, batch = _tiny_model_and_state(1)
   params, key = sweep.model_state(state, 0).params, jax.random.key(3)
-  _, m = jax.jit(_loss(model, ll_fn, 1.0, 1))(params, batch, key)
+  _, m = jax.jit(_loss(model, 1.0, 1))(params, batch, key)
   spec = objectives.Spec(capacity_nats=10.0, capacity_steps=10)
-  capacity_loss = jax.jit(objectives.make_loss_fn(model, ll_fn, spec, 7.0))
+  capacity_loss = jax.jit(objectives.make_loss_fn(model, spec, 7.0))
   for step in (0, 3, 10, 20):
     capacity = 10.0 * min(1.0, step / 10)
     loss, got = capacity_loss(params, batch, key, jnp.int32(step))
@@ -280,11 +265,11 @@ def test_non_finite_model_stops_the_sweep_before_saving(smoke_config, tmp_path):
   config.optimizer.name, config.optimizer.learning_rate = "sgd", 1e30
   config.checkpoint_every_steps = config.log_every_steps = 1
   with pytest.raises(
-    loop.NonFiniteError, match=r"at step \d+ in model \d \(beta=|state at step \d+ holds NaN"
+    loop.NonFiniteError, match=r"at step \d+ in model beta_\S+ \(beta=|state at step \d+ holds NaN"
   ):
     sweep.train_sweep(config, str(tmp_path / "run"))
   steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit())
-  restored = sweep.checkpointing.Checkpointer(tmp_path / "run/checkpoints")
+  restored = checkpointing.Checkpointer(tmp_path / "run/checkpoints")
   _, state = restored.restore_latest(None) if steps else (None, None)
   restored.close()
   if state is not None:
@@ -314,7 +299,7 @@ def test_main_command_trains_evaluates_and_reports_a_sweep(tfds_dir, tmp_path):
   for name in names:
     rows = writers.read_metrics(workdir / "models" / name / "metrics.jsonl")
     assert {r["split"] for r in rows} == {"train", "test"}
-  assert config_lib.read_record(workdir).sweep.betas == (0.5, 4.0)
+  assert workdir_lib.read_record(workdir).sweep.betas == (0.5, 4.0)
   assert "Resumed from checkpoint 12" in main("--config.num_epochs=2")
   main("--mode=evaluate", "--eval_num_samples=3")
   for name, beta in zip(names, (0.5, 4.0), strict=True):

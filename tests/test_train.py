@@ -16,17 +16,28 @@ import pytest
 from conftest import process_env
 from PIL import Image
 
-from vae_jax import checkpointing, loop, losses, models, objectives, optim, train, writers
+from vae_jax import (
+  checkpointing,
+  execution,
+  input_pipeline,
+  loop,
+  losses,
+  models,
+  objectives,
+  optim,
+  process,
+  train,
+  trainer,
+  writers,
+)
 from vae_jax import config as config_lib
 from vae_jax import step as step_lib
 from vae_jax.input_pipeline import preprocess
 
 
-def _loss(model, ll_fn, beta, num_samples, objective="elbo", **options):
+def _loss(model, beta, num_samples, objective="elbo", **options):
   """``objectives.make_loss_fn`` of these options; ``step`` defaults to 0."""
-  fn = objectives.make_loss_fn(
-    model, ll_fn, objectives.Spec(objective, num_samples, **options), beta
-  )
+  fn = objectives.make_loss_fn(model, objectives.Spec(objective, num_samples, **options), beta)
   return lambda params, x, key, step=0: fn(params, x, key, jnp.asarray(step, jnp.int32))
 
 
@@ -36,9 +47,7 @@ REPO = pathlib.Path(__file__).parents[1]
 def _tiny_parts(batch_size=8, seed=0):
   model = models.make_mlp_vae(event_shape=(28, 28, 1), latents=2, encoder_hidden=(8,))
   optimizer = optax.adam(1e-3)
-  loss_fn = _loss(
-    model, lambda logits, x: losses.bernoulli_log_likelihood(logits, x, event_ndims=3), 1.0, 1
-  )
+  loss_fn = _loss(model, 1.0, 1)
   state = step_lib.initial_state(model, optimizer, jax.random.key(seed), (28, 28, 1))
   return model, optimizer, loss_fn, state
 
@@ -81,11 +90,16 @@ def test_chunk_equals_single_steps_and_compiles_once(chunk_len):
   step = step_lib.make_train_step(loss_fn, optimizer)
   images = jax.random.randint(jax.random.key(1), (40, 28, 28, 1), 0, 256).astype(jnp.uint8)
   steps_per_epoch = 40 // 8
-  chunk = step_lib.make_train_chunk(
-    step, chunk_len=chunk_len, batch_size=8, steps_per_epoch=steps_per_epoch, binarization="dynamic"
-  )
   shuffle_key, eps_key, bin_key = jax.random.key(2), jax.random.key(3), jax.random.key(4)
-  perms = [step_lib.epoch_permutation(shuffle_key, e, 40) for e in range(4)]
+  feed = input_pipeline.DeviceFeed(
+    images=images,
+    batch_size=8,
+    binarization="dynamic",
+    binarize_key=bin_key,
+    permutations=input_pipeline.Permutations(shuffle_key, 40),
+  )
+  chunk = step_lib.make_train_chunk(step, feed.batch, chunk_len=chunk_len)
+  perms = [input_pipeline.epoch_permutation(shuffle_key, e, 40) for e in range(4)]
 
   # Reference: one jitted step at a time, batches built the documented way.
   ref = jax.tree.map(jnp.copy, state)
@@ -100,8 +114,7 @@ def test_chunk_equals_single_steps_and_compiles_once(chunk_len):
   # Chunks of 4, 1, 4, 2 steps: crossing epoch boundaries, partial chunks.
   got_losses, s = [], 0
   for n in (4, 1, 4, 2) if chunk_len == 4 else (1,) * 11:
-    e = s // steps_per_epoch
-    state, m = chunk(state, images, jnp.stack([perms[e], perms[e + 1]]), e, n, eps_key, bin_key)
+    state, m = chunk(state, feed.inputs(s), n, eps_key)
     got_losses.extend(np.asarray(m["loss"][:n]).tolist())
     assert np.all(np.asarray(m["loss"][n:]) == 0)
     s += n
@@ -111,17 +124,34 @@ def test_chunk_equals_single_steps_and_compiles_once(chunk_len):
   assert chunk._cache_size() == 1
 
 
-def test_conv_models_on_cpu_dispatch_one_step_at_a_time(smoke_config):
-  """XLA's CPU backend runs convolutions inside a scan or cond body several times
-  slower (step.chunk_len_for); dense models keep their chunks on every platform."""
-  assert step_lib.chunk_len_for(100, 720, kind="conv", platform="cpu") == 1
-  assert step_lib.chunk_len_for(100, 720, kind="conv", platform="gpu") == 100
-  assert step_lib.chunk_len_for(100, 40, kind="mlp", platform="cpu") == 40
-  smoke_config.steps_per_dispatch = 4
-  assert train.build_trainer(smoke_config, (28, 28, 1), 400).chunk_len == 4
+@pytest.mark.parametrize(
+  "kind, platform, steps_per_dispatch, expected, unroll",
+  [
+    ("conv", "cpu", None, 1, True),  # The rule: one step, no loop (jax-ml/jax#12868).
+    ("conv", "gpu", None, 100, False),
+    ("mlp", "cpu", None, 100, False),
+    ("conv", "cpu", 20, 20, True),  # An explicit number wins.
+    ("mlp", "gpu", 7, 7, False),
+  ],
+)
+def test_the_platform_decision_is_made_once_and_an_explicit_number_wins(
+  kind, platform, steps_per_dispatch, expected, unroll
+):
+  config = config_lib.base_config()
+  config.model.kind, config.steps_per_dispatch = kind, steps_per_dispatch
+  plan = execution.plan(config, platform)
+  assert (plan.steps_per_dispatch, plan.unroll_loops) == (expected, unroll)
+  assert ("12868" in plan.reason) == (kind == "conv" and platform == "cpu")
+
+
+def test_the_trainer_reads_the_plan_capped_at_an_epoch(smoke_config):
+  smoke_config.steps_per_dispatch = None
+  built = trainer.build_trainer(smoke_config, (28, 28, 1), 400)
+  assert built.chunk_len == 12  # 100 by default, capped at the 12 steps of an epoch.
   smoke_config.model.kind = "conv"
-  trainer = train.build_trainer(smoke_config, (28, 28, 1), 400)
-  assert trainer.chunk_len == (1 if jax.devices()[0].platform == "cpu" else 4)
+  built = trainer.build_trainer(smoke_config, (28, 28, 1), 400)
+  assert built.chunk_len == (1 if jax.devices()[0].platform == "cpu" else 12)
+  assert built.plan == execution.plan(smoke_config)
 
 
 def _checkpoint_steps(workdir):
@@ -260,13 +290,17 @@ def _iwae_setup():
 
 def test_iwae_with_one_sample_is_the_elbo_in_expectation():
   model, params, x = _iwae_setup()
-  ll = losses.bernoulli_log_likelihood
-  iwae = jax.jit(_loss(model, ll, 1.0, 1, "iwae"))
-  elbo = jax.jit(_loss(model, ll, 1.0, 1, "elbo"))
+  iwae = jax.jit(_loss(model, 1.0, 1, "iwae"))
+  elbo = jax.jit(_loss(model, 1.0, 1, "elbo"))
   key = jax.random.key(3)
   # k = 1: the bound is the single log-weight itself.
   log_w = losses.iw_log_weights(
-    key, x, *model.encode(params, x), lambda z: model.decode(params, z), ll, num_samples=1
+    key,
+    x,
+    *model.encode(params, x),
+    lambda z: model.decode(params, z),
+    model.likelihood,
+    num_samples=1,
   )
   assert float(iwae(params, x, key)[0]) == pytest.approx(-float(jnp.mean(log_w)), rel=1e-6)
   # Over many keys it averages to the ELBO (which uses the closed-form KL): 4 standard errors.
@@ -278,11 +312,10 @@ def test_iwae_with_one_sample_is_the_elbo_in_expectation():
 
 def test_iwae_with_more_samples_is_a_tighter_bound():
   model, params, x = _iwae_setup()
-  ll = losses.bernoulli_log_likelihood
   keys = jax.random.split(jax.random.key(5), 200)
 
   def mean_loss(objective, k):
-    fn = jax.jit(_loss(model, ll, 1.0, k, objective))
+    fn = jax.jit(_loss(model, 1.0, k, objective))
     return float(jnp.mean(jax.vmap(lambda key: fn(params, x, key)[0])(keys)))
 
   assert mean_loss("iwae", 50) < mean_loss("iwae", 5) < mean_loss("elbo", 1)
@@ -291,7 +324,7 @@ def test_iwae_with_more_samples_is_a_tighter_bound():
 def test_iwae_trains_and_rejects_beta():
   model, params, x = _iwae_setup()
   optimizer = optax.adam(1e-2)
-  loss_fn = _loss(model, losses.bernoulli_log_likelihood, 1.0, 10, "iwae")
+  loss_fn = _loss(model, 1.0, 10, "iwae")
   step = jax.jit(step_lib.make_train_step(loss_fn, optimizer))
   state = step_lib.initial_state(model, optimizer, jax.random.key(0), (6,))
   first = None
@@ -340,17 +373,17 @@ def test_save_refuses_a_non_finite_state(tmp_path):
 
 def test_malloc_arenas_are_capped_unless_the_environment_sets_them(monkeypatch):
   monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-  assert not loop.limit_malloc_arenas()  # The user's setting is glibc's to apply.
+  assert not process.limit_malloc_arenas()  # The user's setting is glibc's to apply.
   monkeypatch.delenv("MALLOC_ARENA_MAX")
   if not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc":
     pytest.skip("mallopt(M_ARENA_MAX) exists only in glibc; this platform has another libc.")
-  assert loop.limit_malloc_arenas()
+  assert process.limit_malloc_arenas()
 
 
 def test_peak_rss_is_the_processs_own_not_its_parents():
   # A small child of this large process: getrusage's ru_maxrss would report at least the
   # parent's peak (Linux carries it over exec); VmHWM is the child's own.
-  parent = loop.peak_rss_mib()
+  parent = process.peak_rss_mib()
   assert parent > 150  # JAX alone is about 240 MiB.
   # The child waits on its stdin, so it is alive while measured, however loaded the machine.
   child = subprocess.Popen(
@@ -358,10 +391,10 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=process_env(),
   )  # fmt: skip
   assert child.stdout.readline().strip() == "ready"
-  peak = loop.peak_rss_mib(child.pid)
+  peak = process.peak_rss_mib(child.pid)
   child.communicate("go\n")
   assert 1 < peak < parent / 2
-  assert loop.peak_rss_mib(child.pid) is None  # Exited and reaped.
+  assert process.peak_rss_mib(child.pid) is None  # Exited and reaped.
 
 
 def test_log_rows_leave_out_values_with_nothing_to_average():

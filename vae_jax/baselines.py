@@ -2,19 +2,20 @@
 
 ``fit_pca`` on the training split, then ``pca_baseline``: the test set's squared
 error and its distortion (negative log-likelihood) under the model's likelihood
-with the PCA reconstruction as the mean, beside which ``--mode=evaluate``
-reports the model's.
+(a ``likelihoods.Likelihood``) with the PCA reconstruction as the mean, beside which
+``--mode=evaluate`` reports the model's.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax import losses
+from vae_jax import likelihoods
 
 
 class Pca(NamedTuple):
@@ -70,67 +71,56 @@ def fit_pca(x: np.ndarray, num_components: int, chunk: int = 10000) -> Pca:
   return Pca(mean, eigenvectors[:, top].T, eigenvalues[top], float(np.trace(cov)))
 
 
-# Clipping levels tried for PCA reconstructions used as Bernoulli means.
-_PCA_CLIPS = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
-
-
-_LOG_LIKELIHOODS = {
-  "bernoulli": jax.jit(losses.bernoulli_log_likelihood),
-  "continuous_bernoulli": jax.jit(losses.continuous_bernoulli_log_likelihood),
-}
-
-
-def _clipped_nll(likelihood: str, p: np.ndarray, x: np.ndarray, clip: float) -> np.ndarray:
-  p = np.clip(p, clip, 1.0 - clip)
-  logits = (np.log(p) - np.log1p(-p)).astype(np.float32)
-  return -np.asarray(_LOG_LIKELIHOODS[likelihood](logits, np.asarray(x, np.float32)))
-
-
 def pca_baseline(
   pca: Pca,
   train_x: np.ndarray,
   test_x: np.ndarray,
-  likelihood: str,
-  gaussian_variance: float = 1.0,
+  likelihood: likelihoods.Likelihood,
   max_fit_examples: int = 10000,
 ) -> dict[str, Any]:
   """PCA's reconstruction error on the test set, in the model's units.
 
   Args:
     pca: fitted on the training split.
-    train_x: ``[n, D]`` training data, to choose the Bernoulli clipping level.
-    test_x: ``[m, D]`` test data.
-    likelihood: the model's (``bernoulli``, ``continuous_bernoulli`` or ``gaussian``;
-      ``gaussian_learned`` is ``gaussian`` with the caller's variance).
-    gaussian_variance: its ``c``, for ``gaussian``.
-    max_fit_examples: training examples used to choose the clipping level.
+    train_x: ``[n, *event_shape]`` training data, to fit the likelihood's spread.
+    test_x: ``[m, *event_shape]`` test data.
+    likelihood: the model's ``p(x | z)``; the PCA reconstruction is its mean
+      (``Likelihood.outputs_for_mean``).
+    max_fit_examples: training examples used to choose the spread.
 
   Returns:
     ``mse_per_image`` (squared error summed over pixels, mean over images), and
-    ``distortion``: the negative log-likelihood of the test set under the
-    model's likelihood with the PCA reconstruction as its mean (for the
-    continuous Bernoulli: as its parameter lambda). A Bernoulli parameter must
-    lie in (0, 1), so the reconstruction is clipped to ``[clip, 1 - clip]``,
-    with ``clip`` the level in ``_PCA_CLIPS`` that minimizes the NLL on
-    training images (reported as ``bernoulli_clip``).
+    ``distortion``: the negative log-likelihood of the test set under ``likelihood``
+    with the PCA reconstruction as its mean. What the mean leaves free (a Bernoulli
+    parameter's distance from 0 and 1, a Gaussian's variance) is the candidate of
+    ``likelihood.spreads`` with the best likelihood of the training images, reported
+    under ``likelihood.spread_name`` (e.g. ``bernoulli_clip``, ``gaussian_variance``).
   """
-  recon = pca.reconstruct(test_x)
-  out: dict[str, Any] = {
+  event_shape = test_x.shape[1:]
+
+  def reconstruct(x: np.ndarray) -> np.ndarray:
+    return pca.reconstruct(x.reshape(len(x), -1)).reshape(len(x), *event_shape)
+
+  def nll(x: np.ndarray, mean: np.ndarray, spread) -> float:
+    decoded = likelihood.outputs_for_mean(jnp.asarray(mean, jnp.float32), spread)
+    return -float(np.mean(np.asarray(_log_prob(likelihood, decoded, jnp.asarray(x, jnp.float32)))))
+
+  recon = reconstruct(test_x)
+  flat_test, flat_recon = test_x.reshape(len(test_x), -1), recon.reshape(len(recon), -1)
+  fit = train_x[:max_fit_examples]
+  fit_recon = reconstruct(fit)
+  candidates = likelihood.spreads(fit, fit_recon)
+  spread = candidates[int(np.argmin([nll(fit, fit_recon, c) for c in candidates]))]
+  return {
     "num_components": int(pca.components.shape[0]),
     "fit_on": f"train split ({train_x.shape[0]} examples), same preprocessing",
     "explained_variance_fraction": float(pca.variances.sum() / pca.total_variance),
-    "mse_per_image": float(np.mean(np.sum((recon - test_x) ** 2, axis=-1))),
+    "mse_per_image": float(np.mean(np.sum((flat_recon - flat_test) ** 2, axis=-1))),
+    likelihood.spread_name: spread,
+    "distortion": nll(test_x, recon, spread),
   }
-  if likelihood in _LOG_LIKELIHOODS:
-    fit = train_x[:max_fit_examples]
-    fit_recon = pca.reconstruct(fit)
-    nlls = [float(_clipped_nll(likelihood, fit_recon, fit, c).mean()) for c in _PCA_CLIPS]
-    clip = _PCA_CLIPS[int(np.argmin(nlls))]
-    out["bernoulli_clip"] = clip
-    out["distortion"] = float(_clipped_nll(likelihood, recon, test_x, clip).mean())
-  else:
-    log_p = losses.gaussian_log_likelihood(
-      jnp.asarray(recon, jnp.float32), jnp.asarray(test_x, jnp.float32), gaussian_variance
-    )
-    out["distortion"] = float(-np.mean(np.asarray(log_p)))
-  return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_prob(likelihood: likelihoods.Likelihood, decoded: jax.Array, x: jax.Array) -> jax.Array:
+  return likelihood.log_prob(decoded, x)

@@ -20,11 +20,32 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vae_jax import files
+from vae_jax.errors import UserError
+
 PyTree = Any
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be used; the message says why and what to do."""
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint cannot be used or written; the message says why and what to do."""
+
+
+class NoCheckpoint(CheckpointError, FileNotFoundError):
+  """A directory holds no (readable) checkpoint to restore."""
+
+
+def _advice(e: BaseException) -> str:
+  """The fix for a failed write, from the operating system's error where one is known:
+  an ``OSError`` anywhere in the chain of causes, or TensorStore's ``os_error_code=N``."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno is not None:
+      return files.advice(seen)
+    seen = seen.__cause__ or seen.__context__
+  code = re.search(r"os_error_code='?(\d+)", str(e))
+  if code:
+    return files.advice(OSError(int(code.group(1)), ""))
+  return "fix the cause"
 
 
 def _path_name(path) -> str:
@@ -155,7 +176,7 @@ class Checkpointer:
       resume = f"from checkpoint {latest}" if latest is not None else "from the start"
       raise CheckpointError(
         f"Writing a checkpoint in {self.directory} failed: {first}. Nothing half-written is "
-        f"used: free space (or fix the cause), then run the same command to resume {resume}."
+        f"used: {_advice(e)}, then run the same command to resume {resume}."
       ) from e
 
   def _unreadable_dir(self) -> pathlib.Path:
@@ -274,12 +295,12 @@ def restore_read_only(
   training job that is still writing there.
 
   Raises:
-    FileNotFoundError: ``directory`` holds no checkpoint.
+    NoCheckpoint: ``directory`` holds no checkpoint (a ``FileNotFoundError`` too).
     CheckpointError: as ``Checkpointer.restore_latest``.
   """
   directory = pathlib.Path(directory)
   if not saved_steps(directory):
-    raise FileNotFoundError(
+    raise NoCheckpoint(
       f"No checkpoints in {directory}. Train first, with the same config and "
       f"--workdir={directory.parent}."
     )
@@ -289,6 +310,6 @@ def restore_read_only(
   finally:
     checkpointer.close()
   if restored is None:
-    raise FileNotFoundError(f"No readable checkpoint in {directory}.")
+    raise NoCheckpoint(f"No readable checkpoint in {directory}.")
   step, state = restored
   return int(step), state

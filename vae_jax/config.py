@@ -1,43 +1,67 @@
-"""Every config field, its default and meaning, the rules it obeys, and the workdir's record.
+"""Every config field, its default and meaning, the choices and the rules it obeys.
 
-Config files in ``configs/`` call ``base_config()`` and change what they need, so
-a field is documented once here and ``--config.<field>=<value>`` overrides are
-type-checked against it (``ml_collections`` rejects unknown fields and wrong
-types). ``validate(config)`` is the one place that checks values: every numeric
-field's range and finiteness, every choice, and the rules between fields. The
-rules for resuming a workdir (``RESUMABLE_CHANGES``, ``check_resume``) and its
-``config.json`` record live here too.
+The bottom floor of vae_jax: it imports nothing of the package but ``errors``, so a
+config file (``configs/*.py``) imports only ``ml_collections`` and this module.
+
+Config files call ``base_config()`` and change what they need, so a field is
+documented once here and ``--config.<field>=<value>`` overrides are type-checked
+against it (``ml_collections`` rejects unknown fields and wrong types).
+``validate(config)`` is the one place that checks values: every numeric field's range
+and finiteness, every choice, and the rules between fields; each command validates
+once, before anything is created. ``CHOICES`` declares the names each string field
+takes; the modules that implement them keep one registry each, and a test checks that
+the two agree. ``parse_arg`` reads a config file's argument (``:vae,iwae,smoke``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
-from vae_jax import checkpointing, input_pipeline, models, networks, objectives, optim
+from vae_jax.errors import UserError
 
-# Choices of the string fields, each from the module that implements them.
+
+class ConfigError(UserError, ValueError):
+  """A config value, or a combination of values, that the run cannot use; the message
+  names the field and what to change."""
+
+
+# The names each string field takes. The implementing modules' registries hold the same
+# keys (tests/test_config.py checks each pair).
 CHOICES: dict[str, tuple[str, ...]] = {
-  "dataset": (*input_pipeline.DATASETS, *input_pipeline.DSPRITES),
-  "binarization": input_pipeline.BINARIZATIONS,
-  "model.kind": models.KINDS,
-  "model.activation": tuple(networks.ACTIVATIONS),
-  "model.kernel_init": tuple(networks.KERNEL_INITS),
-  "model.hierarchy": models.HIERARCHIES,
-  "model.prior": models.PRIORS,
-  "model.likelihood": objectives.LIKELIHOODS,
-  "objective": objectives.OBJECTIVES,
-  "gradient_estimator": objectives.GRADIENT_ESTIMATORS,
-  "optimizer.name": optim.OPTIMIZERS,
-  "optimizer.schedule": optim.SCHEDULES,
+  "dataset": (
+    "mnist",
+    "fashion_mnist",
+    "dsprites",
+    "dsprites_rendered",
+    "dsprites_cpu",
+    "dsprites_smoke",
+  ),
+  "binarization": ("none", "threshold", "dynamic", "dequantize"),
+  "model.kind": ("mlp", "conv"),
+  "model.activation": ("relu", "tanh", "gelu", "elu", "softplus", "swish"),
+  "model.kernel_init": ("lecun_normal", "he_normal"),
+  "model.hierarchy": ("iwae", "vampprior"),
+  "model.prior": ("standard", "vampprior"),
+  "model.likelihood": ("bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned"),
+  "objective": ("elbo", "iwae", "autoencoder", "beta_tcvae"),
+  "gradient_estimator": ("plain", "dreg"),
+  "optimizer.name": ("adam", "adam_iwae", "adam_normgrad", "adamw", "sgd", "rmsprop"),
+  "optimizer.schedule": ("constant", "cosine", "exponential", "iwae"),
   "nonfinite_policy": ("stop", "skip"),
   "matmul_precision": ("default", "high", "highest"),
   "disentanglement_counts": ("disentanglement_lib", "cpu"),
 }
+
+
+def check_choice(field: str, value: Any) -> None:
+  """Raises ``ConfigError`` unless ``value`` is one of ``CHOICES[field]``."""
+  if value not in CHOICES[field]:
+    raise ConfigError(f"config.{field}={value!r} is not one of {CHOICES[field]}.")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -58,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.binarization = "dynamic"
   # Held out from the end of the training split for early stopping (0: none).
   c.validation_examples = 0
+  c.data = ml_collections.ConfigDict()
+  # Use only the first N images of the training split (None: all), e.g. for a smoke run or
+  # a study of data efficiency; validation_examples are then held out from these.
+  c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)
 
   # Model (see vae_jax/models.py). Defaults: the Flax example's MLP VAE.
   c.model = ml_collections.ConfigDict()
@@ -137,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Epochs of KL warm-up do not count against the patience (as in the VampPrior
   # code). A sweep stops when every model has run out of patience.
   c.early_stopping_patience_epochs = 0
+  # The run's length in steps, instead of num_epochs (None: num_epochs epochs). A run
+  # that is not a whole number of epochs ends inside one.
+  c.num_train_steps = ml_collections.FieldReference(None, field_type=int)
 
   # A sweep (see vae_jax/sweep.py): one model per (beta, seed), trained as one
   # compiled program. Empty betas: a single run with config.beta and config.seed.
@@ -159,9 +190,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0
 
   # Loop, evaluation and outputs. 0 means "once per epoch".
-  # Train steps run by one jitted call (lax.scan); 1 for convolutional models on
-  # CPU, where XLA runs convolutions in loop bodies far slower (step.chunk_len_for).
-  c.steps_per_dispatch = 100
+  # Train steps run by one jitted call (a lax.scan), at most an epoch. None: decided when
+  # the run is built (vae_jax/execution.py): 100, or 1 for a convolutional model on CPU,
+  # where XLA runs convolutions inside loop bodies many times slower. A number wins.
+  c.steps_per_dispatch = ml_collections.FieldReference(None, field_type=int)
   c.log_every_steps = 100
   c.eval_every_steps = 0
   c.eval_batch_size = 1000
@@ -181,15 +213,77 @@ def base_config() -> ml_collections.ConfigDict:
 
 def shrink_for_smoke(config: ml_collections.ConfigDict, num_epochs: int = 2) -> None:
   """The ``:smoke`` variant of a config: a tiny model and run that exercise every
-  code path in seconds (used by the tests and for quick checks)."""
+  code path in seconds (used by the tests and for quick checks), on the first 400
+  training images of whatever dataset the config names."""
   config.model.latents = 2
   config.model.encoder_hidden = (16,)
   config.batch_size = 32
   config.num_epochs = num_epochs
-  config.steps_per_dispatch = 4
+  config.data.max_train_examples = 400
+  if config.model.kind != "conv":  # Convolutions on CPU keep execution.plan's 1.
+    config.steps_per_dispatch = 4  # Several dispatches per (12-step) epoch.
   config.log_every_steps = 5
   config.eval_batch_size = 64
   config.num_image_samples = 16
+
+
+def parse_arg(
+  arg: str | None,
+  *,
+  choices: Sequence[str] = (),
+  modifiers: Sequence[str] = ("smoke",),
+  default: str | None = None,
+  required: bool = False,
+) -> tuple[str | None, frozenset[str]]:
+  """A config file's argument, ``--config=FILE:ARG``: ``"hvae,iwae,smoke"`` ->
+  ``("hvae", {"iwae", "smoke"})``.
+
+  ``ARG`` is comma-separated: at most one of ``choices`` (else ``default``) and any of
+  ``modifiers``. With ``required``, a choice must be given.
+
+  Raises:
+    ConfigError: an unknown word, two choices, or a missing required choice.
+  """
+  words = [w for w in (arg or "").split(",") if w]
+  picked = [w for w in words if w in choices]
+  unknown = [w for w in words if w not in choices and w not in modifiers]
+  choice = picked[0] if picked else default
+  if unknown or len(picked) > 1 or (required and choice is None):
+    takes = []
+    if choices:
+      takes.append(f"one of {', '.join(choices)}" + ("" if required else " (or none)"))
+    if modifiers:
+      words = " and ".join(f"'{m}'" for m in modifiers)
+      takes.append(f"optionally followed by {words}, comma-separated" if choices else words)
+    raise ConfigError(
+      f"Unknown config argument {arg!r}: this config takes {', '.join(takes) or 'none'}; "
+      "e.g. --config=FILE:" + ",".join([*choices[:1], *modifiers[-1:]]) + "."
+    )
+  return choice, frozenset(w for w in words if w in modifiers)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested dict as ``{"model.latents": 20, ...}``; tuples as lists (as JSON has them)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config``'s fields as ``{"model.latents": 20, ...}``, with the values JSON gives."""
+  return flatten(json.loads(config.to_json()))
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """The fields of ``config`` that differ from ``base_config()``, one ``field = value`` per
+  line: what a reader of a run's log needs to know of its config."""
+  defaults, now = flat(base_config()), flat(config)
+  lines = [f"  {k} = {v!r}" for k, v in sorted(now.items()) if defaults.get(k, object()) != v]
+  return "\n".join(lines) or "  (every field at its default)"
 
 
 def is_sweep(config: ml_collections.ConfigDict) -> bool:
@@ -230,6 +324,8 @@ _NUMBERS: dict[str, tuple[str, float, float, str]] = {
   "batch_size": (_INT, 1, _INF, "[)"),
   "num_epochs": (_INT, 1, _INF, "[)"),
   "early_stopping_patience_epochs": (_INT, 0, _INF, "[)"),
+  "num_train_steps": (_INT, 1, _INF, "[)"),
+  "data.max_train_examples": (_INT, 1, _INF, "[)"),
   "num_devices": (_INT, 0, _INF, "[)"),
   "steps_per_dispatch": (_INT, 1, _INF, "[)"),
   "log_every_steps": (_INT, 1, _INF, "[)"),
@@ -241,7 +337,14 @@ _NUMBERS: dict[str, tuple[str, float, float, str]] = {
   "max_nonfinite_skips": (_INT, 0, _INF, "[)"),
 }
 # Fields whose None means "off" (or "default").
-_OPTIONAL = {"model.logvar_bound", "optimizer.grad_clip_norm", "optimizer.ema_decay"}
+_OPTIONAL = {
+  "model.logvar_bound",
+  "optimizer.grad_clip_norm",
+  "optimizer.ema_decay",
+  "num_train_steps",
+  "data.max_train_examples",
+  "steps_per_dispatch",
+}
 # Tuples of positive integers: layer widths.
 _WIDTHS = (
   "model.encoder_hidden",
@@ -262,27 +365,32 @@ def _check_number(path: str, value: Any) -> None:
   kind, low, high, interval = _NUMBERS[path]
   is_int = isinstance(value, int) and not isinstance(value, bool)
   if kind == _INT and not is_int:
-    raise ValueError(f"config.{path} must be an integer, got {value!r}.")
+    raise ConfigError(f"config.{path} must be an integer, got {value!r}.")
   if kind == _FLOAT and (isinstance(value, bool) or not isinstance(value, int | float)):
-    raise ValueError(f"config.{path} must be a number, got {value!r}.")
+    raise ConfigError(f"config.{path} must be a number, got {value!r}.")
   if not math.isfinite(value):
-    raise ValueError(f"config.{path} must be finite, got {value!r}.")
+    raise ConfigError(f"config.{path} must be finite, got {value!r}.")
   above = value >= low if interval[0] == "[" else value > low
   below = value <= high if interval[1] == "]" else value < high
   if not (above and below):
-    raise ValueError(
+    raise ConfigError(
       f"config.{path}={value!r} is out of range: it must be in {interval[0]}{low}, {high}"
       f"{interval[1]}."
     )
 
 
-def _check_values(config: ml_collections.ConfigDict) -> None:
+def _check_fields(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Range, finiteness and choice of every field whose path starts with ``prefix``."""
   for path in _NUMBERS:
+    if not path.startswith(prefix):
+      continue
     value = _get(config, path)
     if value is None and path in _OPTIONAL:
       continue
     _check_number(path, value)
   for path in _WIDTHS:
+    if not path.startswith(prefix):
+      continue
     value = _get(config, path)
     if value is None and path == "model.decoder_hidden":
       continue
@@ -291,22 +399,41 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       or not value
       or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value)
     ):
-      raise ValueError(
+      raise ConfigError(
         f"config.{path} must be a non-empty tuple of positive integers (layer widths), "
         f"got {value!r}; e.g. --config.{path}='(300, 300)'."
       )
-  clip = config.model.logvar_clip
+  for path in CHOICES:
+    if path.startswith(prefix):
+      check_choice(path, _get(config, path))
+
+
+def check_model(model: ml_collections.ConfigDict) -> None:
+  """Checks a ``config.model`` section on its own: every value, and the rules between its
+  fields. ``validate`` calls it for a config; ``models.make_vae`` for its arguments.
+
+  Raises:
+    ConfigError: naming the field and what to change.
+  """
+  m = model
+  _check_fields(ml_collections.ConfigDict({"model": m}), prefix="model.")
+  clip = m.logvar_clip
   if clip is not None and not (
     len(clip) == 2 and all(isinstance(v, int | float) and math.isfinite(v) for v in clip)
     and clip[0] < clip[1]
   ):  # fmt: skip
-    raise ValueError(
+    raise ConfigError(
       f"config.model.logvar_clip must be (low, high) with finite low < high, got {clip!r}."
     )
-  for path, choices in CHOICES.items():
-    value = _get(config, path)
-    if value not in choices:
-      raise ValueError(f"config.{path}={value!r} is not one of {choices}.")
+  if m.prior == "vampprior" and m.stochastic_layers == 2 and m.hierarchy != "vampprior":
+    raise ConfigError(
+      "config.model.prior='vampprior' with two stochastic layers needs "
+      "model.hierarchy='vampprior' (the 'iwae' hierarchy encodes z2 from z1, not from x)."
+    )
+  if m.gated and m.kind != "mlp":
+    raise ConfigError("config.model.gated=True is for model.kind='mlp'.")
+  if m.stochastic_layers == 2 and m.hierarchy == "vampprior" and m.kind != "mlp":
+    raise ConfigError("config.model.hierarchy='vampprior' is built from MLPs: use kind='mlp'.")
 
 
 def _check_rules(config: ml_collections.ConfigDict) -> None:
@@ -314,52 +441,43 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
   c, m = config, config.model
   elbo = c.objective == "elbo"
   if c.objective == "iwae" and (c.beta != 1.0 or any(b != 1.0 for b in c.sweep.betas)):
-    raise ValueError(
+    raise ConfigError(
       f"config.beta={c.beta} (or config.sweep.betas), but the IWAE bound has no KL weight; "
       "use beta=1, or objective='elbo' to sweep beta."
     )
   if c.objective == "beta_tcvae" and not (
     m.stochastic_layers == 1 and m.prior == "standard" and c.num_samples == 1
   ):
-    raise ValueError(
+    raise ConfigError(
       "config.objective='beta_tcvae' estimates the total correlation of one Gaussian layer "
       "under N(0, I) from one sample per example: use model.stochastic_layers=1, "
       "model.prior='standard' and num_samples=1."
     )
   if c.gradient_estimator == "dreg" and c.objective != "iwae":
-    raise ValueError("config.gradient_estimator='dreg' is for config.objective='iwae'.")
+    raise ConfigError("config.gradient_estimator='dreg' is for config.objective='iwae'.")
   if c.gradient_estimator == "dreg" and m.prior == "vampprior":
-    raise ValueError(
+    raise ConfigError(
       "config.gradient_estimator='dreg' assumes a prior that does not depend on the encoder; "
       "the VampPrior does. Use gradient_estimator='plain' with model.prior='vampprior'."
     )
   for name in ("free_bits", "kl_warmup_epochs", "capacity_nats"):
     if c[name] and not elbo:
-      raise ValueError(f"config.{name} shapes the ELBO's KL term; use config.objective='elbo'.")
+      raise ConfigError(f"config.{name} shapes the ELBO's KL term; use config.objective='elbo'.")
   if c.free_bits and m.prior == "vampprior":
-    raise ValueError(
+    raise ConfigError(
       "config.free_bits needs a KL per latent dimension, which the VampPrior does not have; "
       "set free_bits=0 or model.prior='standard'."
     )
   if c.capacity_nats and (c.kl_warmup_epochs or c.free_bits):
-    raise ValueError(
+    raise ConfigError(
       "config.capacity_nats replaces the KL term (Burgess et al. 2018): set kl_warmup_epochs=0 "
       "and free_bits=0 with it."
     )
   if c.early_stopping_patience_epochs and not c.validation_examples:
-    raise ValueError(
+    raise ConfigError(
       "config.early_stopping_patience_epochs needs a validation split: set "
       "config.validation_examples (e.g. 10000)."
     )
-  if m.prior == "vampprior" and m.stochastic_layers == 2 and m.hierarchy != "vampprior":
-    raise ValueError(
-      "config.model.prior='vampprior' with two stochastic layers needs "
-      "model.hierarchy='vampprior' (the 'iwae' hierarchy encodes z2 from z1, not from x)."
-    )
-  if m.gated and m.kind != "mlp":
-    raise ValueError("config.model.gated=True is for model.kind='mlp'.")
-  if m.stochastic_layers == 2 and m.hierarchy == "vampprior" and m.kind != "mlp":
-    raise ValueError("config.model.hierarchy='vampprior' is built from MLPs: use kind='mlp'.")
   if is_sweep(c):
     _check_sweep(c)
 
@@ -368,10 +486,12 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
   betas, seeds = sweep_grid(config)
   for b in betas:
     if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or b < 0:
-      raise ValueError(f"config.sweep.betas must be finite numbers >= 0, got {config.sweep.betas}.")
+      raise ConfigError(
+        f"config.sweep.betas must be finite numbers >= 0, got {config.sweep.betas}."
+      )
   names = [model_name(b, s) for b, s in zip(betas, seeds, strict=True)]
   if len(set(names)) != len(names):
-    raise ValueError(f"config.sweep has repeated (beta, seed) pairs: {names}; make them unique.")
+    raise ConfigError(f"config.sweep has repeated (beta, seed) pairs: {names}; make them unique.")
 
 
 def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[int, ...]]:
@@ -379,20 +499,20 @@ def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tu
   one seed per beta pairs them, and ``sweep.cross`` crosses the two lists.
 
   Raises:
-    ValueError: no betas, or a number of seeds that is neither 1 nor one per beta.
+    ConfigError: no betas, or a number of seeds that is neither 1 nor one per beta.
   """
   betas = tuple(config.sweep.betas)
   seeds = tuple(config.sweep.seeds)
   if not betas:
-    raise ValueError("config.sweep.betas is empty; give at least one beta to run a sweep.")
+    raise ConfigError("config.sweep.betas is empty; give at least one beta to run a sweep.")
   if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-    raise ValueError(f"config.sweep.seeds must be integers, got {seeds}.")
+    raise ConfigError(f"config.sweep.seeds must be integers, got {seeds}.")
   if config.sweep.cross:  # Every beta with every seed, seeds outer.
     betas, seeds = betas * len(seeds), tuple(s for s in seeds for _ in config.sweep.betas)
   elif len(seeds) == 1:
     seeds = seeds * len(betas)
   if len(seeds) != len(betas):
-    raise ValueError(
+    raise ConfigError(
       f"config.sweep.seeds has {len(seeds)} entries for {len(betas)} betas; give one seed "
       "(shared) or one per beta."
     )
@@ -405,163 +525,9 @@ def model_name(beta: float, seed: int) -> str:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` naming the field and what to change, for any value the run
-  cannot use: out of range or not finite, an unknown choice, or a combination of
-  fields that does not go together."""
-  _check_values(config)
+  """Raises ``ConfigError`` (a ``ValueError``) naming the field and what to change, for any
+  value the run cannot use: out of range or not finite, an unknown choice, or a
+  combination of fields that does not go together."""
+  _check_fields(config)
+  check_model(config.model)
   _check_rules(config)
-
-
-# --------------------------------------------------------------------------
-# Resuming a workdir, and its record of the config.
-
-# Fields that may change when a run resumes from its workdir: they change how
-# long or how visibly it runs, not what it computes.
-RESUMABLE_CHANGES = frozenset(
-  {
-    "num_epochs",  # Except with optimizer.schedule="cosine", which decays over num_epochs.
-    "early_stopping_patience_epochs",
-    "log_every_steps",
-    "eval_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "num_image_samples",
-    "progress_bar",
-    "nonfinite_policy",
-    "max_nonfinite_skips",
-    "num_devices",
-    "data_dir",
-    "idx_dir",
-    "disentanglement_counts",
-  }
-)
-# Fields that older versions wrote and this one no longer has, with the value
-# that behaves like this version's defaults: a record holding that value still
-# resumes. (Sweeps' KL schedule became the top-level kl_warmup_epochs/capacity_*.)
-_RETIRED_FIELDS = {"sweep.schedule": "constant"}
-_RETIRED_UNUSED = ("sweep.warmup_steps", "sweep.capacity_nats", "sweep.capacity_steps")
-
-RECORD = "config.json"
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def differences(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[str]:
-  """Fields in which ``config`` differs from the run recorded in ``workdir/config.json``.
-
-  Returns one ``"  field: workdir has A, now B"`` line per field, leaving out
-  those allowed to change on resume (``RESUMABLE_CHANGES``). A field missing
-  from an older record counts as its default, which is how that run behaved.
-  No record: no differences.
-  """
-  path = pathlib.Path(workdir) / RECORD
-  if not path.exists():
-    return []
-  defaults = _flatten(json.loads(base_config().to_json()))
-  saved = {**defaults, **_flatten(json.loads(path.read_text()))}
-  for field, value in _RETIRED_FIELDS.items():
-    if saved.get(field) == value:
-      saved.pop(field)
-  if "sweep.schedule" not in saved:
-    for field in _RETIRED_UNUSED:
-      saved.pop(field, None)
-  now = _flatten(json.loads(config.to_json()))
-  resumable = set(RESUMABLE_CHANGES)
-  if "cosine" in (saved.get("optimizer.schedule"), now.get("optimizer.schedule")):
-    resumable.discard("num_epochs")  # The cosine schedule decays over num_epochs.
-  return [
-    f"  {k}: workdir has {saved.get(k)!r}, now {now.get(k)!r}"
-    for k in sorted(set(saved) | set(now))
-    if not _same(saved.get(k), now.get(k)) and k not in resumable
-  ]
-
-
-def _same(a: Any, b: Any) -> bool:
-  """Equal values; NaN equals NaN (a record holding one still resumes under itself)."""
-  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-    return True
-  return a == b
-
-
-def likelihood_caveat(config: ml_collections.ConfigDict) -> str | None:
-  """What a reader of this run's log-likelihoods must know, or ``None``."""
-  binary_data = config.dataset in input_pipeline.BINARY_DATASETS
-  if (
-    config.model.likelihood == "bernoulli"
-    and config.binarization in ("none", "dequantize")
-    and not binary_data
-  ):
-    return (
-      f"likelihood='bernoulli' on grey levels (binarization={config.binarization!r}): the "
-      "reconstruction term is the negative binary cross-entropy, not a log-density of the "
-      "data, so 'log-likelihoods' and ELBOs are not bounds on log p(x); use "
-      "model.likelihood='continuous_bernoulli' for a density of grey levels, or a binarization."
-    )
-  return None
-
-
-def check_resume(
-  config: ml_collections.ConfigDict, workdir: pathlib.Path, allow_change: bool = False
-) -> list[str]:
-  """Refuses a workdir whose checkpoints belong to a run of another config.
-
-  A workdir without any checkpoint has nothing to protect. Differences (see
-  ``differences``) raise ``ValueError`` naming them, unless ``allow_change``;
-  then they are returned for the caller to log.
-  """
-  if not checkpointing.saved_steps(pathlib.Path(workdir) / "checkpoints"):
-    return []
-  diffs = differences(config, workdir)
-  if diffs and not allow_change:
-    raise ValueError(
-      f"{workdir} holds a run with a different config:\n" + "\n".join(diffs) + "\n"
-      "Resuming would mix two experiments. Use a new --workdir, the same config, or "
-      "--allow_config_change if you mean to continue this run with the new values."
-    )
-  return diffs
-
-
-def check_evaluation(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Refuses to evaluate ``workdir`` under a config other than the one that trained it."""
-  diffs = differences(config, workdir)
-  if diffs:
-    raise ValueError(
-      f"{workdir} was trained with a different config:\n" + "\n".join(diffs) + "\n"
-      "Evaluate it with the --config (and overrides) that trained it."
-    )
-
-
-def read_record(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a workdir's run recorded: ``base_config()`` updated with its ``config.json``.
-
-  Raises:
-    FileNotFoundError: the workdir has no record.
-  """
-  path = pathlib.Path(workdir) / RECORD
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: is {workdir} a vae_jax workdir?")
-  known = _flatten(json.loads(base_config().to_json()))
-  record = {
-    k: tuple(v) if isinstance(v, list) else v
-    for k, v in _flatten(json.loads(path.read_text())).items()
-    if k in known
-  }
-  config = base_config()
-  config.update_from_flattened_dict(record)
-  return config
-
-
-def write_record(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Records ``config`` as ``workdir/config.json`` (atomically)."""
-  path = pathlib.Path(workdir) / RECORD
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)

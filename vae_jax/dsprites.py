@@ -361,7 +361,11 @@ def render(factors: np.ndarray, grid: Grid = FULL) -> np.ndarray:
 
 
 def _file_digests(path: str) -> tuple[str, str]:
-  """(SHA-256 of the file, git blob SHA-1 of the file), read in 16 MiB chunks."""
+  """(SHA-256 of the file, git blob SHA-1 of the file), in one pass over 16 MiB chunks.
+
+  Not ``hashlib.file_digest``: the git blob id hashes a header before the bytes, and both
+  digests come from one read of the file.
+  """
   sha256 = hashlib.sha256()
   blob = hashlib.sha1()  # The git object id; see load_published for what it guards.
   blob.update(b"blob %d\0" % os.path.getsize(path))
@@ -375,8 +379,10 @@ def _file_digests(path: str) -> tuple[str, str]:
 def load_published(path: str, *, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Reads the published dSprites npz after verifying that it is the published file.
 
-  Download it yourself (this package never downloads it), e.g.
-  ``curl -L -o dsprites.npz`` + :data:`PUBLISHED_URL`. Verification, in order:
+  ``--config.dataset=dsprites`` downloads it from :data:`PUBLISHED_URL` on first use when
+  the machine is online (``vae_jax.datasets``), and calls this to verify the download before
+  keeping it; offline, download it elsewhere (``curl -L -o FILE`` + :data:`PUBLISHED_URL`)
+  and give its directory as ``--config.idx_dir``. Verification, in order:
 
   1. a SHA-256 you pass as ``sha256`` (or :data:`PUBLISHED_SHA256`, ``None`` in this
      release because it could not be established with certainty), else

@@ -4,7 +4,7 @@ Restores a workdir's parameters (the best on validation, the EMA or the
 latest; or the checkpoint ``--eval_step=N``) and writes
 ``eval/step_<N>_k<K>.json``: the test log-likelihood estimated by importance
 sampling with ``K`` samples from the encoder (nats, bits per dimension,
-standard errors; ``vae_jax.likelihood``), the ELBO, rate, distortion, KL per
+standard errors; ``vae_jax.estimators``), the ELBO, rate, distortion, KL per
 latent dimension and active units of each split, and a PCA baseline with as
 many components as the model has latents (``vae_jax.baselines``). It also
 draws what was learned: sample and reconstruction grids (``images/``,
@@ -15,19 +15,20 @@ A sweep's workdir is evaluated model by model, each into
 ``models/<name>/eval/`` and ``models/<name>/figures/``.
 
 Reported numbers are computed at full float32 matmul precision on every
-platform (``likelihood.EVAL_MATMUL_PRECISION``): on GPUs and TPUs the default
+platform (``estimators.EVAL_MATMUL_PRECISION``): on GPUs and TPUs the default
 may use TF32 or bfloat16 passes, which moves likelihoods at the second decimal.
 The JSON records the precision.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -37,22 +38,27 @@ from absl import logging
 from vae_jax import (
   baselines,
   checkpointing,
+  datasets,
   disentanglement,
   dsprites,
+  early_stopping,
+  estimators,
+  execution,
   figures,
+  files,
   input_pipeline,
-  likelihood,
-  loop,
+  locks,
   models,
-  objectives,
   optim,
   pictures,
+  process,
   sweep,
-  train,
+  trainer,
   writers,
 )
 from vae_jax import config as config_lib
 from vae_jax import step as step_lib
+from vae_jax import workdir as workdir_lib
 from vae_jax.models import Model, Params
 
 Array = jax.Array
@@ -87,50 +93,99 @@ def params_source(
   if eval_step is not None:
     return "step_ema" if ema else "step"
   if config.validation_examples:
-    if checkpointing.saved_steps(pathlib.Path(workdir) / train.BEST_DIR):
+    if checkpointing.saved_steps(pathlib.Path(workdir) / workdir_lib.BEST):
       return "best"
     logging.warning("%s has no best checkpoint yet (no validation so far).", workdir)
   return "ema" if ema else "latest"
 
 
-def restore_params(
+class Target(NamedTuple):
+  """One model's parameters to evaluate, and where its results go.
+
+  Attributes:
+    name: the model's name in a sweep (``""`` for a single run).
+    seed: its seed (the evaluation's keys are its single run's).
+    beta: its beta.
+    step: the checkpoint step the parameters come from.
+    source: a key of ``PARAMS_SOURCES``.
+    params: the parameters.
+    out_dir: the directory its ``eval/``, ``images/`` and ``figures/`` go to.
+  """
+
+  name: str
+  seed: int
+  beta: float
+  step: int
+  source: str
+  params: Params
+  out_dir: pathlib.Path
+
+
+def restore_targets(
   config: ml_collections.ConfigDict,
   workdir: pathlib.Path,
   event_shape: tuple[int, ...],
   num_train: int,
   eval_step: int | None = None,
-) -> tuple[int, Model, Params]:
-  """Builds the model of ``config`` and restores the params to evaluate from ``workdir``.
+) -> tuple[Model, list[Target]]:
+  """The model of ``config`` and every model's parameters to evaluate from ``workdir``.
 
-  Those are the ones ``params_source`` names. The restore target is
-  ``train.build_trainer(...).abstract_state()``, exactly as training resumes,
-  so a checkpoint written on any number of devices or hosts restores here.
-
-  Returns:
-    ``(step, model, params)``.
+  Those are the ones ``params_source`` names: one target for a single run, one per
+  model for a sweep (each into ``models/<name>/``). The restore target is the one
+  training resumes into, so a checkpoint written on any number of devices or hosts
+  restores here; checkpoints are opened read-only, safe beside a running training job.
 
   Raises:
     FileNotFoundError: ``workdir`` holds no checkpoint.
     checkpointing.CheckpointError: the checkpoints do not match the config, or
       ``eval_step`` is not among them.
   """
-  trainer = train.build_trainer(config, event_shape, num_train)
-  abstract = trainer.abstract_state()
-  if params_source(config, workdir, eval_step) == "best":
-    target = train.BestCheckpoint.target(abstract.params, trainer.replicated)
-    step, best = checkpointing.restore_read_only(workdir / train.BEST_DIR, target)
-    logging.info("Best validation ELBO %.3f at step %d.", float(best["elbo"]), step)
-    return step, trainer.model, best["params"]
-  step, state = checkpointing.restore_read_only(workdir / "checkpoints", abstract, eval_step)
-  return step, trainer.model, optim.eval_params(state.opt_state, state.params)
+  if config_lib.is_sweep(config):
+    built = sweep.build_sweep_trainer(config, event_shape, num_train)
+    base, abstract, sharding = built.base, built.state_shape(), built.sharding()
+    ids = [
+      trainer.ModelId(n, s, b)
+      for n, s, b in zip(built.names, built.seeds, built.betas, strict=True)
+    ]
+    abstract_params, num_models = abstract.models.params, built.num_models
+  else:
+    base = trainer.build_trainer(config, event_shape, num_train)
+    abstract, sharding = base.abstract_state(), base.replicated
+    ids = [trainer.ModelId("", config.seed, config.beta)]
+    abstract_params, num_models = abstract.params, None
+  source = params_source(config, workdir, eval_step)
+  if source == "best":
+    target = early_stopping.BestCheckpoint.target(abstract_params, sharding, num_models)
+    step, best = checkpointing.restore_read_only(workdir / workdir_lib.BEST, target)
+    params = best["params"]
+    logging.info(
+      "Best validation ELBO %s at step %d.",
+      ", ".join(f"{e:.3f}" for e in np.atleast_1d(np.asarray(best["elbo"]))),
+      step,
+    )
+  else:
+    step, state = checkpointing.restore_read_only(
+      workdir / workdir_lib.CHECKPOINTS, abstract, eval_step
+    )
+    params = (
+      sweep.eval_params(state) if num_models else optim.eval_params(state.opt_state, state.params)
+    )
+  targets = []
+  for i, model_id in enumerate(ids):
+    own = jax.tree.map(lambda x, i=i: x[i], params) if num_models else params
+    out_dir = workdir / workdir_lib.MODELS / model_id.name if num_models else workdir
+    targets.append(Target(model_id.name, model_id.seed, model_id.beta, step, source, own, out_dir))
+  return base.model, targets
 
 
 # --------------------------------------------------------------------------
 # Pictures of a restored model.
 
 
-def _decoder(model: Model, params: Params, likelihood_name: str):
-  decode_jit = jax.jit(lambda z: models.decoder_mean(model.decode(params, z), likelihood_name))
+def mean_decoder(model: Model, params: Params):
+  """``z [n, latents] -> [n, *event_shape]`` mean images of ``p(x | z)``, in [0, 1], for
+  host arrays of any length (one compiled decoder for all)."""
+  decode_jit = jax.jit(lambda z: model.likelihood.mean(model.decode(params, z)))
 
   def decode_mean(z: np.ndarray) -> np.ndarray:
     # Padded to a multiple of 512 rows, so every picture shares one compiled decoder.
@@ -190,8 +245,7 @@ def write_pictures(
 ) -> tuple[list[pathlib.Path], dict[str, str]]:
   """Writes the evaluation's image grids and figures; returns their paths and what was
   skipped, with why."""
-  likelihood_name = config.model.likelihood
-  decode_mean = _decoder(model, params, likelihood_name)
+  decode_mean = mean_decoder(model, params)
   paths, skipped = [], {}
   model_name = "AE" if deterministic else "VAE"
   figure_dir = out_dir / "figures"
@@ -203,17 +257,11 @@ def write_pictures(
   if deterministic:
     skipped["prior_samples"] = "an autoencoder has no prior to sample from"
   else:
-    samples = jax.jit(models.prior_samples, static_argnums=(0, 3, 4))(
-      model, params, sample_key, 64, likelihood_name
-    )
+    samples = jax.jit(models.prior_samples, static_argnums=(0, 3))(model, params, sample_key, 64)
     grid = pictures.upscale(writers.image_grid(np.asarray(samples)), 2)
     paths.append(writer.write_image(step, "eval_prior_samples", grid))
   originals = test_x[:32]
-  recs = np.asarray(
-    jax.jit(models.reconstructions, static_argnums=(0, 3))(
-      model, params, originals, likelihood_name
-    )
-  )
+  recs = np.asarray(jax.jit(models.reconstructions, static_argnums=0)(model, params, originals))
   grid = writers.image_grid(writers.interleave(originals, recs), columns=16)
   paths.append(writer.write_image(step, "eval_reconstructions", pictures.upscale(grid, 2)))
 
@@ -243,7 +291,7 @@ def write_pictures(
     limits = pictures.data_limits(codes)
     n = 15
     manifold = writers.image_grid(decode_mean(pictures.manifold_latents(*limits, n)), n, pad=0)
-    names = pictures.CLASS_NAMES.get(config.dataset, tuple(str(i) for i in range(10)))
+    names = datasets.class_names(config.dataset)
     fig = figures.latent_map_figure(
       codes,
       pca.project(test_x.reshape(len(test_x), -1))[:, :2],
@@ -317,10 +365,19 @@ def disentanglement_scores(
 
 
 def _write_json(path: pathlib.Path, results: dict[str, Any]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(results, indent=2) + "\n")
-  tmp.replace(path)
+  with files.reporting(path, then="run the same command"):
+    files.atomic_write(path, json.dumps(results, indent=2) + "\n")
+
+
+def bits_per_dim_fn(config: ml_collections.ConfigDict, model: Model, num_dims: int):
+  """``-log p(x)`` in nats -> bits per dimension for this run's data, or ``None`` where
+  that means nothing (``likelihoods.Likelihood.bits_per_dim``)."""
+  return functools.partial(
+    model.likelihood.bits_per_dim,
+    num_dims=num_dims,
+    binarization=config.binarization,
+    binary_data=config.dataset in datasets.BINARY_DATASETS,
+  )
 
 
 def evaluate_params(
@@ -331,8 +388,8 @@ def evaluate_params(
   eval_key: Array,
   num_samples: int,
   *,
-  batch_size: int = likelihood.IW_BATCH_SIZE,
-  sample_chunk: int = likelihood.IW_SAMPLE_CHUNK,
+  batch_size: int = estimators.IW_BATCH_SIZE,
+  sample_chunk: int = estimators.IW_SAMPLE_CHUNK,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, float]]:
   """The numbers of one model's parameters on ``splits`` (``"test"``, ``"train"``).
 
@@ -340,53 +397,57 @@ def evaluate_params(
     ``(results, per-example values by split, timings)``.
   """
   deterministic = config.objective == "autoencoder"
-  event_shape = splits["test"].shape[1:]
-  num_dims = math.prod(event_shape)
-  ll_fn = objectives.make_log_likelihood_fn(
-    config.model.likelihood, len(event_shape), config.model.gaussian_variance
-  )
+  num_dims = math.prod(splits["test"].shape[1:])
+  unroll = execution.plan(config).unroll_loops
   values, timings = {}, {}
   for split, k, bs in (("test", num_samples, batch_size), ("train", 1, 1000)):
     # The training split gets one sample per example: its ELBO parts are means
     # over 60k examples, whose standard errors are reported.
     t = time.perf_counter()
-    fn = likelihood.make_per_example_fn(
-      model,
-      ll_fn,
-      config.model.likelihood,
-      num_samples=k,
-      sample_chunk=sample_chunk,
-      deterministic=deterministic,
-      unroll=models.keep_out_of_loops(config.model.kind, jax.default_backend()),
+    fn = estimators.make_per_example_fn(
+      model, num_samples=k, sample_chunk=sample_chunk, deterministic=deterministic, unroll=unroll
     )
     split_key = jax.random.fold_in(eval_key, _SPLIT_TAGS[split])
-    values[split] = likelihood.per_example_values(
+    values[split] = estimators.per_example_values(
       fn, params, splits[split], split_key, bs, progress=config.progress_bar, desc=split
     )
     timings[f"{split}_split_s"] = time.perf_counter() - t
-  results: dict[str, Any] = {"test": likelihood.summarize_split(values["test"], num_dims)}
+  to_bits = bits_per_dim_fn(config, model, num_dims)
+  results: dict[str, Any] = {
+    "test": estimators.summarize_split(values["test"], to_bits_per_dim=to_bits)
+  }
   if len(model.layer_latents) > 1 and not deterministic:
     # Per layer, from the mean path's codes.
     bounds = np.cumsum([0, *model.layer_latents])
     means = values["test"]["mean"]
     results["test"]["active_units_per_layer"] = [
-      likelihood.active_units(means[:, a:b])[0]
+      estimators.active_units(means[:, a:b])[0]
       for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-  if config.binarization == "dequantize" and "log_likelihood" in results["test"]:
-    # log P(8-bit pixels) >= log p(x) - D log 256 for x = (pixels + u) / 256.
+  if "log_likelihood" in results["test"]:
     ll = results["test"]["log_likelihood"]
-    ll["bits_per_dim_8bit"] = float(
-      likelihood.bits_per_dim(-ll["nll_nats"] - num_dims * math.log(256.0), num_dims)
-    )
-    ll["bits_per_dim_8bit_note"] = (
-      "-log2 P(8-bit pixels) per dimension, bounded by the dequantized density: "
-      "(nll_nats + D ln 256) / (D ln 2)"
-    )
-  results["train"] = likelihood.summarize_split(values["train"], num_dims, log_likelihood=False)
+    if ll["bits_per_dim"] is None:
+      kind = "none"
+    else:
+      kind = "dequantize" if config.binarization == "dequantize" else "discrete"
+    ll["bits_per_dim_note"] = _BITS_NOTES[kind]
+  results["train"] = estimators.summarize_split(values["train"], log_likelihood=False)
   results["test"]["elbo_num_samples"] = None if deterministic else num_samples
   results["train"]["elbo_num_samples"] = None if deterministic else 1
   return results, values, timings
+
+
+_BITS_NOTES = {
+  "discrete": "-log2 P(x) per dimension: the likelihood is a probability of the discrete data",
+  "dequantize": (
+    "-log2 P(8-bit pixels) per dimension, bounded by the dequantized density: "
+    "(nll_nats + D ln 256) / (D ln 2)"
+  ),
+  "none": (
+    "null: the likelihood is a density of continuous data (not dequantized), not a "
+    "probability, so its bits per dimension would mean nothing"
+  ),
+}
 
 
 def _pca_results(config, model, train_x, test_x, results) -> tuple[baselines.Pca, dict]:
@@ -395,20 +456,7 @@ def _pca_results(config, model, train_x, test_x, results) -> tuple[baselines.Pca
   pca_k = pca._replace(
     components=pca.components[: model.latents], variances=pca.variances[: model.latents]
   )
-  pca_variance = config.model.gaussian_variance
-  if config.model.likelihood == "gaussian_learned":
-    # The model learns its variance; PCA gets its own maximum-likelihood one
-    # (the mean squared error per pixel on training images).
-    fit = flat_train[:10000]
-    pca_variance = float(np.mean((pca_k.reconstruct(fit) - fit) ** 2))
-  out = baselines.pca_baseline(
-    pca_k,
-    flat_train,
-    test_x.reshape(len(test_x), -1),
-    "gaussian" if config.model.likelihood.startswith("gaussian") else config.model.likelihood,
-    pca_variance,
-  )
-  out["gaussian_variance"] = pca_variance
+  out = baselines.pca_baseline(pca_k, train_x, test_x, model.likelihood)
   out["model_mse_per_image"] = results["test"]["mse_per_image"]
   out["model_distortion_at_posterior_mean"] = results["test"]["distortion_at_posterior_mean"]
   return pca, out
@@ -422,56 +470,67 @@ def _machine() -> dict[str, Any]:
   }
 
 
-def _evaluate_model(
-  config, workdir, out_dir, step, source, model, params, data, seed, num_samples, extra, **kw
+def evaluate_target(
+  config: ml_collections.ConfigDict,
+  workdir: pathlib.Path,
+  model: Model,
+  target: Target,
+  data: dict[str, np.ndarray],
+  num_samples: int,
+  timings: dict[str, float],
+  **options,
 ) -> dict[str, Any]:
-  """Evaluates one model's ``params``; writes its JSON and pictures under ``out_dir``."""
+  """Evaluates one model's parameters; writes its JSON and pictures under ``target.out_dir``."""
   start = time.perf_counter()
   deterministic = config.objective == "autoencoder"
-  keys = step_lib.run_keys(seed)
+  keys = step_lib.run_keys(target.seed)
   splits = {"test": data["test_x"], "train": data["train_x"]}
-  results, values, timings = evaluate_params(
-    config, model, params, splits, keys[step_lib.KEY_EVAL], num_samples, **kw
+  results, values, own_timings = evaluate_params(
+    config, model, target.params, splits, keys[step_lib.KEY_EVAL], num_samples, **options
   )
   header = {
     "workdir": str(workdir),
-    "checkpoint_step": step,
+    "checkpoint_step": target.step,
     "dataset": config.dataset,
     "binarization": config.binarization,
     "objective": config.objective,
-    "likelihood": config.model.likelihood,
+    "likelihood": model.likelihood.name,
     "latents": model.latents,
     "layer_latents": list(model.layer_latents),
-    "params": PARAMS_SOURCES[source],
+    "params": PARAMS_SOURCES[target.source],
     "num_importance_samples": None if deterministic else num_samples,
-    "matmul_precision": likelihood.EVAL_MATMUL_PRECISION,
-    "likelihood_caveat": config_lib.likelihood_caveat(config),
+    "matmul_precision": estimators.EVAL_MATMUL_PRECISION,
+    "likelihood_caveat": model.likelihood.caveat(
+      binarization=config.binarization, binary_data=config.dataset in datasets.BINARY_DATASETS
+    ),
     "units": (
       "nats per example (sums over pixels, means over examples) unless the name says "
       "otherwise; nll = -log p(x); mse_per_image = squared error summed over pixels"
     ),
   }
-  results = {**header, **extra["header"], **results}
+  if target.name:
+    header.update(model=target.name, beta=target.beta, seed=target.seed)
+  results = {**header, **results}
   t = time.perf_counter()
   pca, results["pca"] = _pca_results(config, model, data["train_x"], data["test_x"], results)
-  timings["pca_s"] = time.perf_counter() - t
-  grid = input_pipeline.factor_grid(config.dataset)
+  own_timings["pca_s"] = time.perf_counter() - t
+  grid = datasets.factor_grid(config.dataset)
   if grid is not None and not deterministic:
     t = time.perf_counter()
     results["disentanglement"] = disentanglement_scores(
-      config, model, params, data["train_images"], grid, seed
+      config, model, target.params, data["grid_images"], grid, target.seed
     )
-    timings["disentanglement_s"] = time.perf_counter() - t
+    own_timings["disentanglement_s"] = time.perf_counter() - t
   t = time.perf_counter()
-  writer = writers.MetricWriter(out_dir)
+  writer = writers.MetricWriter(target.out_dir)
   try:
     paths, skipped = write_pictures(
       writer,
-      out_dir,
-      step,
+      target.out_dir,
+      target.step,
       config=config,
       model=model,
-      params=params,
+      params=target.params,
       test_x=data["test_x"],
       test_labels=data["test_labels"],
       summary=results["test"],
@@ -482,29 +541,30 @@ def _evaluate_model(
     )
   finally:
     writer.close()
-  timings["pictures_s"] = time.perf_counter() - t
+  own_timings["pictures_s"] = time.perf_counter() - t
   if deterministic:
     reason = "config.objective='autoencoder' has no prior or posterior, so p(x) is undefined"
     for name in ("log_likelihood", "elbo", "rate", "kl_per_dim", "active_units"):
       skipped[name] = reason
   results["skipped"] = skipped
-  results["images"] = [str(p.relative_to(out_dir)) for p in paths]
-  results["timings_s"] = {**extra["timings"], **timings}
+  results["images"] = [str(p.relative_to(target.out_dir)) for p in paths]
+  results["timings_s"] = {**timings, **own_timings}
   results["wall_time_s"] = time.perf_counter() - start
-  results["peak_rss_mib"] = loop.peak_rss_mib()
+  results["peak_rss_mib"] = process.peak_rss_mib()
   results["machine"] = _machine()
-  name = f"step_{step:08d}.json" if deterministic else f"step_{step:08d}_k{num_samples}.json"
-  path = out_dir / "eval" / name
+  path = result_path(target, num_samples, deterministic)
   _write_json(path, results)
   results["path"] = str(path)
   logging.info("Wrote %s", path)
   if not deterministic:
     ll = results["test"]["log_likelihood"]
+    bits = ll["bits_per_dim"]
     logging.info(
-      "test: -log p(x) = %.2f +- %.2f nats (%.4f bits/dim), ELBO %.2f, K=%d, %.0f s",
+      "%stest: -log p(x) = %.2f +- %.2f nats%s, ELBO %.2f, K=%d, %.0f s",
+      f"{target.name}: " if target.name else "",
       ll["nll_nats"],
       ll["standard_error_nats"],
-      ll["bits_per_dim"],
+      f" ({bits:.4f} bits/dim)" if bits is not None else "",
       results["test"]["elbo"],
       num_samples,
       results["wall_time_s"],
@@ -512,14 +572,24 @@ def _evaluate_model(
   return results
 
 
+def result_path(target: Target, num_samples: int, deterministic: bool) -> pathlib.Path:
+  """``out_dir/eval/step_<N>_k<K>.json`` (``step_<N>.json`` for an autoencoder)."""
+  name = (
+    f"step_{target.step:08d}.json"
+    if deterministic
+    else f"step_{target.step:08d}_k{num_samples}.json"
+  )
+  return target.out_dir / workdir_lib.EVAL / name
+
+
 def evaluate_workdir(
   config: ml_collections.ConfigDict,
   workdir: str | pathlib.Path,
-  num_samples: int = likelihood.DEFAULT_NUM_IMPORTANCE_SAMPLES,
+  num_samples: int = estimators.DEFAULT_NUM_IMPORTANCE_SAMPLES,
   *,
   eval_step: int | None = None,
-  batch_size: int = likelihood.IW_BATCH_SIZE,
-  sample_chunk: int = likelihood.IW_SAMPLE_CHUNK,
+  batch_size: int = estimators.IW_BATCH_SIZE,
+  sample_chunk: int = estimators.IW_SAMPLE_CHUNK,
 ) -> dict[str, Any]:
   """Evaluates ``workdir``'s parameters (see ``params_source``); writes JSON and pictures.
 
@@ -527,7 +597,8 @@ def evaluate_workdir(
   autoencoder, which has no likelihood to estimate), image grids in
   ``images/`` and figures in ``figures/`` (also in TensorBoard). For a sweep,
   each model's under ``models/<name>/``. Numbers are in nats per example
-  unless the name says otherwise.
+  unless the name says otherwise. Evaluations of one workdir take turns (a
+  second waits for the first); training may go on beside them.
 
   Args:
     config: the config that trained the run (checked against ``config.json``).
@@ -541,64 +612,43 @@ def evaluate_workdir(
     The dict written as JSON; for a sweep, ``{"models": {name: dict}}``.
 
   Raises:
-    ValueError: the config is invalid or is not the workdir's.
+    config.ConfigError: the config is invalid or is not the workdir's.
     FileNotFoundError: the workdir holds no checkpoint.
-    checkpointing.CheckpointError: see ``restore_params``.
+    checkpointing.CheckpointError: see ``restore_targets``.
   """
   config_lib.validate(config)
-  workdir = pathlib.Path(workdir)
-  if not (workdir / config_lib.RECORD).exists():
+  workdir = workdir_lib.check(workdir)
+  logging.info(
+    "Config (the fields that differ from vae_jax.config.base_config()):\n%s",
+    config_lib.describe(config),
+  )
+  if not (workdir / workdir_lib.RECORD).exists():
     logging.warning("%s has no config.json; trusting --config.", workdir)
-  config_lib.check_evaluation(config, workdir)
-  start = time.perf_counter()
-  splits = input_pipeline.load_dataset(config.dataset, config.data_dir, config.idx_dir)
-  train_images, _ = train.split_validation(splits["train"].images, config)
-  event_shape = tuple(splits["test"].images.shape[1:])
-  train_eval = train_images
-  if len(train_images) > MAX_TRAIN_EVAL_EXAMPLES:  # A fixed subset of a large training split.
-    keep = np.random.default_rng(0).choice(len(train_images), MAX_TRAIN_EVAL_EXAMPLES, False)
-    train_eval = train_images[np.sort(keep)]
-  data = {
-    "test_x": np.asarray(input_pipeline.eval_images(splits["test"].images, config.binarization)),
-    "train_x": np.asarray(input_pipeline.eval_images(train_eval, config.binarization)),
-    "test_labels": splits["test"].labels,
-    "train_images": train_images,
-  }
-  load_s = time.perf_counter() - start
-  options = {"batch_size": batch_size, "sample_chunk": sample_chunk}
-  if not config_lib.is_sweep(config):
-    step, model, params = restore_params(config, workdir, event_shape, len(train_images), eval_step)
-    logging.info("Evaluating checkpoint %d of %s (K=%d)", step, workdir, num_samples)
-    source = params_source(config, workdir, eval_step)
-    extra = {"header": {}, "timings": {"load_s": load_s}}
-    return _evaluate_model(
-      config, workdir, workdir, step, source, model, params, data, config.seed, num_samples,
-      extra, **options,
-    )  # fmt: skip
-  trainer = sweep.build_sweep_trainer(config, event_shape, len(train_images))
-  source = params_source(config, workdir, eval_step)
-  if source == "best":
-    target = train.BestCheckpoint.target(
-      trainer.state_shape().models.params, trainer.sharding(), trainer.num_models
+  workdir_lib.check_evaluation(config, workdir)
+  with locks.exclusive(workdir / ".eval.lock", wait=True, what=f"the evaluation of {workdir}"):
+    start = time.perf_counter()
+    splits = input_pipeline.load_splits(config)
+    train_eval = splits.train.images
+    if len(train_eval) > MAX_TRAIN_EVAL_EXAMPLES:  # A fixed subset of a large training split.
+      keep = np.random.default_rng(0).choice(len(train_eval), MAX_TRAIN_EVAL_EXAMPLES, False)
+      train_eval = train_eval[np.sort(keep)]
+    data = {
+      "test_x": np.asarray(input_pipeline.eval_images(splits.test.images, config.binarization)),
+      "train_x": np.asarray(input_pipeline.eval_images(train_eval, config.binarization)),
+      "test_labels": splits.test.labels,
+      # The factor grid's images, every one (what the disentanglement metrics index).
+      "grid_images": splits.full_train.images,
+    }
+    timings = {"load_s": time.perf_counter() - start}
+    model, targets = restore_targets(
+      config, workdir, splits.event_shape, splits.train.num_examples, eval_step
     )
-    step, best = checkpointing.restore_read_only(workdir / train.BEST_DIR, target)
-    stacked = best["params"]
-  else:
-    step, state = checkpointing.restore_read_only(
-      workdir / "checkpoints", trainer.state_shape(), eval_step
-    )
-    stacked = sweep.eval_params(state)
-  out = {}
-  for i, name in enumerate(trainer.names):
-    params = jax.tree.map(lambda x, i=i: x[i], stacked)
-    logging.info("Evaluating model %s of the sweep (step %d, K=%d)", name, step, num_samples)
-    out[name] = _evaluate_model(
-      config, workdir, workdir / "models" / name, step, source, trainer.base.model, params,
-      data, trainer.seeds[i], num_samples,
-      {
-        "header": {"model": name, "beta": trainer.betas[i], "seed": trainer.seeds[i]},
-        "timings": {"load_s": load_s},
-      },
-      **options,
-    )  # fmt: skip
-  return {"models": out}
+    out = {}
+    for target in targets:
+      what = f"model {target.name} of the sweep" if target.name else f"checkpoint of {workdir}"
+      logging.info("Evaluating %s (step %d, K=%d)", what, target.step, num_samples)
+      out[target.name] = evaluate_target(
+        config, workdir, model, target, data, num_samples, timings,
+        batch_size=batch_size, sample_chunk=sample_chunk,
+      )  # fmt: skip
+  return out[""] if not config_lib.is_sweep(config) else {"models": out}

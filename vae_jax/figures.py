@@ -27,14 +27,13 @@ import math
 import os
 import pathlib
 import types
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from vae_jax import pictures, writers
+from vae_jax import files, pictures, writers
 
 if TYPE_CHECKING:
   from matplotlib.axes import Axes
@@ -758,17 +757,11 @@ def save_figure(
   stem = pathlib.Path(path_stem)
   if stem.suffix.lower().lstrip(".") in formats:
     stem = stem.with_suffix("")
-  stem.parent.mkdir(parents=True, exist_ok=True)
   paths = []
   for fmt in formats:
     path = stem.with_name(f"{stem.name}.{fmt}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-      with open(tmp, "xb") as f, _mpl().rc_context(_SAVE_RC):
-        figure.savefig(f, format=fmt, dpi=dpi, metadata=_SAVE_METADATA.get(fmt))
-      os.replace(tmp, path)
-    finally:
-      tmp.unlink(missing_ok=True)
+    with files.reporting(path), files.atomic_path(path) as tmp, _mpl().rc_context(_SAVE_RC):
+      figure.savefig(tmp, format=fmt, dpi=dpi, metadata=_SAVE_METADATA.get(fmt))
     paths.append(path)
   return paths
 

@@ -18,8 +18,10 @@ import time
 
 from absl import logging
 
+from vae_jax.errors import UserError
 
-class Busy(RuntimeError):
+
+class Busy(UserError, RuntimeError):
   """Another process holds the lock; the message names it and says what to do."""
 
 

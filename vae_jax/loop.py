@@ -6,22 +6,21 @@ device; this loop decides when. Its guarantees hold for every program:
 * the workdir's ``config.json`` is written only after its checkpoints restored;
 * metrics come to the host at each log, eval or checkpoint boundary and are
   checked there (the non-finite policy) *before* anything is saved;
-* SIGTERM is acted on within one dispatch, by every process together (in a
-  multi-host run all processes agree after each dispatch): the current step is
-  saved and ``Preempted`` raised; the same command resumes;
+* SIGTERM (preemption) and SIGINT (Ctrl-C) are acted on within one dispatch, by every
+  process together (in a multi-host run all processes agree after each dispatch): the
+  current step is saved and ``Preempted`` raised; the same command resumes. A second
+  Ctrl-C stops at once (``KeyboardInterrupt``), losing the steps since the last
+  checkpoint;
+* a run that has already reached its end says so and changes nothing;
 * evaluation at its boundaries may stop the run early (the program decides);
 * metrics rows are written per model: one writer per ``Program.writer_dirs``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import pathlib
-import resource
 import signal
-import sys
 import threading
 import time
 from typing import Any, Protocol
@@ -34,41 +33,49 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vae_jax import checkpointing, writers
-from vae_jax import config as config_lib
+from vae_jax import checkpointing, files, process, writers
+from vae_jax import workdir as workdir_lib
+from vae_jax.errors import UserError
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
 
-# A run stopped by SIGTERM (preemption) exits with this code after saving a
-# checkpoint of its current step; the same command resumes it. It is the
-# shell's code for "terminated by SIGTERM", which schedulers treat as preempted.
-EXIT_CODE_PREEMPTED = 143
+# A run stopped by a signal exits with the shell's code for it after saving a checkpoint
+# of its current step; the same command resumes it. Schedulers treat 143 (SIGTERM) as
+# preempted; 130 is Ctrl-C (SIGINT).
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+EXIT_CODE_PREEMPTED = EXIT_CODES[signal.SIGTERM]
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
   """A loss, gradient or update became NaN or infinite; nothing of it was checkpointed."""
 
 
 class Preempted(Exception):  # noqa: N818 - it is an outcome, not a failure.
-  """SIGTERM arrived; a checkpoint of ``step`` was written and the run stopped."""
+  """SIGTERM or SIGINT arrived; a checkpoint of ``step`` was written and the run stopped."""
 
-  def __init__(self, step: int):
-    super().__init__(f"Stopped by SIGTERM after saving a checkpoint at step {step}.")
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
+    name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+    super().__init__(f"Stopped by {name} after saving a checkpoint at step {step}.")
     self.step = step
+    self.exit_code = EXIT_CODES.get(signum, 128 + int(signum))
 
 
 class Program(Protocol):
   """What a run plugs into ``run``.
 
   Attributes:
+    workdir: the run's directory.
     total_steps: steps of the whole run.
+    steps_per_epoch: for intervals of 0 ("once per epoch").
     chunk_len: the most steps one dispatch runs.
     batch_size: examples per step (per model), for examples/s.
     writer_dirs: one subdirectory of the workdir per model ("" for a single run).
   """
 
+  workdir: pathlib.Path
   total_steps: int
+  steps_per_epoch: int
   chunk_len: int
   batch_size: int
   writer_dirs: tuple[str, ...]
@@ -99,31 +106,48 @@ class Program(Protocol):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag that the loop checks after each dispatch."""
+  """Turns SIGTERM and a first SIGINT into a flag that the loop checks after each dispatch;
+  a second SIGINT raises ``KeyboardInterrupt`` at once."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.raised = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def raised(self) -> bool:
+    return self.signum is not None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Asked twice: stop now.
+    if self.signum is None:
+      self.signum = signum
+      if signum == signal.SIGINT:
+        logging.warning(
+          "Ctrl-C: stopping after this dispatch, with a checkpoint of its step (Ctrl-C again "
+          "to stop at once, losing the steps since the last checkpoint)."
+        )
 
-  def agreed(self) -> bool:
-    """Whether this process or any other has been asked to stop (a collective in a
-    multi-host run: every process calls it after each dispatch)."""
+  def agreed(self) -> int | None:
+    """The signal this process or any other has been asked to stop by, or ``None`` (a
+    collective in a multi-host run: every process calls it after each dispatch)."""
     if jax.process_count() == 1:
-      return self.raised
-    return bool(np.any(multihost_utils.process_allgather(np.int32(self.raised))))
+      return self.signum
+    mine = np.int32(self.signum or 0)
+    seen = np.asarray(multihost_utils.process_allgather(mine))
+    return int(seen.max()) or None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 @jax.jit
@@ -145,12 +169,17 @@ def save(ckpt: checkpointing.Checkpointer, step: int, state: PyTree) -> None:
   if not bool(_state_is_finite(state)):
     raise NonFiniteError(
       f"The train state at step {step} holds NaN or infinite values; it was not saved "
-      f"(the latest checkpoint is step {ckpt.latest_step()}). Lower "
-      "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, then run the "
-      "same command to resume."
+      f"({_latest(ckpt.latest_step())}). Lower config.optimizer.learning_rate or set "
+      "config.optimizer.grad_clip_norm, then run the same command to resume."
     )
   logging.info("Saving checkpoint at step %d", step)
   ckpt.save(step, state)
+
+
+def _latest(step: int | None) -> str:
+  if step is None:
+    return "no checkpoint was saved yet: the same command starts the run again from step 0"
+  return f"the latest checkpoint is step {step}"
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -194,7 +223,7 @@ def _check_finite(
     f"at step {first_step + step_i}{program.describe(model_i)} (loss="
     f"{rows['loss'][step_i, model_i]}, grad_norm={rows['grad_norm'][step_i, model_i]})"
   )
-  latest = f"the latest checkpoint is step {latest_checkpoint}"
+  latest = _latest(latest_checkpoint)
   fix = "Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm"
   if config.nonfinite_policy == "skip":
     skipped = skipped + bad.sum(0)
@@ -211,65 +240,6 @@ def _check_finite(
     f"{latest}. {fix} (or config.nonfinite_policy='skip'), then run the same command "
     "to resume."
   )
-
-
-def seconds_since_process_start() -> float:
-  """Wall seconds since this process started (Linux ``/proc``; else since vae_jax.loop loaded)."""
-  try:
-    ticks = int(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
-    return uptime - ticks / os.sysconf("SC_CLK_TCK")
-  except (OSError, ValueError, IndexError):
-    return time.perf_counter() - _IMPORTED
-
-
-_IMPORTED = time.perf_counter()
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-  """Caps glibc's malloc arenas for this process (``M_ARENA_MAX``); True if it was set.
-
-  glibc gives threads that contend for malloc arenas of their own, up to 8 per core.
-  Orbax's and TensorStore's save threads allocate and free in many of them, and the freed
-  memory stays fragmented there: a training run's resident memory grew by about 1.4 MB
-  per checkpoint (66 MB over 47 saves of the Fashion-MNIST model), which over the
-  thousands of evaluations and saves of a likelihood run adds up to gigabytes. With two
-  arenas it grew by about 0.3 MB per save, at no measured cost in speed
-  (docs/performance.md). A ``MALLOC_ARENA_MAX`` in the environment is left to glibc;
-  other C libraries are left alone.
-  """
-  if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:  # Not glibc (e.g. musl).
-    return False
-  m_arena_max = -8  # From glibc's malloc.h.
-  return bool(libc.mallopt(m_arena_max, arenas))
-
-
-def peak_rss_mib(pid: int | str = "self") -> float | None:
-  """Peak resident memory of process ``pid`` so far, in MiB (None if it has exited).
-
-  Linux: ``VmHWM`` of ``/proc/<pid>/status``, the high-water mark of the process's own
-  address space. Not ``getrusage``'s ``ru_maxrss``: Linux carries that over ``exec`` from
-  the process that forked, so a run started by a large Python process (a benchmark, a
-  notebook) would report its parent's peak. Elsewhere, ``ru_maxrss`` of this process
-  (KiB on Linux and BSD, bytes on macOS).
-  """
-  if os.path.exists("/proc/self/status"):
-    try:
-      with open(f"/proc/{pid}/status") as f:
-        for line in f:
-          if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0  # kB.
-    except (FileNotFoundError, ProcessLookupError):
-      pass
-    return None  # Gone, or exited and not yet reaped (no address space left).
-  if pid != "self":
-    raise OSError(f"Cannot read the peak memory of process {pid} without /proc.")
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
 class Stopwatch:
@@ -297,13 +267,12 @@ class Stopwatch:
     record = {
       "seconds": {"setup": setup, **self.seconds, "total": total},
       "steps": steps,
-      "peak_rss_mib": peak_rss_mib(),
+      "peak_rss_mib": process.peak_rss_mib(),
       "note": "wall seconds of this process's phases; see vae_jax.loop.Stopwatch",
     }
     path = workdir / "timings.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    with files.reporting(path):
+      files.atomic_write(path, json.dumps(record, indent=2) + "\n")
     logging.info("Time: %s", ", ".join(f"{k} {v:.2f} s" for k, v in record["seconds"].items()))
 
 
@@ -335,25 +304,22 @@ class _Window:
     return out
 
 
-def run(
-  program: Program,
-  config: ml_collections.ConfigDict,
-  workdir: pathlib.Path,
-) -> PyTree:
-  """Trains ``program`` in ``workdir`` (or resumes it) to ``program.total_steps``.
+def run(program: Program, config: ml_collections.ConfigDict) -> PyTree:
+  """Trains ``program`` in ``program.workdir`` (or resumes it) to ``program.total_steps``.
 
   Returns the final state.
 
   Raises:
-    Preempted: SIGTERM arrived; a checkpoint of the current step was saved.
+    Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved.
     NonFiniteError: see ``_check_finite``.
     checkpointing.CheckpointError: the checkpoints do not fit the program's state.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(program.workdir)
   is_main = jax.process_index() == 0
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+    with files.reporting(workdir):
+      workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = checkpointing.Checkpointer(workdir / workdir_lib.CHECKPOINTS, config.keep_checkpoints)
   out = [
     writers.MetricWriter(workdir / d) if is_main else writers.NullWriter()
     for d in program.writer_dirs
@@ -371,8 +337,16 @@ def run(
     for w in out:
       w.truncate_after(step if restored else -1)
     if is_main:  # Only once the checkpoints are known to fit this config.
-      config_lib.write_record(config, workdir)
+      workdir_lib.write_record(config, workdir)
     total = step if program.start(state, restored is not None, out) else program.total_steps
+    if step >= program.total_steps and restored is not None:
+      logging.info(
+        "This run is finished: it reached step %d of %d. To train it further, run the same "
+        "command with a larger --config.num_epochs (or --config.num_train_steps); to "
+        "evaluate it, add --mode=evaluate.",
+        step,
+        program.total_steps,
+      )
     last_saved = step if restored else -1
     skipped = program.num_skipped(state)
     log_every = config.log_every_steps
@@ -387,7 +361,7 @@ def run(
     )
     window = _Window()
     clock = time.perf_counter()
-    watch, setup_s, first_steps = Stopwatch(), seconds_since_process_start(), step
+    watch, setup_s, first_steps = Stopwatch(), process.seconds_since_process_start(), step
     with _Preemption() as preemption:
       while step < total:
         boundary = min(
@@ -410,11 +384,12 @@ def run(
         watch.lap("first_steps" if first == first_steps else "train")
         skipped = _check_finite(rows, first, skipped, program, config, ckpt.latest_step())
         if stop_now:
-          logging.warning("SIGTERM: saving checkpoint at step %d and stopping.", step)
+          name = signal.Signals(stop_now).name
+          logging.warning("%s: saving checkpoint at step %d and stopping.", name, step)
           if step != last_saved:
             save(ckpt, step, state)
           ckpt.wait()
-          raise Preempted(step)
+          raise Preempted(step, stop_now)
         window.rows.append(rows)
         window.seconds += time.perf_counter() - clock
         bar.update(step - first)
@@ -444,7 +419,7 @@ def run(
     raise
   _close(bar, ckpt, program, out, quietly=False)
   watch.lap("close")
-  if is_main:
+  if is_main and step > first_steps:  # A finished run, run again, keeps its record.
     watch.write(workdir, step - first_steps, setup_s)
   return state
 

@@ -17,10 +17,11 @@ Everything here imports only ``jax`` and works unchanged under ``jax.jit``,
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,16 @@ def _check_event_ndims(name: str, a: Array, event_ndims: int) -> None:
 
 
 def _compute_dtype(*arrays: Array) -> jnp.dtype:
-  """The dtype in which reductions run: the inputs' type, at least float32."""
-  return jnp.result_type(jnp.float32, *(jnp.asarray(a).dtype for a in arrays))
+  """The dtype in which reductions run: float64 if any input is, else float32.
+
+  Chosen explicitly rather than by JAX's promotion rules, so the functions work the
+  same under ``jax_numpy_dtype_promotion="strict"`` (which has no implicit path from
+  bfloat16 to float32).
+  """
+  bits = [
+    jnp.finfo(d).bits for a in arrays if jnp.issubdtype(d := jnp.asarray(a).dtype, jnp.inexact)
+  ]
+  return jnp.dtype(jnp.float64 if max(bits, default=32) > 32 else jnp.float32)
 
 
 def _sum_event(a: Array, event_ndims: int) -> Array:
@@ -717,30 +726,36 @@ def iw_bound(
 
 
 def free_bits_kl(kl_per_dim: Array, free_bits: float | Array) -> Array:
-  """The KL term with free bits per latent dimension, averaged over the batch.
+  """The KL term with free bits per latent dimension: per example, ``[batch]``.
 
-  ``sum_d max(free_bits, mean_n KL_{n,d})``: the variant of Kingma et al. (2016,
-  "Improved variational inference with inverse autoregressive flow", eq. 15)
-  with one group per latent dimension. A dimension whose batch-averaged KL is
-  below ``free_bits`` nats contributes the constant ``free_bits`` and no
-  gradient, so the encoder is not pushed to switch it off; above the floor
-  it is the usual KL. With ``free_bits=0`` this is the batch mean of the KL.
+  Kingma et al. (2016, "Improved variational inference with inverse autoregressive
+  flow", eq. 15) with one group per latent dimension: the batch's KL term is
+  ``sum_d max(free_bits, mean_n KL_{n,d})``. A dimension whose batch-averaged KL is
+  below ``free_bits`` nats contributes the constant ``free_bits`` and no gradient, so
+  the encoder is not pushed to switch it off; above the floor it is the usual KL.
+
+  Returned per example: ``t_n = sum_d (KL_{n,d} if mean_m KL_{m,d} >= free_bits else
+  free_bits)``, whose mean over the batch is exactly that term, with the same gradient.
+  The floor is decided on the batch (the method's definition), so ``t_n`` depends on
+  the other examples of the batch. With ``free_bits=0`` it is each example's KL.
 
   Args:
-    kl_per_dim: ``[..., batch, latent]`` per-example, per-dimension KL values
-      or single-sample estimates (a leading sample axis is averaged too).
+    kl_per_dim: ``[..., batch, latent]`` per-example, per-dimension KL values or
+      single-sample estimates (a leading sample axis is averaged per example).
     free_bits: ``lambda``, in nats per dimension (not bits, despite the name).
 
   Returns:
-    A scalar: the batch's KL term to use in place of ``mean_n KL_n``.
+    ``[batch]``: each example's share of the batch's KL term, in nats.
   """
   _check_float("kl_per_dim", kl_per_dim)
   if kl_per_dim.ndim < 2:
     raise ValueError(f"kl_per_dim must be [..., batch, latent], got shape {kl_per_dim.shape}.")
   kl_per_dim = kl_per_dim.astype(_compute_dtype(kl_per_dim))
-  per_dim = jnp.mean(kl_per_dim.reshape(-1, kl_per_dim.shape[-1]), axis=0)
+  per_example = jnp.mean(kl_per_dim.reshape(-1, *kl_per_dim.shape[-2:]), axis=0)  # [B, D]
+  per_dim = jnp.mean(per_example, axis=0)  # [D]
   # At a tie the KL keeps its gradient, as tf.maximum(kl, lambda) in the IAF code does.
-  return jnp.sum(jnp.where(per_dim >= free_bits, per_dim, free_bits))
+  above = per_dim >= free_bits
+  return jnp.sum(jnp.where(above[None], per_example, free_bits), axis=-1)
 
 
 def dreg_iw_bound(log_w_encoder: Array, log_w_decoder: Array, axis: int = 0) -> Array:
@@ -788,3 +803,53 @@ def dreg_iw_bound(log_w_encoder: Array, log_w_decoder: Array, axis: int = 0) -> 
   dec = jnp.where(alive, log_w_decoder, 0.0)
   surrogate = jnp.sum(jnp.square(w) * enc + w * dec, axis=axis)
   return bound + (surrogate - jax.lax.stop_gradient(surrogate))
+
+
+def iw_bound_dreg(
+  key: Array,
+  x: Array,
+  mean: Array,
+  logvar: Array,
+  decode: Callable[[Any, Array], Array],
+  decoder_params: Any,
+  log_likelihood_fn: LogLikelihoodFn = bernoulli_log_likelihood,
+  *,
+  num_samples: int,
+) -> Array:
+  """The importance-weighted bound of a one-layer VAE under ``N(0, I)``, with DReG gradients.
+
+  ``dreg_iw_bound`` with its two log-weight tensors built here (Tucker et al. 2019, eq. 8):
+  along the encoder's path, gradients reach ``mean`` and ``logvar`` only through the samples
+  ``z`` (``log q`` at stopped posterior parameters, the decoder's parameters stopped);
+  along the decoder's path, ``z``, ``mean`` and ``logvar`` are stopped. The value is
+  ``iw_bound``'s for the same key; the gradient with respect to the encoder is the
+  doubly-reparameterized estimator, with respect to ``decoder_params`` the plain IWAE one.
+
+  Args:
+    key: PRNG key for the samples' ``eps`` (the same draw as ``iw_bound`` makes).
+    x: ``[batch, *event_shape]`` data.
+    mean: ``[batch, latent]`` posterior means, from the encoder's parameters.
+    logvar: ``[batch, latent]`` posterior log-variances.
+    decode: ``(decoder_params, z [n, latent]) -> [n, *event_shape]`` decoder outputs.
+    decoder_params: the decoder's parameters (any pytree), which ``decode`` reads.
+    log_likelihood_fn: ``(decoded, x) -> [batch]``, as for ``elbo``.
+    num_samples: ``K``.
+
+  Returns:
+    ``[batch]`` bound values in nats.
+  """
+  _check_latents(x, mean, logvar)
+  stop = jax.lax.stop_gradient
+  z = reparameterize(key, mean, logvar, num_samples)
+
+  def log_weights(z, mean, logvar, params):
+    decoded = _decode_samples(functools.partial(decode, params), z, x)
+    log_px = _sample_log_likelihoods(log_likelihood_fn, decoded, x)
+    log_qz = diag_gaussian_log_prob(
+      z, jnp.broadcast_to(mean, z.shape), jnp.broadcast_to(logvar, z.shape)
+    )
+    return log_px + standard_normal_log_prob(z) - log_qz
+
+  log_w_encoder = log_weights(z, stop(mean), stop(logvar), stop(decoder_params))
+  log_w_decoder = log_weights(stop(z), stop(mean), stop(logvar), decoder_params)
+  return dreg_iw_bound(log_w_encoder, log_w_decoder)

@@ -2,7 +2,9 @@
 
 Any config field can be overridden, e.g. ``--config.beta=4 --config.model.latents=2``;
 unknown fields and wrong types are errors. Running again with the same workdir
-resumes from its latest checkpoint. A config with ``config.sweep.betas`` set
+resumes from its latest checkpoint; ``--config`` may then be left out, and the run
+continues under the config it recorded (``WORKDIR/config.json``), changed only where
+``--config.<field>=<value>`` says. A config with ``config.sweep.betas`` set
 (``configs/beta_sweep.py``) trains every model of the sweep as one program.
 
 ``--mode=evaluate`` evaluates the workdir's parameters instead (the best on
@@ -11,12 +13,16 @@ validation, the EMA or the latest, or ``--eval_step=N``; see
 ``--eval_num_samples`` samples, ELBO parts, PCA baseline, figures; it writes
 ``WORKDIR/eval/step_<N>_k<K>.json`` (for a sweep, per model under
 ``WORKDIR/models/<name>/``).
+
+A mistake the user can fix (``errors.UserError``: a bad value, missing data, a busy
+workdir, a failed write) ends the command with one line saying what to do; anything
+else is a bug and keeps its traceback.
 """
 
 import gc
 import logging as py_logging
-import os
 import pathlib
+import re
 import sys
 import traceback
 import warnings
@@ -25,24 +31,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import (
-  checkpointing,
-  evaluate,
-  input_pipeline,
-  likelihood,
-  locks,
-  loop,
-  sweep,
-  train,
-  writers,
-)
 from vae_jax import config as config_lib
+from vae_jax import estimators, evaluate, files, loop, process, sweep, train
+from vae_jax import workdir as workdir_lib
+from vae_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
-config_flags.DEFINE_config_file(
-  "config", None, "Path to a config file, e.g. configs/mnist.py[:smoke].", lock_config=True
-)
 flags.DEFINE_bool(
   "allow_config_change",
   False,
@@ -51,7 +46,7 @@ flags.DEFINE_bool(
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (or resume), or evaluate.")
 flags.DEFINE_integer(
   "eval_num_samples",
-  likelihood.DEFAULT_NUM_IMPORTANCE_SAMPLES,
+  estimators.DEFAULT_NUM_IMPORTANCE_SAMPLES,
   "--mode=evaluate: importance samples K per test example for log p(x).",
   lower_bound=1,
 )
@@ -78,7 +73,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
+
+_CONFIG_HELP = (
+  "Path to a config file, e.g. configs/mnist.py[:smoke]. Leave it out to resume or "
+  "evaluate a workdir under the config it recorded."
+)
 
 
 def _quiet_orbax(record: py_logging.LogRecord) -> bool:
@@ -102,10 +102,10 @@ def run(config, workdir: str, mode: str = "train", **kwargs):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  loop.limit_malloc_arenas()  # Before the first device and checkpoint threads start.
+  process.limit_malloc_arenas()  # Before the first device and checkpoint threads start.
   logging.get_absl_handler().addFilter(_quiet_orbax)
   if FLAGS.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
+    jax.config.update("jax_compilation_cache_dir", str(files.expand(FLAGS.compilation_cache)))
     # Cache every program: this model's take well under the default 1 s to compile.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if FLAGS.num_processes and FLAGS.num_processes > 1:
@@ -118,26 +118,23 @@ def main(argv):
       process_id=FLAGS.process_id,
     )
   try:
-    config_lib.validate(FLAGS.config)  # Before anything is set up or written.
-    train.check_workdir(FLAGS.workdir)
     logging.info("JAX devices: %s", jax.devices())
-    logging.info("Config:\n%s", FLAGS.config)
+    if _FROM_RECORD:
+      logging.info("No --config: the config recorded in %s/config.json.", FLAGS.workdir)
     if FLAGS.mode == "evaluate":
       kwargs = {"num_samples": FLAGS.eval_num_samples, "eval_step": FLAGS.eval_step}
     else:
       kwargs = {"allow_config_change": FLAGS.allow_config_change}
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode, **kwargs)
   except loop.Preempted as e:
-    logging.warning("%s Run the same command to resume.", e)
-    sys.exit(loop.EXIT_CODE_PREEMPTED)
-  except USER_ERRORS as e:
-    if not _raised_by_vae_jax(e):
-      raise  # A library's own error: keep its traceback.
+    _report_last(f"{e} Run the same command to resume.", error=False)
+    sys.exit(e.exit_code)
+  except UserError as e:
     _report_last(f"{type(e).__name__}: {e}")
     sys.exit(1)
 
 
-def _report_last(message: str) -> None:
+def _report_last(message: str, error: bool = True) -> None:
   """Logs ``message`` as the run's last line.
 
   A failed asynchronous checkpoint write leaves exceptions in Orbax's internal asyncio
@@ -148,45 +145,104 @@ def _report_last(message: str) -> None:
   repeats a failure already reported, and is not said.
   """
   gc.collect()
-  logging.error("%s", message)
+  (logging.error if error else logging.warning)("%s", message)
   py_logging.getLogger("asyncio").disabled = True
   warnings.simplefilter("ignore")
 
 
-# Errors that vae_jax raises for things a user can fix; their message says how.
-USER_ERRORS = (
-  ValueError,
-  FileNotFoundError,
-  input_pipeline.DataError,
-  checkpointing.CheckpointError,
-  loop.NonFiniteError,
-  locks.Busy,
-  writers.WriteError,
-)
+# Whether --config was left out and the workdir's record stands in for it.
+_FROM_RECORD = False
 
 
-def _raised_by_vae_jax(e: BaseException) -> bool:
-  frames = traceback.extract_tb(e.__traceback__)
-  return bool(frames) and f"{os.sep}vae_jax{os.sep}" in frames[-1].filename
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of ``--name=value`` or ``--name value`` in ``argv`` (the last, as absl
+  takes it), if given."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _fatal(message: str) -> None:
+  sys.stderr.write(f"FATAL: {message}\n")
+  sys.exit(2)
+
+
+def _define_config(argv: list[str]) -> None:
+  """Defines ``--config``: the config file named, or without one, the workdir's record."""
+  global _FROM_RECORD
+  spec = _flag_value(argv[1:], "config")
+  if spec is not None:
+    if not pathlib.Path(files.expand(spec.split(":")[0])).is_file():
+      _fatal(
+        f"--config={spec}: no such config file. Give a path such as configs/mnist.py (or "
+        "configs/mnist.py:smoke)."
+      )
+    config_flags.DEFINE_config_file("config", None, _CONFIG_HELP, lock_config=True)
+    return
+  workdir = _flag_value(argv[1:], "workdir")
+  record = files.expand(workdir) / workdir_lib.RECORD if workdir else None
+  if record is None or not record.is_file():
+    _fatal(
+      "--config is missing. Give a config file, e.g. --config=configs/mnist.py; it can be "
+      "left out only to resume or evaluate a workdir that holds a run (its config.json)."
+    )
+  try:
+    recorded = workdir_lib.read_record(files.expand(workdir))
+  except UserError as e:
+    _fatal(str(e))
+  config_flags.DEFINE_config_dict("config", recorded, _CONFIG_HELP, lock_config=True)
+  _FROM_RECORD = True
+
+
+# Fields a sweep varies across its models; anything else under config.sweep is unknown.
+_SWEEP_AXES = ("betas", "seeds", "cross")
+
+
+def _config_failure(e: BaseException, argv: list[str]) -> str:
+  """One line for an error raised while building the config: where it arose in the config
+  file (file:line), or which override was refused and why."""
+  chain, seen = [], e
+  while seen is not None and seen not in chain:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  spec = _flag_value(argv[1:], "config")
+  config_file = pathlib.Path(files.expand(spec.split(":")[0])).resolve() if spec else None
+  for err in chain:
+    if isinstance(err, SyntaxError) and err.filename:
+      return f"{err.filename}:{err.lineno}: SyntaxError: {err.msg}"
+    frames = [
+      f
+      for f in traceback.extract_tb(err.__traceback__)
+      if config_file is not None and pathlib.Path(f.filename).resolve() == config_file
+    ]
+    if frames:
+      return f"{frames[-1].filename}:{frames[-1].lineno}: {type(err).__name__}: {err}"
+  message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  # ml_collections wraps a KeyError's repr: unquote and unescape it.
+  message = message.strip("'").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+  unknown = re.search(r"--config\.sweep\.(\w+)", " ".join(a for a in argv if "sweep." in a))
+  if unknown and unknown.group(1) not in _SWEEP_AXES:
+    field = unknown.group(1)
+    return (
+      f"config.sweep has no field {field!r}: a sweep varies {', '.join(_SWEEP_AXES[:2])} "
+      f"across models that share every shape. A field such as model.{field} changes the "
+      "shapes of the parameters, so each value needs its own run: give each its own "
+      f"--workdir and --config.model.{field}=<value>."
+    )
+  return f"bad flag or config override: {message}"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad ``--config`` or override as one line, not a traceback."""
-  for arg in argv[1:]:
-    if arg.startswith("--config=") and not pathlib.Path(arg[9:].split(":")[0]).is_file():
-      sys.stderr.write(
-        f"FATAL: --config={arg[9:]}: no such config file. Give a path such as "
-        "configs/mnist.py (or configs/mnist.py:smoke).\n"
-      )
-      sys.exit(2)
+  _define_config(argv)
   try:
     return FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - any failure to build the config is the user's input.
-    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    # ml_collections wraps a KeyError's repr: unquote and unescape it.
-    message = message.strip("'").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-    sys.stderr.write(f"FATAL: bad flag or config override: {message}\n")
-    sys.exit(2)
+    _fatal(_config_failure(e, argv))
 
 
 if __name__ == "__main__":

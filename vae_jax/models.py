@@ -29,7 +29,6 @@ first), so the caller owns the randomness and every sample is reproducible.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -37,36 +36,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vae_jax import losses, networks
+from vae_jax import config as config_lib
+from vae_jax import likelihoods, losses, networks
 
 Array = jax.Array
 Params = Any
-
-# Kept here for users of vae_jax.models (they moved to vae_jax.networks).
-ACTIVATIONS = networks.ACTIVATIONS
-LOG_VARIANCE_BOUND = networks.LOG_VARIANCE_BOUND
-soft_clamp = networks.soft_clamp
-Encoder, Decoder = networks.Encoder, networks.Decoder
-ConvEncoder, ConvDecoder = networks.ConvEncoder, networks.ConvDecoder
-
-KINDS = ("mlp", "conv")
-
-PRIORS = ("standard", "vampprior")
-HIERARCHIES = ("iwae", "vampprior")
-
-
-def keep_out_of_loops(kind: str, platform: str) -> bool:
-  """Whether a model of ``kind`` should run at the top level of its compiled
-  programs on ``platform``, not inside a ``lax.scan``/``lax.cond`` body.
-
-  XLA's CPU backend runs a convolution inside a loop or conditional body many
-  times slower than at the top level: the dSprites conv VAE's train step took
-  0.20 s alone and 1.8 s inside a scan (jax 0.10.2, 2-core x86-64; see
-  docs/performance.md). Dense layers and accelerators are not affected. Callers
-  then dispatch one train step at a time (``step.chunk_len_for``) and unroll the
-  evaluation's short loops (``likelihood``).
-  """
-  return kind == "conv" and platform == "cpu"
 
 
 class PosteriorSample(NamedTuple):
@@ -100,9 +74,10 @@ class Model(NamedTuple):
     encode: ``(params, x) -> (mean, logvar)``, each ``[batch, latents]``: the
       posterior's means and log-variances; for two layers, both layers' along
       the "mean path" (each layer conditioned on the other's mean).
-    decode: ``(params, z) -> [batch, *event_shape]`` (logits for a Bernoulli
-      likelihood, means for a Gaussian one, ``[..., 2]`` means and
-      log-variances for a learned variance). ``z: [batch, latents]``.
+    decode: ``(params, z) -> [batch, *likelihood.decoder_shape(event_shape)]``: the
+      parameters of ``p(x | z)`` (logits for a Bernoulli likelihood, means for a
+      Gaussian one, ``[..., 2]`` means and log-variances for a learned variance).
+      ``z: [batch, latents]``.
     posterior: ``(params, x, eps, stop_density_gradient=False) ->
       PosteriorSample`` from noise ``eps: [K, batch, latents]``. With
       ``stop_density_gradient``, ``log q`` is evaluated with
@@ -113,8 +88,9 @@ class Model(NamedTuple):
     layer_latents: latents per stochastic layer, bottom (``x``-facing) first.
     closed_form_kl: one diagonal-Gaussian layer under ``N(0, I)``: ``encode``
       gives ``q``'s parameters and ``decode`` reads ``z``, so
-      ``losses.elbo(key, x, *encode(params, x), decode)`` is its ELBO.
+      ``losses.elbo(key, x, *encode(params, x), decode, model.likelihood)`` is its ELBO.
     decoder_reads: how many of the latents (bottom first) ``decode`` reads.
+    likelihood: ``p(x | z)`` given ``decode``'s outputs (``likelihoods.Likelihood``).
   """
 
   init: Callable[[Array, Array], Params]
@@ -126,6 +102,7 @@ class Model(NamedTuple):
   layer_latents: tuple[int, ...]
   closed_form_kl: bool = False
   decoder_reads: int | None = None
+  likelihood: likelihoods.Likelihood = likelihoods.BERNOULLI
 
 
 class LogWeights(NamedTuple):
@@ -147,7 +124,6 @@ def log_weights(
   params: Params,
   x: Array,
   eps: Array,
-  log_likelihood_fn: Callable[[Array, Array], Array],
   *,
   stop_density_gradient: bool = False,
 ) -> LogWeights:
@@ -155,33 +131,20 @@ def log_weights(
   ``eps: [K, batch, latents]``, decoding the ``K * batch`` latents in one call."""
   post = model.posterior(params, x, eps, stop_density_gradient=stop_density_gradient)
   decode = functools.partial(model.decode, params)
-  log_px_z = losses.sample_log_likelihoods(post.z, x, decode, log_likelihood_fn)
+  log_px_z = losses.sample_log_likelihoods(post.z, x, decode, model.likelihood)
   return LogWeights(log_px_z + post.log_prior - post.log_q, log_px_z, post)
 
 
-def decoder_mean(decoded: Array, likelihood: str) -> Array:
-  """The mean image of ``p(x | z)`` from decoder outputs, in [0, 1]: ``sigmoid(logits)``
-  for ``likelihood="bernoulli"``, the continuous Bernoulli's mean, or the (clipped)
-  Gaussian mean."""
-  if likelihood == "bernoulli":
-    return jax.nn.sigmoid(decoded)
-  if likelihood == "continuous_bernoulli":
-    return losses.continuous_bernoulli_mean(decoded)
-  if likelihood == "gaussian_learned":  # [..., 2]: means, log-variances.
-    decoded = decoded[..., 0]
-  return jnp.clip(decoded, 0.0, 1.0)
-
-
-def prior_samples(model: Model, params: Params, key: Array, n: int, likelihood: str) -> Array:
+def prior_samples(model: Model, params: Params, key: Array, n: int) -> Array:
   """Mean images of ``p(x | z)`` for ``n`` draws ``z ~ p(z)``: ``[n, *event_shape]``."""
   z = model.sample_prior(params, key, n)
-  return decoder_mean(model.decode(params, z), likelihood)
+  return model.likelihood.mean(model.decode(params, z))
 
 
-def reconstructions(model: Model, params: Params, x: Array, likelihood: str) -> Array:
+def reconstructions(model: Model, params: Params, x: Array) -> Array:
   """Mean images of ``p(x | z = posterior mean)`` for each image in ``x``."""
   mean, _ = model.encode(params, x)
-  return decoder_mean(model.decode(params, mean), likelihood)
+  return model.likelihood.mean(model.decode(params, mean))
 
 
 # --------------------------------------------------------------------------
@@ -297,14 +260,17 @@ def from_encoder_decoder(
   encode: Callable[[Params, Array], tuple[Array, Array]],
   decode: Callable[[Params, Array], Array],
   latents: int,
+  likelihood: likelihoods.Likelihood = likelihoods.BERNOULLI,
 ) -> Model:
   """A one-stochastic-layer ``Model`` with prior N(0, I) from pure functions.
 
   ``encode(params, x) -> (mean, logvar)`` and ``decode(params, z)`` may be any
-  JAX functions (Flax or not); this adds the ``posterior`` and
-  ``sample_prior`` every objective and the evaluation use.
+  JAX functions (Flax or not), ``decode`` giving the parameters ``likelihood`` reads;
+  this adds the ``posterior`` and ``sample_prior`` every objective and the evaluation
+  use (``estimators`` then estimates ``log p(x)`` of your model).
   """
-  return _one_layer(init, encode, decode, latents, _standard_prior(latents), lambda p: p)
+  model = _one_layer(init, encode, decode, latents, _standard_prior(latents), lambda p: p)
+  return model._replace(likelihood=likelihood)
 
 
 def _one_layer(init, encode, decode, latents: int, prior: _Prior, prior_params) -> Model:
@@ -466,6 +432,7 @@ def _two_layer_iwae(
 
 def _two_layer_vampprior(
   event_shape,
+  output_shape,
   latents: int,
   top_latents: int,
   encoder_hidden: Sequence[int],
@@ -496,7 +463,7 @@ def _two_layer_vampprior(
     (decoder_hidden[0],),
     (decoder_hidden[0],),
     (decoder_hidden[-1],),
-    event_shape,
+    output_shape,
     **dec_options,
     **variance,
   )
@@ -615,10 +582,12 @@ def make_vae(
   prior: str = "standard",
   num_pseudo_inputs: int = 500,
   pseudo_inputs_init: tuple[float, float] = (0.05, 0.01),
-  learned_variance: bool = False,
-  init_log_variance: float = 0.0,
+  likelihood: likelihoods.Likelihood = likelihoods.BERNOULLI,
 ) -> Model:
   """A VAE of any supported kind (see the module docstring).
+
+  The options are the fields of ``config.model`` (documented in
+  ``config.base_config``) and are checked by the same ``config.check_model``.
 
   Args:
     event_shape: shape of one example, e.g. ``(28, 28, 1)``.
@@ -630,7 +599,7 @@ def make_vae(
       the encoder's, mirrored).
     conv_features: channels of the stride-2 convolutions (``"conv"`` only).
     activation: a key of ``networks.ACTIVATIONS`` (not used by gated layers).
-    logvar_bound: soft bound on ``|logvar|`` (see ``soft_clamp``), or ``None``.
+    logvar_bound: soft bound on ``|logvar|`` (see ``networks.soft_clamp``), or ``None``.
     logvar_clip: ``(low, high)``: clip the encoders' log-variances to this range
       instead (the VampPrior code's ``Hardtanh(-6, 2)``).
     gated: gated dense layers ``(W1 h + b1) * sigmoid(W2 h + b2)`` (MLP only).
@@ -643,61 +612,53 @@ def make_vae(
     prior: ``"standard"`` or ``"vampprior"``, the prior of the top layer.
     num_pseudo_inputs: ``C``, the VampPrior's pseudo-inputs.
     pseudo_inputs_init: ``(mean, std)`` of their normal initialization.
-    learned_variance: the decoder also outputs a learned, shared observation
-      log-variance (for a Gaussian likelihood).
-    init_log_variance: its initial value.
+    likelihood: ``p(x | z)``; the decoder outputs what it reads
+      (``likelihood.decoder_shape``) and holds its shared learned variance, if any.
 
   Raises:
-    ValueError: an unknown or inconsistent option, naming it.
+    config.ConfigError: an unknown or inconsistent option, naming it.
   """
-  if activation not in networks.ACTIVATIONS:
-    raise ValueError(
-      f"Unknown activation {activation!r}; choose one of {sorted(networks.ACTIVATIONS)}."
-    )
-  if kernel_init not in networks.KERNEL_INITS:
-    raise ValueError(
-      f"Unknown kernel_init {kernel_init!r}; choose one of {sorted(networks.KERNEL_INITS)}."
-    )
-  if latents < 1:
-    raise ValueError(f"latents must be positive, got {latents}.")
-  if stochastic_layers not in (1, 2):
-    raise ValueError(f"stochastic_layers must be 1 or 2, got {stochastic_layers}.")
-  if stochastic_layers == 2 and top_latents < 1:
-    raise ValueError(f"top_latents must be positive, got {top_latents}.")
-  if prior not in PRIORS:
-    raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIORS}.")
-  if hierarchy not in HIERARCHIES:
-    raise ValueError(f"Unknown hierarchy {hierarchy!r}; choose one of {HIERARCHIES}.")
-  if prior == "vampprior" and stochastic_layers == 2 and hierarchy == "iwae":
-    raise ValueError(
-      "prior='vampprior' with two layers needs hierarchy='vampprior' (its top layer is "
-      "encoded from x); the 'iwae' hierarchy encodes z2 from z1."
-    )
-  if gated and kind != "mlp":
-    raise ValueError("gated=True is for kind='mlp' (the convolutional networks are not gated).")
-  if stochastic_layers == 2 and hierarchy == "vampprior" and kind != "mlp":
-    raise ValueError("hierarchy='vampprior' is built from MLPs: use kind='mlp'.")
-  if num_pseudo_inputs < 1:
-    raise ValueError(f"num_pseudo_inputs must be positive, got {num_pseudo_inputs}.")
-  if logvar_clip is not None and not logvar_clip[0] < logvar_clip[1]:
-    raise ValueError(f"logvar_clip must be (low, high) with low < high, got {logvar_clip}.")
+  section = config_lib.base_config().model
+  section.update(
+    kind=kind,
+    latents=latents,
+    encoder_hidden=tuple(encoder_hidden),
+    decoder_hidden=tuple(decoder_hidden) if decoder_hidden is not None else None,
+    conv_features=tuple(conv_features),
+    activation=activation,
+    logvar_bound=logvar_bound,
+    logvar_clip=tuple(logvar_clip) if logvar_clip is not None else None,
+    gated=gated,
+    kernel_init=kernel_init,
+    stochastic_layers=stochastic_layers,
+    hierarchy=hierarchy,
+    top_latents=top_latents,
+    top_hidden=tuple(top_hidden),
+    prior=prior,
+    num_pseudo_inputs=num_pseudo_inputs,
+    likelihood=likelihood.name,
+  )
+  config_lib.check_model(section)
   event_shape = tuple(event_shape)
+  output_shape = likelihood.decoder_shape(event_shape)
   encoder_hidden = tuple(encoder_hidden)
   if decoder_hidden is None:
     decoder_hidden = tuple(reversed(encoder_hidden))
   decoder_hidden = tuple(decoder_hidden)
-  variance = {"learned_variance": learned_variance, "init_log_variance": init_log_variance}
+  shared = likelihood.shared_log_variance
+  variance = {"learned_variance": shared is not None, "init_log_variance": shared or 0.0}
   top = top_latents if stochastic_layers == 2 else latents
   pseudo = networks.PseudoInputs(num_pseudo_inputs, event_shape, *pseudo_inputs_init)
   clip = tuple(logvar_clip) if logvar_clip is not None else None
   enc_options = {"activation": activation, "logvar_bound": logvar_bound, "logvar_clip": clip}
   enc_options["kernel_init"] = kernel_init
   dec_options = {"activation": activation, "kernel_init": kernel_init, **variance}
-  if gated:  # The convolutional networks have no gated form (checked above).
+  if gated:  # The convolutional networks have no gated form (check_model refuses it).
     enc_options["gated"] = dec_options["gated"] = True
   if stochastic_layers == 2 and hierarchy == "vampprior":
-    return _two_layer_vampprior(
+    model = _two_layer_vampprior(
       event_shape,
+      output_shape,
       latents,
       top,
       encoder_hidden,
@@ -708,27 +669,28 @@ def make_vae(
       enc_options,
       variance,
     )
+    return model._replace(likelihood=likelihood)
   if kind == "mlp":
     encoder = networks.Encoder(encoder_hidden, latents, **enc_options)
-    decoder = networks.Decoder(decoder_hidden, event_shape, **dec_options)
-  elif kind == "conv":
+    decoder = networks.Decoder(decoder_hidden, output_shape, **dec_options)
+  else:
     conv_features = tuple(conv_features)
     scale = 2 ** len(conv_features)
     if len(event_shape) != 3 or event_shape[0] % scale or event_shape[1] % scale:
-      raise ValueError(
+      raise config_lib.ConfigError(
         f"kind='conv' with {len(conv_features)} stride-2 layers needs examples [h, w, c] "
         f"with h and w multiples of {scale}; got {event_shape}. Use fewer "
         "config.model.conv_features, or kind='mlp'."
       )
     encoder = networks.ConvEncoder(conv_features, encoder_hidden, latents, **enc_options)
-    decoder = networks.ConvDecoder(conv_features, decoder_hidden, event_shape, **dec_options)
-  else:
-    raise ValueError(f"Unknown model kind {kind!r}; available: 'mlp', 'conv'.")
+    decoder = networks.ConvDecoder(conv_features, decoder_hidden, output_shape, **dec_options)
   if stochastic_layers == 1:
-    return _single_layer(encoder, decoder, event_shape, latents, prior, pseudo)
-  return _two_layer_iwae(
-    encoder, decoder, top_hidden, event_shape, latents, top_latents, enc_options
-  )
+    model = _single_layer(encoder, decoder, event_shape, latents, prior, pseudo)
+  else:
+    model = _two_layer_iwae(
+      encoder, decoder, top_hidden, event_shape, latents, top_latents, enc_options
+    )
+  return model._replace(likelihood=likelihood)
 
 
 def make_mlp_vae(
@@ -738,8 +700,10 @@ def make_mlp_vae(
   decoder_hidden: Sequence[int] | None = None,
   activation: str = "relu",
   logvar_bound: float | None = 30.0,
+  likelihood: likelihoods.Likelihood = likelihoods.BERNOULLI,
 ) -> Model:
-  """An MLP VAE; the defaults are the Flax example's 784-500-20 / 20-500-784."""
+  """An MLP VAE; the defaults are the Flax example's 784-500-20 / 20-500-784 with a
+  Bernoulli likelihood."""
   return make_vae(
     event_shape,
     latents,
@@ -748,6 +712,7 @@ def make_mlp_vae(
     decoder_hidden=decoder_hidden,
     activation=activation,
     logvar_bound=logvar_bound,
+    likelihood=likelihood,
   )
 
 
@@ -773,6 +738,5 @@ def make_model(config: ml_collections.ConfigDict, event_shape: Sequence[int]) ->
     prior=m.prior,
     num_pseudo_inputs=m.num_pseudo_inputs,
     pseudo_inputs_init=(m.pseudo_inputs_mean, m.pseudo_inputs_std),
-    learned_variance=m.likelihood == "gaussian_learned",
-    init_log_variance=math.log(m.gaussian_variance) if m.gaussian_variance > 0 else 0.0,
+    likelihood=likelihoods.from_config(config),
   )

@@ -29,33 +29,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vae_jax import config as config_lib
 from vae_jax import losses, models, total_correlation
 from vae_jax.models import Model, Params
 
 Array = jax.Array
 Metrics = dict[str, Array]
 LossFn = Callable[[Params, Array, Array, Array], tuple[Array, Metrics]]
-
-OBJECTIVES = ("elbo", "iwae", "autoencoder", "beta_tcvae")
-GRADIENT_ESTIMATORS = ("plain", "dreg")
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned")
-
-
-def make_log_likelihood_fn(
-  likelihood: str, event_ndims: int, gaussian_variance: float = 1.0
-) -> losses.LogLikelihoodFn:
-  """``(decoded, x) -> [batch]`` log-likelihoods of a likelihood in ``LIKELIHOODS``."""
-  if likelihood == "bernoulli":
-    return functools.partial(losses.bernoulli_log_likelihood, event_ndims=event_ndims)
-  if likelihood == "continuous_bernoulli":
-    return functools.partial(losses.continuous_bernoulli_log_likelihood, event_ndims=event_ndims)
-  if likelihood == "gaussian":
-    return functools.partial(
-      losses.gaussian_log_likelihood, variance=gaussian_variance, event_ndims=event_ndims
-    )
-  if likelihood == "gaussian_learned":
-    return functools.partial(losses.gaussian_log_likelihood_learned, event_ndims=event_ndims)
-  raise ValueError(f"Unknown likelihood {likelihood!r}; use one of {LIKELIHOODS}.")
 
 
 # --------------------------------------------------------------------------
@@ -100,50 +80,43 @@ def elbo(
   params: Params,
   x: Array,
   key: Array,
-  log_likelihood_fn: losses.LogLikelihoodFn,
   *,
   beta: float | Array = 1.0,
   num_samples: int = 1,
 ) -> losses.ElboOutput:
   """The per-example beta-ELBO of any model, ``[batch]`` parts in nats.
 
-  ``losses.elbo`` itself for a model with ``closed_form_kl``; otherwise the
-  Monte Carlo reconstruction and KL estimates of ``model.posterior`` at
-  ``num_samples`` samples, combined by ``losses.elbo_from_terms``.
+  ``losses.elbo`` itself (with ``model.likelihood`` as its ``log_likelihood_fn``) for a
+  model with ``closed_form_kl``; otherwise the Monte Carlo reconstruction and KL
+  estimates of ``model.posterior`` at ``num_samples`` samples, combined by
+  ``losses.elbo_from_terms``.
   """
   if model.closed_form_kl:
     mean, logvar = model.encode(params, x)
     decode = functools.partial(model.decode, params)
     return losses.elbo(
-      key, x, mean, logvar, decode, log_likelihood_fn, beta=beta, num_samples=num_samples
+      key, x, mean, logvar, decode, model.likelihood, beta=beta, num_samples=num_samples
     )
   eps = losses.sample_eps(key, (num_samples, x.shape[0], model.latents))
-  lw = models.log_weights(model, params, x, eps, log_likelihood_fn)
+  lw = models.log_weights(model, params, x, eps)
   reconstruction = jnp.mean(lw.log_px_z, axis=0)
   kl = jnp.mean(lw.posterior.kl, axis=0)
   return losses.ElboOutput(losses.elbo_from_terms(reconstruction, kl, beta), reconstruction, kl)
 
 
-def _dreg_bound(model, params, x, eps, log_likelihood_fn) -> Array:
+def _dreg_bound(model, params, x, eps) -> Array:
   """``losses.dreg_iw_bound`` of the log-weights computed along its two gradient paths:
   the encoder's only through ``z`` (decoder and ``q``'s parameters fixed), the
   decoder's with ``z`` fixed. Same values, two gradient paths."""
   stop = jax.lax.stop_gradient
   enc_only = {"encoder": params["encoder"], "decoder": stop(params["decoder"])}
-  log_w_enc = models.log_weights(
-    model, enc_only, x, eps, log_likelihood_fn, stop_density_gradient=True
-  ).log_w
+  log_w_enc = models.log_weights(model, enc_only, x, eps, stop_density_gradient=True).log_w
   dec_only = {"encoder": stop(params["encoder"]), "decoder": params["decoder"]}
-  log_w_dec = models.log_weights(model, dec_only, x, eps, log_likelihood_fn).log_w
+  log_w_dec = models.log_weights(model, dec_only, x, eps).log_w
   return losses.dreg_iw_bound(log_w_enc, log_w_dec)
 
 
-def make_loss_fn(
-  model: Model,
-  log_likelihood_fn: losses.LogLikelihoodFn,
-  spec: Spec,
-  beta: float | Array = 1.0,
-) -> LossFn:
+def make_loss_fn(model: Model, spec: Spec, beta: float | Array = 1.0) -> LossFn:
   """``loss_fn(params, x, key, step) -> (loss, metrics)``: batch means, in nats.
 
   ``beta`` may be a Python float (a single run) or a traced scalar (one model
@@ -156,14 +129,10 @@ def make_loss_fn(
   warm-up and ``capacity`` under capacity annealing.
 
   Raises:
-    ValueError: an unknown objective or gradient estimator.
+    config.ConfigError: an unknown objective or gradient estimator.
   """
-  if spec.objective not in OBJECTIVES:
-    raise ValueError(f"Unknown objective {spec.objective!r}; use one of {OBJECTIVES}.")
-  if spec.gradient_estimator not in GRADIENT_ESTIMATORS:
-    raise ValueError(
-      f"Unknown gradient_estimator {spec.gradient_estimator!r}; use one of {GRADIENT_ESTIMATORS}."
-    )
+  config_lib.check_choice("objective", spec.objective)
+  config_lib.check_choice("gradient_estimator", spec.gradient_estimator)
   k = spec.num_samples
 
   def summary(loss: Array, reconstruction: Array, kl: Array) -> Metrics:
@@ -177,15 +146,15 @@ def make_loss_fn(
   def autoencoder(params, x, key, step):
     del key, step
     mean, _ = model.encode(params, x)
-    reconstruction = log_likelihood_fn(model.decode(params, mean), x)
+    reconstruction = model.likelihood(model.decode(params, mean), x)
     return summary(-jnp.mean(reconstruction), reconstruction, jnp.zeros_like(reconstruction))
 
   def iwae(params, x, key, step):
     del step
     eps = losses.sample_eps(key, (k, x.shape[0], model.latents))
-    log_w, _, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
+    log_w, _, post = models.log_weights(model, params, x, eps)
     if spec.gradient_estimator == "dreg":
-      bound = _dreg_bound(model, params, x, eps, log_likelihood_fn)
+      bound = _dreg_bound(model, params, x, eps)
     else:
       bound = losses.iw_bound_from_log_weights(log_w, axis=0)
     kl = jnp.mean(post.kl, axis=0)
@@ -193,15 +162,15 @@ def make_loss_fn(
 
   def free_bits(params, x, key, step):
     eps = losses.sample_eps(key, (k, x.shape[0], model.latents))
-    _, log_px_z, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
+    _, log_px_z, post = models.log_weights(model, params, x, eps)
     reconstruction = jnp.mean(log_px_z, axis=0)
     kl_term = losses.free_bits_kl(post.kl_per_dim, spec.free_bits)
     beta_t = kl_weight(beta, step, spec.warmup_steps)
-    loss = -losses.elbo_from_terms(jnp.mean(reconstruction), kl_term, beta_t)
+    loss = -jnp.mean(losses.elbo_from_terms(reconstruction, kl_term, beta_t))
     return summary(loss, reconstruction, jnp.mean(post.kl, axis=0))
 
   def capacity(params, x, key, step):
-    parts = elbo(model, params, x, key, log_likelihood_fn, num_samples=k)
+    parts = elbo(model, params, x, key, num_samples=k)
     c_t = capacity_at(step, spec.capacity_nats, spec.capacity_steps)
     rec, kl = jnp.mean(parts.reconstruction), jnp.mean(parts.kl)
     loss = -losses.capacity_objective(rec, kl, beta, c_t)
@@ -210,7 +179,7 @@ def make_loss_fn(
   def beta_tcvae(params, x, key, step):
     del step
     eps = losses.sample_eps(key, (1, x.shape[0], model.latents))
-    _, log_px_z, post = models.log_weights(model, params, x, eps, log_likelihood_fn)
+    _, log_px_z, post = models.log_weights(model, params, x, eps)
     mean, logvar = model.encode(params, x)
     tc = total_correlation.total_correlation_mws(post.z[0], mean, logvar, spec.dataset_size)
     reconstruction, kl = log_px_z[0], post.kl[0]
@@ -220,21 +189,17 @@ def make_loss_fn(
 
   def plain_elbo(params, x, key, step):
     beta_t = kl_weight(beta, step, spec.warmup_steps)
-    parts = elbo(model, params, x, key, log_likelihood_fn, beta=beta_t, num_samples=k)
+    parts = elbo(model, params, x, key, beta=beta_t, num_samples=k)
     return summary(-jnp.mean(parts.elbo), parts.reconstruction, parts.kl)
 
-  if spec.objective == "autoencoder":
-    fn = autoencoder
-  elif spec.objective == "iwae":
-    fn = iwae
-  elif spec.objective == "beta_tcvae":
-    fn = beta_tcvae
-  elif spec.capacity_nats:
-    fn = capacity
-  elif spec.free_bits:
-    fn = free_bits
-  else:
-    fn = plain_elbo
+  # The ELBO's KL term: shaped by capacity annealing, or free bits, or neither.
+  shaped_elbo = capacity if spec.capacity_nats else free_bits if spec.free_bits else plain_elbo
+  fn = {
+    "elbo": shaped_elbo,
+    "iwae": iwae,
+    "autoencoder": autoencoder,
+    "beta_tcvae": beta_tcvae,
+  }[spec.objective]
 
   def loss_fn(params: Params, x: Array, key: Array, step: Array) -> tuple[Array, Metrics]:
     metrics = fn(params, x, key, step)

@@ -9,32 +9,44 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vae_jax import config as config_lib
+
 Params = object
 
-OPTIMIZERS = ("adam", "adam_iwae", "adam_normgrad", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("constant", "cosine", "exponential", "iwae")
+
+def _iwae_schedule(lr: float, steps_per_epoch: int) -> optax.Schedule:
+  """Burda et al. (2015), section 5: 3**i epochs at lr * 10**(-i/7), i = 0..7."""
+  boundaries, epoch = {}, 0
+  for i in range(7):
+    epoch += 3**i
+    boundaries[epoch * steps_per_epoch] = 10 ** (-1 / 7)
+  return optax.piecewise_constant_schedule(lr, boundaries)
+
+
+# config.optimizer.schedule -> (config, steps per epoch) -> learning rate or schedule.
+SCHEDULES = {
+  "constant": lambda c, spe: c.optimizer.learning_rate,
+  # To 0 over the run: num_train_steps when set, else num_epochs epochs.
+  "cosine": lambda c, spe: optax.cosine_decay_schedule(
+    c.optimizer.learning_rate, decay_steps=c.num_train_steps or c.num_epochs * spe
+  ),
+  "exponential": lambda c, spe: optax.exponential_decay(
+    c.optimizer.learning_rate, spe, c.optimizer.decay_rate, staircase=True
+  ),
+  "iwae": lambda c, spe: _iwae_schedule(c.optimizer.learning_rate, spe),
+}
 
 
 def learning_rate_schedule(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> float | optax.Schedule:
-  """``config.optimizer``'s learning rate: a float, or a function of the step."""
-  o = config.optimizer
-  lr = o.learning_rate
-  if o.schedule == "constant":
-    return lr
-  if o.schedule == "cosine":
-    return optax.cosine_decay_schedule(lr, decay_steps=config.num_epochs * steps_per_epoch)
-  if o.schedule == "exponential":
-    return optax.exponential_decay(lr, steps_per_epoch, o.decay_rate, staircase=True)
-  if o.schedule == "iwae":
-    # Burda et al. (2015), section 5: 3**i epochs at lr * 10**(-i/7), i = 0..7.
-    boundaries, epoch = {}, 0
-    for i in range(7):
-      epoch += 3**i
-      boundaries[epoch * steps_per_epoch] = 10 ** (-1 / 7)
-    return optax.piecewise_constant_schedule(lr, boundaries)
-  raise ValueError(f"Unknown config.optimizer.schedule {o.schedule!r}; use one of {SCHEDULES}.")
+  """``config.optimizer``'s learning rate: a float, or a function of the step.
+
+  Raises:
+    config.ConfigError: an unknown schedule.
+  """
+  config_lib.check_choice("optimizer.schedule", config.optimizer.schedule)
+  return SCHEDULES[config.optimizer.schedule](config, steps_per_epoch)
 
 
 class ParamEmaState(NamedTuple):
@@ -86,27 +98,30 @@ def normalize_each_gradient(eps: float = 1e-7) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+# config.optimizer.name -> (optimizer fields, learning rate) -> optax transformation.
+OPTIMIZERS = {
+  "adam": lambda o, lr: optax.adam(lr),
+  "adam_iwae": lambda o, lr: optax.adam(lr, b1=0.9, b2=0.999, eps=1e-4),  # Burda et al. 2015.
+  # Tomczak & Welling (2018)'s code: utils/optimizer.py.
+  "adam_normgrad": lambda o, lr: optax.chain(normalize_each_gradient(), optax.adam(lr)),
+  "adamw": lambda o, lr: optax.adamw(lr, weight_decay=o.weight_decay),
+  "sgd": lambda o, lr: optax.sgd(lr, momentum=o.momentum or None),
+  "rmsprop": lambda o, lr: optax.rmsprop(lr),
+}
+
+
 def make_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int = 1
 ) -> optax.GradientTransformation:
   """``config.optimizer`` as an optax chain: clipping, the optimizer with its
-  learning-rate schedule (epochs are ``steps_per_epoch`` steps), and the EMA."""
+  learning-rate schedule (epochs are ``steps_per_epoch`` steps), and the EMA.
+
+  Raises:
+    config.ConfigError: an unknown optimizer or schedule.
+  """
   o = config.optimizer
-  lr = learning_rate_schedule(config, steps_per_epoch)
-  if o.name == "adam":
-    opt = optax.adam(lr)
-  elif o.name == "adam_iwae":  # Burda et al. (2015): Adam with eps = 1e-4.
-    opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-4)
-  elif o.name == "adam_normgrad":  # Tomczak & Welling (2018)'s code: utils/optimizer.py.
-    opt = optax.chain(normalize_each_gradient(), optax.adam(lr))
-  elif o.name == "adamw":
-    opt = optax.adamw(lr, weight_decay=o.weight_decay)
-  elif o.name == "sgd":
-    opt = optax.sgd(lr, momentum=o.momentum or None)
-  elif o.name == "rmsprop":
-    opt = optax.rmsprop(lr)
-  else:
-    raise ValueError(f"Unknown config.optimizer.name {o.name!r}; choose one of {OPTIMIZERS}.")
+  config_lib.check_choice("optimizer.name", o.name)
+  opt = OPTIMIZERS[o.name](o, learning_rate_schedule(config, steps_per_epoch))
   if o.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
   if o.ema_decay is not None:

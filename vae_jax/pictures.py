@@ -17,27 +17,6 @@ import numpy as np
 # [n, latent] -> [n, h, w, c] mean images in [0, 1].
 DecodeMeanFn = Callable[[np.ndarray], np.ndarray]
 
-# Label names for legends (index = label).
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
-  "mnist": tuple(str(d) for d in range(10)),
-  "fashion_mnist": (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-  ),
-  **{
-    name: ("square", "ellipse", "heart")
-    for name in ("dsprites", "dsprites_rendered", "dsprites_cpu", "dsprites_smoke")
-  },
-}
-
 # --------------------------------------------------------------------------
 # Images decoded from chosen latents.
 

@@ -4,25 +4,24 @@
 * ``train_step(state, batch, key)`` is pure; the eps key of step ``s`` is
   ``fold_in(key, s)``, so a resumed run draws exactly the noise an
   uninterrupted one would, with no RNG state to checkpoint.
-* The whole training split sits in device memory as uint8. One jitted call
-  (``make_train_chunk``) runs up to ``chunk_len`` steps with ``lax.scan``,
-  gathering each batch from that epoch's permutation and binarizing it on
-  device. Batches depend only on ``(seed, step)``, so resume sees the same
-  batches too.
+* One jitted call (``make_train_chunk``) runs up to ``chunk_len`` steps with
+  ``lax.scan``, each taking its batch from the feed (``input_pipeline``: gathered from
+  the training split in device memory, or streamed from the host) by its step number.
+  Batches depend only on ``(seed, step)``, so resume sees the same batches too.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax import input_pipeline, models
+from vae_jax import config as config_lib
 from vae_jax.models import Model, Params
 
 Array = jax.Array
@@ -97,8 +96,11 @@ def make_train_step(
   def _step(state: TrainState, batch: Array, key: Array) -> tuple[TrainState, Metrics]:
     step_key = jax.random.fold_in(key, state.step)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_key, state.step)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # optax's transformations mix dtypes (Adam's decay ** int32 count) and need the
+    # standard promotion rules; everything of vae_jax runs under strict ones too.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     num_skipped = state.num_skipped
     if not skip_nonfinite:
       sampled = (state.step + 1) % grad_norm_every == 0
@@ -130,88 +132,53 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
   """A 1-D mesh named ``data`` over the first ``num_devices`` devices (0: all).
 
   Raises:
-    ValueError: more devices asked for than are visible.
+    config.ConfigError: more devices asked for than are visible.
   """
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
-    raise ValueError(
+    raise config_lib.ConfigError(
       f"config.num_devices={num_devices}, but {len(devices)} devices are visible "
       f"({devices[0].platform}); use 0 for all of them."
     )
   return jax.sharding.Mesh(np.asarray(devices[: num_devices or len(devices)]), ("data",))
 
 
-def epoch_permutation(shuffle_key: Array, epoch: int | Array, num_examples: int) -> Array:
-  """The example order of ``epoch``: a function of the seed and epoch alone."""
-  return jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_examples)
-
-
-class Permutations:
-  """``perms(epoch) -> [2, n]``: the orders of ``epoch`` and ``epoch + 1``, as
-  ``make_train_chunk`` takes them, computed on device once and cached (older
-  epochs are dropped)."""
-
-  def __init__(self, shuffle_key: Array, num_examples: int, sharding=None):
-    self._key, self._n = shuffle_key, num_examples
-    placed = {} if sharding is None else {"out_shardings": sharding}
-    self._fn = jax.jit(epoch_permutation, static_argnums=2, **placed)
-    self._cache: dict[int, Array] = {}
-
-  def __call__(self, epoch: int) -> Array:
-    for e in [e for e in self._cache if e < epoch]:
-      del self._cache[e]
-    for e in (epoch, epoch + 1):
-      if e not in self._cache:
-        self._cache[e] = self._fn(self._key, e, self._n)
-    return jnp.stack([self._cache[epoch], self._cache[epoch + 1]])
-
-
 def make_train_chunk(
   train_step: Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]],
+  batch_fn: Callable[[Any, Array], Array],
   *,
   chunk_len: int,
-  batch_size: int,
-  steps_per_epoch: int,
-  binarization: str,
   batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
   """One jitted call that runs up to ``chunk_len`` train steps on device.
 
-  With ``batch_sharding`` (e.g. ``NamedSharding(mesh, P("data"))``) each
-  gathered batch is split over the devices along its batch axis, and XLA runs
-  the step data-parallel (gradients are all-reduced); the state and images
-  stay replicated. The math is that of one device, up to the order of float
-  reductions.
+  ``batch_fn(feed_inputs, step) -> [batch, *event_shape]`` gives the preprocessed batch
+  of train step ``step`` from what the feed passed in (``input_pipeline``'s feeds).
+  With ``batch_sharding`` (e.g. ``NamedSharding(mesh, P("data"))``) each batch is
+  split over the devices along its batch axis, and XLA runs the step data-parallel
+  (gradients are all-reduced); the state stays replicated. The math is that of one
+  device, up to the order of float reductions.
 
-  Returns ``chunk(state, images, perms, first_epoch, num_active, eps_key,
-  bin_key) -> (state, metrics)``, where ``images: [n, h, w, c]`` uint8 is the
-  whole training split, ``perms: [2, n]`` the permutations of epochs
-  ``first_epoch`` and ``first_epoch + 1`` (a chunk spans at most two, since
-  ``chunk_len <= steps_per_epoch``), and only the first ``num_active`` steps
-  run; the rest pass the state through, so any number of steps up to
-  ``chunk_len`` reuses one compiled program. ``metrics`` are ``[chunk_len]``
-  arrays; entries past ``num_active`` are zeros. ``eps_key`` is passed to the
-  step as its key (a sweep passes its per-model keys there).
+  Returns ``chunk(state, feed_inputs, num_active, eps_key) -> (state, metrics)``: only
+  the first ``num_active`` steps run; the rest pass the state through, so any number
+  of steps up to ``chunk_len`` reuses one compiled program. ``metrics`` are
+  ``[chunk_len]`` arrays; entries past ``num_active`` are zeros. ``eps_key`` is passed
+  to the step as its key (a sweep passes its per-model keys there).
 
   Raises:
-    ValueError: ``chunk_len`` outside ``[1, steps_per_epoch]``.
+    ValueError: ``chunk_len < 1``.
   """
-  if not 1 <= chunk_len <= steps_per_epoch:
-    raise ValueError(f"chunk_len must be in [1, {steps_per_epoch}], got {chunk_len}.")
+  if chunk_len < 1:
+    raise ValueError(f"chunk_len must be >= 1, got {chunk_len}.")
 
-  def chunk(state, images, perms, first_epoch, num_active, eps_key, bin_key):
+  def chunk(state, feed_inputs, num_active, eps_key):
     def run(state):
-      step = state.step
-      order = perms[step // steps_per_epoch - first_epoch]
-      idx = jax.lax.dynamic_slice(order, ((step % steps_per_epoch) * batch_size,), (batch_size,))
-      batch = input_pipeline.preprocess(
-        images[idx], binarization, jax.random.fold_in(bin_key, step)
-      )
+      batch = batch_fn(feed_inputs, state.step)
       if batch_sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
       return train_step(state, batch, eps_key)
 
-    if chunk_len == 1:  # One step, outside any loop or conditional (see chunk_len_for).
+    if chunk_len == 1:  # One step, outside any loop or conditional (see vae_jax.execution).
       state, metrics = run(state)
       return _replicated(state, jax.tree.map(lambda m: m[None], metrics))
 
@@ -233,14 +200,3 @@ def make_train_chunk(
     return state, metrics
 
   return jax.jit(chunk, donate_argnums=0)
-
-
-def chunk_len_for(steps_per_dispatch: int, steps_per_epoch: int, kind: str, platform: str) -> int:
-  """Steps per dispatch: ``steps_per_dispatch``, at most an epoch, and 1 for a
-  model that must stay out of loop bodies (``models.keep_out_of_loops``: a
-  convolutional model on CPU, where the chunk's scan made its step 9x slower).
-  At a fifth of a second per step the host's dispatch costs nothing.
-  """
-  if models.keep_out_of_loops(kind, platform):
-    return 1
-  return min(steps_per_dispatch, steps_per_epoch)

@@ -13,7 +13,8 @@
   single run's.
 * The multi-step device loop is ``step.make_train_chunk`` of the vmapped step,
   and the host loop is ``loop.run``, the single run's: the same checks,
-  preemption, logging, evaluation and checkpoints.
+  preemption, logging, evaluation, checkpoints and early stopping
+  (``trainer.Program``).
 * Keys. Model ``i`` with seed ``s_i`` draws its init, eps and evaluation keys
   exactly as a single run with ``config.seed = s_i``. The *data* (shuffling and
   dynamic binarization) is one stream shared by all models, from
@@ -50,9 +51,10 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vae_jax import checkpointing, loop, optim, train
 from vae_jax import config as config_lib
+from vae_jax import input_pipeline, loop, optim, trainer
 from vae_jax import step as step_lib
+from vae_jax import workdir as workdir_lib
 from vae_jax.models import Params
 from vae_jax.step import TrainState
 
@@ -73,7 +75,7 @@ class SweepKeys(NamedTuple):
 
 
 def make_sweep_step(
-  trainer: train.Trainer,
+  base: trainer.Trainer,
   *,
   skip_nonfinite: bool = False,
   batch_sharding: NamedSharding | None = None,
@@ -90,7 +92,7 @@ def make_sweep_step(
 
   def one_model(state: TrainState, batch: Array, eps_key: Array, beta: Array):
     step = step_lib.make_train_step(
-      trainer.loss_fn(beta), trainer.optimizer, skip_nonfinite, matmul_precision, grad_norm_every
+      base.loss_fn(beta), base.optimizer, skip_nonfinite, matmul_precision, grad_norm_every
     )
     return step(state, batch, eps_key)
 
@@ -135,26 +137,26 @@ class SweepTrainer:
   """Everything a sweep runs, built from a config by ``build_sweep_trainer``.
 
   Attributes:
-    base: the single-run ``train.Trainer`` of ``config`` (model, optimizer,
-      objective, evaluation, data keys of ``config.seed``, steps per epoch).
+    base: the ``trainer.Trainer`` of ``config`` (model, optimizer, objective,
+      evaluation, data keys of ``config.seed``, steps per epoch, plan).
     betas: ``[M]`` the models' betas.
     seeds: ``[M]`` the models' seeds.
     keys: the per-model ``SweepKeys``, placed on the mesh.
     eval_keys: ``[M]`` each model's test-ELBO key (as its single run's).
     init_keys: ``[M]`` each model's init key (as its single run's).
-    sweep_chunk: the jitted multi-step call, ``step.make_train_chunk`` of the
-      vmapped step; the same signature with ``SweepState`` and ``SweepKeys``.
+    sweep_step: the vmapped step, ``(SweepState, batch, SweepKeys) -> (SweepState,
+      metrics)``; ``base.make_chunk(feed.batch, sweep_step)`` is its multi-step call.
     eval_fn: ``(stacked params, x, eval_keys) -> {name: [M]}``.
     mesh: the device mesh, or ``None`` on one device.
   """
 
-  base: train.Trainer
+  base: trainer.Trainer
   betas: tuple[float, ...]
   seeds: tuple[int, ...]
   keys: SweepKeys
   eval_keys: Array
   init_keys: Array
-  sweep_chunk: Callable[..., tuple[SweepState, Metrics]]
+  sweep_step: Callable[..., tuple[SweepState, Metrics]]
   eval_fn: Callable[[Params, Array, Array], dict[str, Array]]
   mesh: Mesh | None
 
@@ -214,13 +216,13 @@ def build_sweep_trainer(
   *,
   devices: Sequence | None = None,
 ) -> SweepTrainer:
-  """Builds the vmapped step, chunk, evaluation, keys and mesh of a sweep config.
+  """Builds the vmapped step, evaluation, keys and mesh of a validated sweep config.
 
   Raises:
-    ValueError: the config is invalid or describes no sweep.
+    config.ConfigError: the config describes no sweep, or does not fit the data.
   """
   betas, seeds = config_lib.sweep_grid(config)
-  base = train.build_trainer(config, event_shape, num_train)
+  base = trainer.build_trainer(config, event_shape, num_train)
   mesh = sweep_mesh(len(betas), config.batch_size, devices)
   batch_sharding = None
   if mesh is not None and mesh.shape["batch"] > 1:
@@ -231,13 +233,6 @@ def build_sweep_trainer(
     batch_sharding=batch_sharding,
     matmul_precision=config.matmul_precision,
     grad_norm_every=config.log_every_steps,
-  )
-  chunk = step_lib.make_train_chunk(
-    sweep_step,
-    chunk_len=base.chunk_len,
-    batch_size=config.batch_size,
-    steps_per_epoch=base.steps_per_epoch,
-    binarization=config.binarization,
   )
   per_seed = {s: step_lib.run_keys(s) for s in set(seeds)}
   stack = lambda tag: jnp.stack([per_seed[s][tag] for s in seeds])  # noqa: E731
@@ -255,40 +250,27 @@ def build_sweep_trainer(
     keys=keys,
     eval_keys=eval_keys,
     init_keys=init_keys,
-    sweep_chunk=chunk,
+    sweep_step=sweep_step,
     eval_fn=eval_fn,
     mesh=mesh,
   )
 
 
-def run_chunk(
-  trainer: SweepTrainer,
-  state: SweepState,
-  images: Array,
-  perms: step_lib.Permutations,
-  step: int,
-  num_steps: int,
-) -> tuple[SweepState, Metrics]:
-  """``num_steps <= chunk_len`` steps of every model from ``step``; metrics ``[chunk_len, M]``."""
-  b = trainer.base
-  epoch = step // b.steps_per_epoch
-  return trainer.sweep_chunk(
-    state, images, perms(epoch), epoch, num_steps, trainer.keys, b.keys[step_lib.KEY_BINARIZE]
-  )
-
-
 def run_steps(
-  trainer: SweepTrainer, state: SweepState, images: Array, num_steps: int
+  built: SweepTrainer,
+  state: SweepState,
+  feed: input_pipeline.DeviceFeed,
+  num_steps: int,
+  chunk=None,
 ) -> tuple[SweepState, Metrics]:
   """``num_steps`` steps of every model from ``state`` in chunks (for benchmarks and tests);
-  returns the state and the last chunk's device metrics."""
-  perms = step_lib.Permutations(
-    trainer.base.keys[step_lib.KEY_SHUFFLE], images.shape[0], trainer.sharding()
-  )
+  returns the state and the last chunk's device metrics. ``chunk``: a compiled multi-step
+  call to reuse (default: a new one)."""
+  chunk = chunk or built.base.make_chunk(feed.batch, built.sweep_step)
   step, end, metrics = int(state.step), int(state.step) + num_steps, None
   while step < end:
-    n = min(end - step, trainer.base.chunk_len)
-    state, metrics = run_chunk(trainer, state, images, perms, step, n)
+    n = min(end - step, built.base.chunk_len)
+    state, metrics = chunk(state, feed.inputs(step), n, built.keys)
     step += n
   return state, metrics
 
@@ -303,98 +285,58 @@ def eval_params(state: SweepState) -> Params:
   return optim.eval_params(state.models.opt_state, state.models.params)
 
 
-class Sweep:
-  """Every model of ``config.sweep``: the ``loop.Program`` of a sweep on ``data``."""
+class Sweep(trainer.Program):
+  """Every model of ``config.sweep``: the ``loop.Program`` of a sweep in ``workdir``."""
 
-  def __init__(self, config: ml_collections.ConfigDict, trainer: SweepTrainer, data: train.Data):
-    self.config, self.trainer, self.data = config, trainer, data
-    base = trainer.base
-    self.steps_per_epoch = base.steps_per_epoch
-    self.total_steps = config.num_epochs * base.steps_per_epoch
-    self.chunk_len = base.chunk_len
-    self.batch_size = config.batch_size
-    self.writer_dirs = tuple(f"models/{n}" for n in trainer.names)
-    self.best: train.BestCheckpoint | None = None
-    self.workdir: pathlib.Path | None = None
-    self.perms = step_lib.Permutations(
-      trainer.base.keys[step_lib.KEY_SHUFFLE], data.train_images.shape[0], trainer.sharding()
-    )
+  stacked = True
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    built: SweepTrainer,
+    feed: input_pipeline.DeviceFeed,
+    evaluation: input_pipeline.EvalData,
+  ):
+    ids = [
+      trainer.ModelId(name, seed, beta)
+      for name, seed, beta in zip(built.names, built.seeds, built.betas, strict=True)
+    ]
+    super().__init__(config, workdir, built.base, evaluation, ids, built.sharding())
+    self.sweep, self.feed = built, feed
+    self.chunk = built.base.make_chunk(feed.batch, built.sweep_step)
 
   def abstract_state(self):
-    return self.trainer.state_shape()
+    return self.sweep.state_shape()
 
   def init_state(self) -> SweepState:
-    return self.trainer.init_state()
+    return self.sweep.init_state()
 
   def run_chunk(self, state: SweepState, step: int, num_steps: int):
-    return run_chunk(self.trainer, state, self.data.train_images, self.perms, step, num_steps)
+    return self.chunk(state, self.feed.inputs(step), num_steps, self.sweep.keys)
 
   def num_skipped(self, state: SweepState) -> np.ndarray:
     return np.asarray(jax.device_get(state.models.num_skipped))
 
-  def describe(self, model: int) -> str:
-    t = self.trainer
-    return f" in model {model} (beta={t.betas[model]:g}, seed={t.seeds[model]})"
+  def eval_params(self, state: SweepState) -> Params:
+    return eval_params(state)
 
-  def start(self, state: SweepState, resumed: bool, out) -> bool:
-    if self.data.val_x is None:
-      return False
-    step = int(state.step)
-    self.best = train.BestCheckpoint(
-      self.workdir / train.BEST_DIR,
-      self.trainer.state_shape().models.params,
-      self.trainer.sharding(),
-      resumed_step=step if resumed else None,
-      num_models=self.trainer.num_models,
-    )
-    eval_every = self.config.eval_every_steps or self.steps_per_epoch
-    return bool(self.best.step >= 0 and step % eval_every == 0 and self._exhausted(step))
+  def scores(self, params: Params, x, split: str) -> dict[str, np.ndarray]:
+    keys = self.sweep.eval_keys
+    if split == "validation":
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    scores = jax.device_get(self.sweep.eval_fn(params, x, keys))
+    return {k: np.asarray(v) for k, v in scores.items()}
 
-  def _exhausted(self, step: int) -> bool:
-    c, spe = self.config, self.steps_per_epoch
-    return train.patience_exhausted(
-      step,
-      self.best.steps,
-      round(c.kl_warmup_epochs * spe),
-      c.early_stopping_patience_epochs * spe,
-    )
+  def model_params(self, params: Params, i: int) -> Params:
+    return jax.tree.map(lambda x: x[i], params)
 
-  def evaluate(self, step: int, state: SweepState, out) -> bool:
-    t = self.trainer
-    params = eval_params(state)
-    scores = jax.device_get(t.eval_fn(params, self.data.test_x, t.eval_keys))
-    for i, w in enumerate(out):
-      scalars = {k: float(v[i]) for k, v in scores.items()}
-      w.write_scalars(step, "test", {**scalars, "neg_elbo": -scalars["elbo"]})
-      if self.config.num_image_samples:
-        sample_key = step_lib.run_keys(t.seeds[i])[step_lib.KEY_SAMPLES]
-        model_params = jax.tree.map(lambda x, i=i: x[i], params)
-        train.write_images(
-          self.config, t.base.model, model_params, self.data.test_x, sample_key, w, step
-        )
-      w.flush()
-    elbos = zip(t.betas, scores["elbo"], strict=True)
-    logging.info("step %d: test ELBO per beta %s", step, {b: round(float(e), 2) for b, e in elbos})
-    if self.best is None:
-      return False
-    val_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(t.eval_keys)
-    val = jax.device_get(t.eval_fn(params, self.data.val_x, val_keys))
-    for i, w in enumerate(out):
-      scalars = {k: float(v[i]) for k, v in val.items()}
-      w.write_scalars(step, "validation", {**scalars, "neg_elbo": -scalars["elbo"]})
-    self.best.update(step, np.asarray(val["elbo"]), params)
-    stop = self._exhausted(step)
-    if stop:
-      logging.info("Early stopping at step %d: every model is past its patience.", step)
-    return stop
-
-  def close(self) -> None:
-    if self.best is not None:
-      self.best.close()
+  def abstract_params(self):
+    return self.sweep.state_shape().models.params
 
 
 def train_sweep(
-  config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_config_change: bool = False
 ) -> SweepState:
   """Trains (or resumes) every model of ``config.sweep`` in ``workdir``; returns the state.
 
@@ -403,30 +345,23 @@ def train_sweep(
   TensorBoard files with the same rows as a single run's.
 
   Raises:
-    loop.Preempted: SIGTERM arrived; a checkpoint of the current step was saved.
+    loop.Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved.
     loop.NonFiniteError: a non-finite loss, gradient or update under policy ``stop``.
-    ValueError: the config is invalid or differs from the workdir's run.
+    config.ConfigError: the config is invalid or differs from the workdir's run.
   """
   config_lib.validate(config)
-  config_lib.sweep_grid(config)
-  workdir = train.prepare_workdir(config, workdir, allow_config_change)
-  with train.lock_workdir(workdir):
-    splits = train.load_data(config)
-    train_np, _ = train.split_validation(splits["train"].images, config)
-    trainer = build_sweep_trainer(config, train_np.shape[1:], len(train_np))
-    logging.info("Sweep of %d models on %s", trainer.num_models, trainer.mesh or jax.devices()[0])
-    program = Sweep(config, trainer, train.device_data(config, splits, trainer.sharding()))
-    del splits, train_np  # The device holds the data now; free the host copies.
-    program.workdir = workdir
-    return loop.run(program, config, workdir)
-
-
-def restore_sweep(
-  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, event_shape, num_train: int
-) -> tuple[int, SweepTrainer, SweepState]:
-  """The latest checkpoint of a sweep's ``workdir``: ``(step, trainer, state)``, read-only."""
-  trainer = build_sweep_trainer(config, event_shape, num_train)
-  step, state = checkpointing.restore_read_only(
-    pathlib.Path(workdir) / "checkpoints", trainer.state_shape()
+  workdir = workdir_lib.prepare(config, workdir, allow_config_change)
+  logging.info(
+    "Config (the fields that differ from vae_jax.config.base_config()):\n%s",
+    config_lib.describe(config),
   )
-  return step, trainer, state
+  with workdir_lib.lock(workdir):
+    splits = input_pipeline.load_splits(config)
+    built = build_sweep_trainer(config, splits.event_shape, splits.train.num_examples)
+    logging.info("Sweep of %d models on %s", built.num_models, built.mesh or jax.devices()[0])
+    trainer.log_plan(built.base)
+    sharding = built.sharding()
+    evaluation = input_pipeline.eval_data(config, splits, sharding, built.base.model.likelihood)
+    feed = built.base.device_feed(config, splits, sharding)
+    del splits  # The device holds the data now; free the host copies.
+    return loop.run(Sweep(config, workdir, built, feed, evaluation), config)

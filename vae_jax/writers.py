@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import math
 import os
@@ -24,6 +24,8 @@ from tensorboardX import summary as tbx_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
+
+from vae_jax import files
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
@@ -52,12 +54,9 @@ def interleave(originals: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes a ``[H, W, 1 or 3]`` uint8 image as PNG (atomically)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  tmp = path.with_suffix(".tmp.png")
-  pil.save(tmp)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    pil.save(tmp, format="PNG")
 
 
 class NullWriter:
@@ -80,8 +79,10 @@ class NullWriter:
     pass
 
 
-class WriteError(OSError):
-  """A metrics, TensorBoard or image file could not be written; the message says which."""
+WriteError = files.WriteError  # A file could not be written; the message says which and why.
+
+
+_EVENT_FILES = itertools.count()
 
 
 class _TensorBoard:
@@ -95,7 +96,11 @@ class _TensorBoard:
 
   def __init__(self, logdir: pathlib.Path, purge_step: int | None = None):
     logdir.mkdir(parents=True, exist_ok=True)
-    self._events = EventsWriter(str(logdir / "events"))
+    # The file name holds the time in seconds and the host; the process id and a counter
+    # keep two writers of one directory in the same second apart (two processes, or a
+    # writer reopened on resume).
+    suffix = f".{os.getpid()}.{next(_EVENT_FILES)}"
+    self._events = EventsWriter(str(logdir / "events"), filename_suffix=suffix)
     if purge_step is not None:
       # TensorBoard hides the points of steps >= purge_step logged before this event.
       self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
@@ -143,10 +148,7 @@ class MetricWriter:
       self._jsonl.close()
       rows = read_metrics(self.metrics_path)
       kept = [r for r in rows if r["step"] <= step]
-      tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(tmp, self.metrics_path)
+      files.atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
       self._jsonl = open(self.metrics_path, "a")  # noqa: SIM115
       self._tb.close()
       self._tb = _TensorBoard(self.workdir / "tensorboard", purge_step=step + 1)
@@ -181,18 +183,11 @@ class MetricWriter:
         logging.error("Closing %s failed: %s", self.workdir, e)
 
 
-@contextlib.contextmanager
 def _reporting(path: pathlib.Path):
-  """Turns an ``OSError`` while writing ``path`` into one ``WriteError`` that says what to do."""
-  try:
-    yield
-  except WriteError:
-    raise
-  except OSError as e:
-    raise WriteError(
-      f"Cannot write {path}: {e.strerror or e}. Free space or fix permissions, then run the "
-      "same command: the run resumes from its latest checkpoint."
-    ) from e
+  """An ``OSError`` while writing ``path`` as one ``WriteError`` naming the cause and fix."""
+  return files.reporting(
+    path, then="run the same command: the run resumes from its latest checkpoint"
+  )
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

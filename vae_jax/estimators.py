@@ -18,6 +18,9 @@
   VampPrior are estimated the same way.
 * ``summarize_split``: means with standard errors, bits per dimension, the
   rate and distortion, active units (Burda et al. 2015).
+
+Every function takes the ``models.Model``, whose ``likelihood`` is ``p(x | z)``; a model
+of your own (``models.from_encoder_decoder``) is estimated the same way.
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ EVAL_MATMUL_PRECISION = "highest"
 
 def make_eval_fn(
   model: Model,
-  log_likelihood_fn: losses.LogLikelihoodFn,
   batch_size: int,
   deterministic: bool = False,
   unroll: bool = False,
@@ -72,7 +74,7 @@ def make_eval_fn(
   ``deterministic=True`` (the autoencoder baseline) decodes the posterior mean
   and reports ``kl = 0``. Traced at ``EVAL_MATMUL_PRECISION``. ``unroll``
   unrolls the scan over batches when it has at most ``MAX_UNROLL`` of them
-  (``models.keep_out_of_loops``: convolutional models on CPU).
+  (``execution.Plan.unroll_loops``: convolutional models on CPU).
   """
 
   @jax.jit
@@ -94,10 +96,10 @@ def make_eval_fn(
       i, batch, m = inputs
       if deterministic:
         mean, _ = model.encode(params, batch)
-        rec = log_likelihood_fn(model.decode(params, mean), batch)
+        rec = model.likelihood(model.decode(params, mean), batch)
         out = losses.ElboOutput(elbo=rec, reconstruction=rec, kl=jnp.zeros_like(rec))
       else:
-        out = objectives.elbo(model, params, batch, jax.random.fold_in(key, i), log_likelihood_fn)
+        out = objectives.elbo(model, params, batch, jax.random.fold_in(key, i))
       sums = {k: jnp.sum(getattr(out, k) * m) for k in totals}
       return {k: totals[k] + sums[k] for k in totals}, None
 
@@ -115,16 +117,6 @@ def make_eval_fn(
 
 # --------------------------------------------------------------------------
 # Small, checkable conversions.
-
-
-def bits_per_dim(log_px_nats: float | np.ndarray, num_dims: int) -> float | np.ndarray:
-  """``-log p(x) / (D ln 2)``: a negative log-likelihood in nats -> bits per dimension.
-
-  Args:
-    log_px_nats: ``log p(x)`` in nats (a negative number for discrete data).
-    num_dims: ``D``, the number of dimensions of one example (784 for 28x28x1).
-  """
-  return -np.asarray(log_px_nats, np.float64) / (num_dims * math.log(2.0))
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -157,8 +149,6 @@ def active_units(
 
 def make_per_example_fn(
   model: Model,
-  log_likelihood_fn: losses.LogLikelihoodFn,
-  likelihood: str,
   *,
   num_samples: int,
   sample_chunk: int = IW_SAMPLE_CHUNK,
@@ -168,16 +158,14 @@ def make_per_example_fn(
   """Returns jitted ``fn(params, x, key, indices) -> {name: [batch, ...]}``.
 
   Args:
-    model: the VAE (or autoencoder).
-    log_likelihood_fn: ``(decoded [n, *event], x [n, *event]) -> [n]``.
-    likelihood: ``config.model.likelihood``, for the decoder's mean image.
+    model: the VAE (or autoencoder); ``model.likelihood`` is ``p(x | z)``.
     num_samples: ``K``, importance samples per example (static).
     sample_chunk: samples decoded per step of the scan; ``K`` need not be a
       multiple (the last chunk is padded and its weights masked to zero).
     deterministic: the autoencoder baseline: no sampling, only the codes and
       the reconstruction from the posterior mean.
     unroll: unroll the scan over sample chunks when it has at most
-      ``MAX_UNROLL`` of them (``models.keep_out_of_loops``).
+      ``MAX_UNROLL`` of them (``execution.Plan.unroll_loops``).
 
   The returned function takes ``x: [batch, *event_shape]``, the split's PRNG
   ``key`` and ``indices: [batch]`` int32, the examples' positions in the split
@@ -208,10 +196,10 @@ def make_per_example_fn(
 
   def at_mean(params: Params, x: Array, mean: Array) -> dict[str, Array]:
     decoded = model.decode(params, mean)
-    diff = models.decoder_mean(decoded, likelihood) - x
+    diff = model.likelihood.mean(decoded) - x
     return {
       "mean": mean,
-      "reconstruction_at_mean": log_likelihood_fn(decoded, x),
+      "reconstruction_at_mean": model.likelihood(decoded, x),
       "squared_error": jnp.sum(jnp.square(diff).reshape(x.shape[0], -1), axis=-1),
     }
 
@@ -256,7 +244,7 @@ def make_per_example_fn(
     def body(carry, inputs):
       lse, lse_sq, rec_sum, kl_sum, kl_dim_sum = carry
       eps_c, valid_c = inputs  # [chunk, batch, latent], [chunk, 1]
-      log_w, log_px_z, post = models.log_weights(model, params, x, eps_c, log_likelihood_fn)
+      log_w, log_px_z, post = models.log_weights(model, params, x, eps_c)
       log_w = jnp.where(valid_c, log_w, -jnp.inf)  # [chunk, batch]; padding weighs nothing.
       lse = jnp.logaddexp(lse, jax.nn.logsumexp(log_w, axis=0))
       lse_sq = jnp.logaddexp(lse_sq, jax.nn.logsumexp(2.0 * log_w, axis=0))
@@ -331,13 +319,17 @@ def per_example_values(
 
 
 def summarize_split(
-  values: dict[str, np.ndarray], num_dims: int, log_likelihood: bool = True
+  values: dict[str, np.ndarray],
+  *,
+  to_bits_per_dim: Callable[[float], float | None] | None = None,
+  log_likelihood: bool = True,
 ) -> dict[str, Any]:
   """Means over examples, with standard errors, of ``per_example_values``' output.
 
   Args:
     values: ``{name: [n, ...]}`` from ``per_example_values``.
-    num_dims: pixels per example, for bits per dimension.
+    to_bits_per_dim: ``-log p(x)`` in nats -> bits per dimension, or ``None`` where that
+      means nothing (``likelihoods.Likelihood.bits_per_dim`` with the data's details).
     log_likelihood: report the importance-sampled ``log_likelihood`` (leave it
       out where ``K`` is too small for it to mean anything).
 
@@ -350,12 +342,14 @@ def summarize_split(
   out: dict[str, Any] = {"num_examples": int(f64["mean"].shape[0])}
   if vae and log_likelihood:
     nll = -f64["log_px"]
-    se = standard_error(nll)
+    mean, se = float(nll.mean()), standard_error(nll)
+    bits = to_bits_per_dim(mean) if to_bits_per_dim else None
     out["log_likelihood"] = {
-      "nll_nats": float(nll.mean()),
+      "nll_nats": mean,
       "standard_error_nats": se,
-      "bits_per_dim": float(bits_per_dim(-nll.mean(), num_dims)),
-      "standard_error_bits_per_dim": se / (num_dims * math.log(2.0)),
+      "bits_per_dim": bits,
+      # Both conversions are affine with slope 1 / (D ln 2).
+      "standard_error_bits_per_dim": None if bits is None else to_bits_per_dim(mean + se) - bits,
       "ess_mean": float(f64["ess"].mean()),
       "ess_min": float(f64["ess"].min()),
     }
