@@ -9,9 +9,9 @@ Training images are dequantized, ``x = (pixel + u) / 256`` with fresh
 the Gaussian means and the model learns one observation variance shared by all
 pixels (``likelihood="gaussian_learned"``, the sigma-VAE of Rybkin et al. 2021);
 ``--config.model.likelihood=gaussian --config.model.gaussian_variance=c`` fixes
-it instead. The evaluation reports ``-log p(x)`` in nats and, as
-``bits_per_dim_8bit``, the bound on the 8-bit images' negative
-log-probability ``(nll + D ln 256) / (D ln 2)`` that the dequantized density gives.
+it instead. The evaluation reports ``-log p(x)`` in nats and, as ``bits_per_dim``, the
+bound on the 8-bit images' negative log-probability ``(nll + D ln 256) / (D ln 2)`` that
+the dequantized density gives.
 
 Model: the MLP of ``fashion_mnist_likelihood.py`` (784-300-300-(40)), Adam
 5e-4, batch 100, 100 epochs. ``:smoke`` for a seconds-long run.

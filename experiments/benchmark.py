@@ -147,12 +147,12 @@ def model_shape_matmul_gflops(params, batch: int) -> float:
 
 
 def steady_state(config, splits):
-  built = trainer.build_trainer(config, splits.event_shape, splits.train.num_examples)
+  built = trainer.build_trainer(config, splits.event_shape, splits.num_train)
   state = built.init_state()
   # The device feed of the main command: the permutations of epochs 0 and 1, random gathers.
-  feed = built.device_feed(config, splits, built.replicated)
+  feed = built.feed(config, splits, built.replicated)
   chunk = built.make_chunk(feed.batch, batch_sharding=built.batch_sharding)
-  inputs, eps = feed.inputs(0), built.keys[step_lib.KEY_EPS]
+  inputs, eps = feed.inputs(0, built.chunk_len), built.keys[step_lib.KEY_EPS]
   n = built.chunk_len
 
   start = time.perf_counter()

@@ -12,8 +12,10 @@ largest K of the latest step) and the evaluated parameters (as ``--mode=evaluate
 chose them), and writes, into ``--out_dir`` (default ``WORKDIR/report``):
 
 * ``results.csv`` and ``results.json``: per model beta, seed, test ELBO, rate,
-  distortion, importance-sampled log-likelihood (with ``K`` and standard errors),
-  active units, and the disentanglement scores when the evaluation computed them;
+  distortion, importance-sampled log-likelihood (with ``K`` and standard errors), both
+  in bits/dim where the likelihood makes them one (a probability of the data, or a
+  dequantized density), active units, and the disentanglement scores when the
+  evaluation computed them;
 * ``beta_sweep_table.md``: the table as Markdown;
 * ``beta_sweep_rate_distortion.{png,pdf}``: rate against distortion, each model
   labelled by beta and seed, over lines of equal ELBO;
@@ -62,6 +64,8 @@ COLUMNS = (
   "log_likelihood",
   "log_likelihood_se",
   "num_importance_samples",
+  "bits_per_dim",
+  "elbo_bits_per_dim",
   "active_units",
   "latents",
 )
@@ -106,6 +110,10 @@ def rows_of(config, workdir: pathlib.Path) -> list[dict]:
       "log_likelihood": -t["log_likelihood"]["nll_nats"],
       "log_likelihood_se": t["log_likelihood"]["standard_error_nats"],
       "num_importance_samples": e["num_importance_samples"],
+      # -log p(x) and -ELBO in bits per dimension, where the likelihood makes them one
+      # (a probability of the data, or a dequantized density): else None.
+      "bits_per_dim": t["log_likelihood"]["bits_per_dim"],
+      "elbo_bits_per_dim": t.get("elbo_bits_per_dim"),
       "active_units": t["active_units"],
       "latents": e["latents"],
       "kl_per_dim": t.get("kl_per_dim"),
@@ -122,10 +130,10 @@ def traversal_figure(config, workdir: pathlib.Path, rows: list[dict]):
   """The top-3 latents of every model swept around test image 0's code, one figure, each
   row named by the model's beta and seed."""
   splits = input_pipeline.load_splits(config)
-  test_x = np.asarray(input_pipeline.eval_images(splits.test.images[:1], config.binarization))
-  model, targets = evaluate.restore_targets(
-    config, workdir, splits.event_shape, splits.train.num_examples
+  test_x = np.asarray(
+    input_pipeline.eval_images(splits.test.images[:1], config.binarization, bits=config.data.bits)
   )
+  model, targets = evaluate.restore_targets(config, workdir, splits.event_shape, splits.num_train)
   by_name = {t.name: t for t in targets}
   images, labels = [], []
   for row in rows:
@@ -155,7 +163,9 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
   summary = {
     "units": "nats per test example; rate = E KL(q(z|x)||p(z)), distortion = "
     "-E_q log p(x|z), test_elbo = -(rate + distortion), log_likelihood = "
-    "importance-weighted bound with num_importance_samples samples per example",
+    "importance-weighted bound with num_importance_samples samples per example; "
+    "bits_per_dim = -log_likelihood / (D ln 2) and elbo_bits_per_dim = -test_elbo / "
+    "(D ln 2) (plus the bit depth for dequantized data), null where meaningless",
     "models": rows,
   }
   files.atomic_write(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
@@ -177,16 +187,21 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
     [r["beta"] for r in rows], [r["seed"] for r in rows], values, title="Per model, by beta"
   )
   figures.save_figure(fig, docs_dir / "beta_sweep_metrics")
-  header = "| beta | seed | test ELBO | rate | distortion | log p(x) (IS, K) | active units |"
+  bits = all(r["bits_per_dim"] is not None for r in rows)
+  header = "| beta | seed | test ELBO | rate | distortion | log p(x) (IS, K) |"
+  header += " bits/dim |" if bits else ""
+  header += " active units |"
   lines = [header + "".join(f" {s} |" for s in scores)]
-  lines.append("|---:" * (7 + len(scores)) + "|")
+  lines.append("|---:" * (7 + bits + len(scores)) + "|")
   for i in order:
     r = rows[i]
     line = (
       f"| {r['beta']:g} | {r['seed']} | {r['test_elbo']:.2f} | {r['rate']:.2f} | "
       f"{r['distortion']:.2f} | {r['log_likelihood']:.2f} +- {r['log_likelihood_se']:.2f} "
-      f"(K={r['num_importance_samples']}) | {r['active_units']}/{r['latents']} |"
+      f"(K={r['num_importance_samples']}) |"
     )
+    line += f" {r['bits_per_dim']:.4f} |" if bits else ""
+    line += f" {r['active_units']}/{r['latents']} |"
     lines.append(line + "".join(f" {r.get(s, float('nan')):.3f} |" for s in scores))
   files.atomic_write(docs_dir / "beta_sweep_table.md", "\n".join(lines) + "\n")
 

@@ -49,7 +49,7 @@ def _run_single(built, chunk, state, feed, steps: int):
   step, end = int(state.step), int(state.step) + steps
   while step < end:
     n = min(end - step, built.chunk_len)
-    state, metrics = chunk(state, feed.inputs(step), n, built.keys[step_lib.KEY_EPS])
+    state, metrics = chunk(state, feed.inputs(step, n), n, built.keys[step_lib.KEY_EPS])
     step += n
   jax.block_until_ready((state, metrics))
   return state
@@ -61,12 +61,12 @@ def main(argv):
   config.sweep.betas = tuple(2.0**k / 4 for k in range(FLAGS.num_models))
   config.sweep.seeds = (config.seed,)
   splits = input_pipeline.load_splits(config)
-  event_shape, num_train = splits.event_shape, splits.train.num_examples
+  event_shape, num_train = splits.event_shape, splits.num_train
 
   # Sweep: build, first call (compile + one chunk).
   t = time.perf_counter()
   st = sweep.build_sweep_trainer(config, event_shape, num_train)
-  sweep_feed = st.base.device_feed(config, splits, st.sharding())
+  sweep_feed = st.base.feed(config, splits, st.sharding())
   sweep_chunk = st.base.make_chunk(sweep_feed.batch, st.sweep_step)
   sweep_state = st.init_state()
   sweep_state, pending = sweep.run_steps(

@@ -38,6 +38,28 @@ def tfds_dir(tmp_path_factory) -> str:
   return str(data_dir)
 
 
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> str:
+  """A TFDS data directory with the offline colour photo patches prepared once."""
+  from vae_jax import datasets
+
+  data_dir = tmp_path_factory.mktemp("photos")
+  datasets.load("photos", data_dir=str(data_dir))
+  return str(data_dir)
+
+
+def load_config(name: str, arg: str | None = None):
+  """``configs/<name>.py``'s ``get_config(arg)``."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    name, pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 @pytest.fixture
 def smoke_config(tfds_dir):
   """configs/mnist.py:smoke reading the prepared fixture (400 train, 100 test digits)."""

@@ -6,10 +6,12 @@ with ``--xla_force_host_platform_device_count=8``.
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import process_env
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -96,8 +98,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_on_localhost_train_like_one(tfds_dir, smoke_config, tmp_path):
-  """jax.distributed with a coordinator on 127.0.0.1: two CPU processes, one device each."""
+@pytest.mark.parametrize("feed", ["device", "stream"])
+def test_two_processes_on_localhost_train_like_one(feed, tfds_dir, smoke_config, tmp_path):
+  """jax.distributed with a coordinator on 127.0.0.1: two CPU processes, one device each.
+  Streamed, each process reads only its half of every batch: the halves are disjoint and
+  make the whole batch, and the run equals the single process's."""
   import numpy as np
 
   from vae_jax import checkpointing, train, writers
@@ -115,6 +120,7 @@ def test_two_processes_on_localhost_train_like_one(tfds_dir, smoke_config, tmp_p
     "--config.progress_bar=False",
     f"--coordinator_address=127.0.0.1:{port}",
     "--num_processes=2",
+    f"--config.data.feed={feed}",
   ]
   procs = [
     subprocess.Popen(
@@ -130,6 +136,13 @@ def test_two_processes_on_localhost_train_like_one(tfds_dir, smoke_config, tmp_p
   logs = [p.communicate(timeout=300)[1] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
   assert all("Data-parallel over 2 device(s)" in log for log in logs)
+  if feed == "stream":
+    rows = [
+      re.search(r"process (\d) of 2 reads rows \[(\d+), (\d+)\) of each batch of 32", log)
+      for log in logs
+    ]
+    assert all(rows), logs[0][-2000:]
+    assert sorted((int(r[1]), int(r[2]), int(r[3])) for r in rows) == [(0, 0, 16), (1, 16, 32)]
 
   single = train.train_and_evaluate(smoke_config, str(tmp_path / "one"))
   # The 2-process checkpoint restores on this 1-device process, through the

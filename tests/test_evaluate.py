@@ -405,7 +405,13 @@ def test_evaluate_command_line(vae_workdir, tfds_dir):
   assert all((workdir / p).is_file() for p in saved["images"])
   names = {pathlib.Path(p).name for p in saved["images"]}
   assert {"eval_prior_samples_00000012.png", "eval_reconstructions_00000012.png"} <= names
-  for figure in ("training_curves", "interpolations", "traversals", "latent_map"):
+  for figure in (
+    "reconstructions",
+    "training_curves",
+    "interpolations",
+    "traversals",
+    "latent_map",
+  ):
     assert {f"{figure}_00000012.png", f"{figure}_00000012.pdf"} <= names, figure
   assert saved["matmul_precision"] == "highest"
 
@@ -439,7 +445,7 @@ def test_evaluate_autoencoder_skips_likelihoods(tfds_dir, tmp_path):
   )
   assert saved["pca"]["mse_per_image"] > 0 and saved["test"]["mse_per_image"] > 0
   names = {pathlib.Path(p).name for p in saved["images"]}
-  figures = ("training_curves", "interpolations", "traversals", "latent_map")
+  figures = ("reconstructions", "training_curves", "interpolations", "traversals", "latent_map")
   expected = {f"{n}_00000007.{e}" for n in figures for e in ("png", "pdf")}
   assert names == {"eval_reconstructions_00000007.png", *expected}
   assert all((workdir / p).is_file() for p in saved["images"])

@@ -68,7 +68,7 @@ def test_latent_map_figure():
   assert left.get_title() == "AE: codes of test images"
   assert middle.get_title() == "PCA: first two components"
   assert right.get_title() == "AE: decoded grid of the latent plane"
-  assert (left.get_xlabel(), left.get_ylabel()) == ("z1", "z2")
+  assert (left.get_xlabel(), left.get_ylabel()) == ("latent 0", "latent 1")
   assert (middle.get_xlabel(), middle.get_ylabel()) == ("PC 1", "PC 2")
   for ax in (left, right):  # The scatter plot and the decoded plane share their limits.
     assert ax.get_xlim() == limits[0] and ax.get_ylim() == limits[1]
@@ -322,3 +322,19 @@ def test_curves_figure_draws_each_curve_and_frames_the_converged_part():
   assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "nats")
   with pytest.raises(ValueError, match="curve 'c'"):
     figures.curves_figure({"c": ([1, 2], [1.0])}, xlabel="x", ylabel="y")
+
+
+def test_reconstruction_figure_names_each_row():
+  inputs = np.random.default_rng(0).uniform(0, 1, (8, 6, 6, 3))
+  recs = 1.0 - inputs
+  fig = figures.reconstruction_figure(inputs, recs, columns=4, title="VAE (beta=4)")
+  ax = fig.axes[0]
+  labels = [t.get_text() for t in ax.get_yticklabels()]
+  assert labels == ["input", "reconstruction", "input", "reconstruction"]
+  assert ax.get_title() == "VAE (beta=4)"
+  # The first row shows the inputs themselves (pixel (0, 0) of image 0, under the padding).
+  shown = ax.images[0].get_array()
+  np.testing.assert_allclose(shown[1, 1], inputs[0, 0, 0], atol=1 / 255)
+  np.testing.assert_allclose(shown[1 + 7, 1], recs[0, 0, 0], atol=1 / 255)
+  with pytest.raises(ValueError, match="differ"):
+    figures.reconstruction_figure(inputs, recs[:4])

@@ -36,22 +36,21 @@ def _config(validation=0, max_train=None) -> ml_collections.ConfigDict:
 @pytest.mark.parametrize("validation, max_train", [(0, None), (3, None), (0, 6), (2, 6)], ids=str)
 def test_every_split_keeps_its_labels_with_its_images(factors, validation, max_train):
   """Wherever images are cut (the first N, the validation split at the end), their labels
-  or factors follow them; the full training split stays whole for the factor grid."""
+  or factors follow them."""
   data = _data()(factors)
   splits = input_pipeline.cut(_config(validation, max_train), data)
-  for split in (splits.train, splits.validation, splits.test, splits.full_train):
+  for split in (splits.train, splits.validation, splits.test):
     if split is None:
       continue
     index = split.images[:, 0, 0, 0].astype(np.int32) % 100
     expected = np.stack([index, -index], -1) if factors else index + 1000
     np.testing.assert_array_equal(split.labels, expected)
   kept = max_train or 10
-  assert splits.train.num_examples == kept - validation
+  assert splits.train.num_examples == splits.num_train == kept - validation
   if validation:
     np.testing.assert_array_equal(
       splits.validation.images[:, 0, 0, 0], np.arange(kept - validation, kept)
     )
-  assert splits.full_train.num_examples == 10
 
 
 def test_a_cut_that_leaves_nothing_is_one_error():
@@ -136,3 +135,92 @@ def test_eval_binarization_is_fixed_across_calls():
 def test_unknown_binarization():
   with pytest.raises(ValueError, match=r"config.binarization='otsu' is not one of"):
     input_pipeline.preprocess(_PIXELS, "otsu")
+
+
+# --------------------------------------------------------------------------
+# Streamed and device-resident feeding.
+
+
+def _feeds(tfds_dir, num_train=100, batch_size=8, chunk_len=3, rows=None, binarization="dynamic"):
+  """The device feed and the stream of the same examples, keys and preprocessing."""
+  source = datasets.open_source("mnist", tfds_dir)
+  shuffle_key, binarize_key = jax.random.key(7), jax.random.key(8)
+  images = jnp.asarray(source.load("train").images[:num_train])
+  device = input_pipeline.DeviceFeed(
+    images=images,
+    batch_size=batch_size,
+    binarization=binarization,
+    binarize_key=binarize_key,
+    permutations=input_pipeline.Permutations(shuffle_key, num_train),
+  )
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  stream = input_pipeline.StreamFeed(
+    path=source.stream_file("train"),
+    event_shape=source.event_shape,
+    num_examples=num_train,
+    batch_size=batch_size,
+    binarization=binarization,
+    bits=8,
+    shuffle_key=shuffle_key,
+    binarize_key=binarize_key,
+    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")),
+    chunk_len=chunk_len,
+    total_steps=40,
+    read_threads=2,
+    rows=rows,
+  )
+  return device, stream
+
+
+def test_streamed_and_device_feeds_give_the_same_batches(tfds_dir):
+  """Batch for batch, bit for bit, across epoch boundaries (12 steps per epoch), partial
+  dispatches and a jump back (a restore), with dynamic binarization's draws."""
+  device, stream = _feeds(tfds_dir)
+  batch_d, batch_s = jax.jit(device.batch), jax.jit(stream.batch)
+  compared = 0
+  for start, n in [(0, 3), (3, 3), (6, 3), (9, 3), (12, 2), (14, 3), (5, 3), (8, 1), (23, 3)]:
+    inputs_d, inputs_s = device.inputs(start, n), stream.inputs(start, n)
+    for step in range(start, start + n):
+      a, b = batch_d(inputs_d, step), batch_s(inputs_s, step)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      compared += 1
+  assert compared == 24
+
+
+def test_processes_read_disjoint_rows_that_cover_each_epoch(tfds_dir):
+  """Two processes of a multi-host run, each reading half of every global batch: what
+  they read is disjoint and together is the epoch (all examples but the remainder)."""
+  _, whole = _feeds(tfds_dir)
+  halves = [_feeds(tfds_dir, rows=slice(0, 4))[1], _feeds(tfds_dir, rows=slice(4, 8))[1]]
+  for epoch in (0, 1):
+    steps = range(12 * epoch, 12 * (epoch + 1))
+    read = [np.concatenate([h.indices(s) for s in steps]) for h in halves]
+    assert not set(read[0]) & set(read[1])
+    together = np.concatenate([np.concatenate([h.indices(s) for h in halves]) for s in steps])
+    np.testing.assert_array_equal(together, np.concatenate([whole.indices(s) for s in steps]))
+    assert len(set(together)) == 96  # 12 batches of 8 of the 100 examples, none twice.
+    # The images each half reads are the rows of the global batch.
+    step = steps[5]
+    full = whole.read(step)
+    np.testing.assert_array_equal(np.concatenate([h.read(step) for h in halves]), full)
+
+
+def test_process_rows_are_the_rows_the_process_devices_hold():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+  assert input_pipeline.process_rows(split, (3, 8, 28, 28, 1)) == slice(0, 8)
+  with pytest.raises(ValueError, match="holds no device"):
+    input_pipeline.process_rows(split, (3, 8, 28, 28, 1), process_index=1)
+
+
+@pytest.mark.parametrize("cap_mib, feed", [(1, "device"), (0, "stream")])
+def test_auto_streams_a_training_split_beyond_the_memory_cap(tfds_dir, cap_mib, feed):
+  """400 images of 28x28 are 0.3 MiB as uint8."""
+  config = _config()
+  config.data_dir = tfds_dir
+  config.data.device_memory_mib = cap_mib
+  splits = input_pipeline.load_splits(config)
+  assert (splits.train is None) == (feed == "stream")
+  assert splits.num_train == 400 and splits.test.num_examples == 100
+  config.data.feed = "stream" if feed == "device" else "device"  # An explicit choice wins.
+  assert (input_pipeline.load_splits(config).train is None) != (feed == "stream")

@@ -53,16 +53,16 @@ def _single_run_with_sweep_data(config, beta, seed):
   splits = input_pipeline.load_splits(config)
   single = config.copy_and_resolve_references()
   single.beta, single.seed, single.sweep.betas = beta, seed, ()
-  built = trainer.build_trainer(single, splits.event_shape, splits.train.num_examples)
-  data_keys = trainer.build_trainer(config, splits.event_shape, splits.train.num_examples)
-  feed = data_keys.device_feed(config, splits, None)  # config.seed's data stream.
+  built = trainer.build_trainer(single, splits.event_shape, splits.num_train)
+  data_keys = trainer.build_trainer(config, splits.event_shape, splits.num_train)
+  feed = data_keys.feed(config, splits, None)  # config.seed's data stream.
   chunk = built.make_chunk(feed.batch)
   state = built.init_state()
   total = config.num_epochs * built.steps_per_epoch
   step = 0
   while step < total:
     n = min(total - step, built.chunk_len)
-    state, _ = chunk(state, feed.inputs(step), n, built.keys[step_lib.KEY_EPS])
+    state, _ = chunk(state, feed.inputs(step, n), n, built.keys[step_lib.KEY_EPS])
     step += n
   return state
 
@@ -116,8 +116,8 @@ def test_each_model_is_its_single_run_and_resume_is_exact(smoke_config, tmp_path
 def test_sweep_chunk_compiles_once_for_any_chunk_length(smoke_config):
   config = _sweep_config(smoke_config)
   splits = input_pipeline.load_splits(config)
-  built = sweep.build_sweep_trainer(config, splits.event_shape, splits.train.num_examples)
-  feed = built.base.device_feed(config, splits, built.sharding())
+  built = sweep.build_sweep_trainer(config, splits.event_shape, splits.num_train)
+  feed = built.base.feed(config, splits, built.sharding())
   chunk = built.base.make_chunk(feed.batch, built.sweep_step)
   state = built.init_state()
   for n in (3, 4, 1, 7):  # Partial chunks and an epoch boundary.
@@ -158,9 +158,9 @@ for k in ("encoder_hidden", "conv_features", "top_hidden"):
   config.model[k] = tuple(config.model[k])
 config.sweep.betas, config.sweep.seeds = tuple(config.sweep.betas), tuple(config.sweep.seeds)
 splits = input_pipeline.load_splits(config)
-trainer = sweep.build_sweep_trainer(config, splits.event_shape, splits.train.num_examples)
+trainer = sweep.build_sweep_trainer(config, splits.event_shape, splits.num_train)
 state = trainer.init_state()
-feed = trainer.base.device_feed(config, splits, trainer.sharding())
+feed = trainer.base.feed(config, splits, trainer.sharding())
 state, _ = sweep.run_steps(trainer, state, feed, 12)
 ref = _single_run_with_sweep_data(config, 4.0, 0)
 # Batch-sharded gradients are summed in another order: equal to float tolerance.

@@ -114,7 +114,7 @@ def test_chunk_equals_single_steps_and_compiles_once(chunk_len):
   # Chunks of 4, 1, 4, 2 steps: crossing epoch boundaries, partial chunks.
   got_losses, s = [], 0
   for n in (4, 1, 4, 2) if chunk_len == 4 else (1,) * 11:
-    state, m = chunk(state, feed.inputs(s), n, eps_key)
+    state, m = chunk(state, feed.inputs(s, n), n, eps_key)
     got_losses.extend(np.asarray(m["loss"][:n]).tolist())
     assert np.all(np.asarray(m["loss"][n:]) == 0)
     s += n

@@ -33,21 +33,34 @@ class ConfigError(UserError, ValueError):
 # The names each string field takes. The implementing modules' registries hold the same
 # keys (tests/test_config.py checks each pair).
 CHOICES: dict[str, tuple[str, ...]] = {
+  # Or "tfds:<name>" of the TFDS catalog (see check_choice).
   "dataset": (
     "mnist",
     "fashion_mnist",
+    "cifar10",
+    "celeba",
+    "photos",
     "dsprites",
     "dsprites_rendered",
     "dsprites_cpu",
     "dsprites_smoke",
   ),
+  "data.feed": ("auto", "device", "stream"),
   "binarization": ("none", "threshold", "dynamic", "dequantize"),
-  "model.kind": ("mlp", "conv"),
+  "model.kind": ("mlp", "conv", "resnet"),
   "model.activation": ("relu", "tanh", "gelu", "elu", "softplus", "swish"),
   "model.kernel_init": ("lecun_normal", "he_normal"),
   "model.hierarchy": ("iwae", "vampprior"),
   "model.prior": ("standard", "vampprior"),
-  "model.likelihood": ("bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned"),
+  "model.likelihood": (
+    "bernoulli",
+    "continuous_bernoulli",
+    "gaussian",
+    "gaussian_learned",
+    "discretized_logistic",
+    "discretized_gaussian",
+    "discretized_logistic_mixture",
+  ),
   "objective": ("elbo", "iwae", "autoencoder", "beta_tcvae"),
   "gradient_estimator": ("plain", "dreg"),
   "optimizer.name": ("adam", "adam_iwae", "adam_normgrad", "adamw", "sgd", "rmsprop"),
@@ -58,10 +71,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+TFDS_PREFIX = "tfds:"  # config.dataset="tfds:<name>": a dataset of the TFDS catalog.
+# The likelihoods of pixel levels (vae_jax.likelihoods' discrete ones for any data).
+DISCRETIZED_LIKELIHOODS = (
+  "discretized_logistic",
+  "discretized_gaussian",
+  "discretized_logistic_mixture",
+)
+
+
 def check_choice(field: str, value: Any) -> None:
-  """Raises ``ConfigError`` unless ``value`` is one of ``CHOICES[field]``."""
+  """Raises ``ConfigError`` unless ``value`` is one of ``CHOICES[field]`` (or, for the
+  dataset, ``"tfds:<name>"``)."""
+  if field == "dataset" and isinstance(value, str) and value.startswith(TFDS_PREFIX):
+    if len(value) > len(TFDS_PREFIX):
+      return
   if value not in CHOICES[field]:
-    raise ConfigError(f"config.{field}={value!r} is not one of {CHOICES[field]}.")
+    also = ", or 'tfds:<name>' of the TFDS catalog" if field == "dataset" else ""
+    raise ConfigError(f"config.{field}={value!r} is not one of {CHOICES[field]}{also}.")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,15 +97,21 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Root of every PRNG key (init, eps, shuffling, binarization).
 
-  # Data (see vae_jax/input_pipeline.py).
-  # "mnist" | "fashion_mnist" | "dsprites" (the published file) | "dsprites_rendered"
-  # (the same factor grid rendered offline) | "dsprites_cpu" (a coarser grid) | "dsprites_smoke".
+  # Data (see vae_jax/datasets.py and vae_jax/input_pipeline.py).
+  # Built in, prepared without TensorFlow: "mnist" | "fashion_mnist" | "cifar10" | "celeba"
+  # (aligned, from a local copy) | "photos" (colour patches of scikit-learn's sample
+  # photographs, offline) | "dsprites" (the published file) | "dsprites_rendered" (the same
+  # factor grid rendered offline) | "dsprites_cpu" (a coarser grid) | "dsprites_smoke".
+  # Or any TFDS image dataset as "tfds:<name>", e.g. "tfds:svhn_cropped", prepared
+  # beforehand in ArrayRecord format.
   c.dataset = "mnist"
   c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS dir; None: default.
-  c.idx_dir = ml_collections.FieldReference(None, field_type=str)  # Local IDX files; None: find.
-  # "none" (grey levels / 255) | "threshold" | "dynamic" (a fresh Bernoulli draw
-  # per step) | "dequantize" ((pixel + u) / 256, u ~ U[0, 1) per step; for
-  # continuous likelihoods, reported in bits/dim). Test data: one fixed draw.
+  # A directory holding the dataset's published files (None: $VAE_JAX_IDX_DIR, where the
+  # system installs them, or a download).
+  c.idx_dir = ml_collections.FieldReference(None, field_type=str)
+  # "none" (levels / (2**bits - 1), grey levels in [0, 1]) | "threshold" | "dynamic" (a
+  # fresh Bernoulli draw per step) | "dequantize" ((level + u) / 2**bits, u ~ U[0, 1) per
+  # step; for continuous likelihoods, reported in bits/dim). Test data: one fixed draw.
   c.binarization = "dynamic"
   # Held out from the end of the training split for early stopping (0: none).
   c.validation_examples = 0
@@ -86,14 +119,40 @@ def base_config() -> ml_collections.ConfigDict:
   # Use only the first N images of the training split (None: all), e.g. for a smoke run or
   # a study of data efficiency; validation_examples are then held out from these.
   c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)
+  # The dataset's splits the run trains and tests on, and a split to validate on instead of
+  # validation_examples held out of the training split (None: none).
+  c.data.train_split = "train"
+  c.data.test_split = "test"
+  c.data.validation_split = ml_collections.FieldReference(None, field_type=str)
+  # The image feature of a TFDS dataset that has several (None: its only one).
+  c.data.image_feature = ml_collections.FieldReference(None, field_type=str)
+  # How the images are shaped, on the host as they are read: a centre crop (h, w), then a
+  # resize to (h, w) (antialiased bilinear), the channels (1: grey, 3: RGB; None: as
+  # stored) and the bit depth kept (8; 5 as some CelebA-HQ papers: pixel >> 3).
+  c.data.crop = ml_collections.FieldReference(None, field_type=tuple)
+  c.data.resize = ml_collections.FieldReference(None, field_type=tuple)
+  c.data.channels = ml_collections.FieldReference(None, field_type=int)
+  c.data.bits = 8
+  # How the training split reaches the device: "device" (all of it in device memory once,
+  # batches gathered there: the fastest), "stream" (read from the prepared files as the run
+  # goes, by data.read_threads threads ahead of the device, through Grain; each process of
+  # a multi-host run reads only its rows of each batch) or "auto" (device when the split,
+  # as uint8 images, fits in data.device_memory_mib).
+  c.data.feed = "auto"
+  c.data.device_memory_mib = 4096
+  # Threads reading the stream (0: half the host's cores, at most 8).
+  c.data.read_threads = 0
 
   # Model (see vae_jax/models.py). Defaults: the Flax example's MLP VAE.
   c.model = ml_collections.ConfigDict()
-  c.model.kind = "mlp"  # "mlp" | "conv": the networks that read and write x.
+  c.model.kind = "mlp"  # "mlp" | "conv" | "resnet": the networks that read and write x.
   c.model.latents = 20  # Latent dimensions (of the bottom layer z1 with two layers).
   c.model.encoder_hidden = (500,)  # Dense widths (after the convolutions for "conv").
   c.model.decoder_hidden = ml_collections.FieldReference(None, field_type=tuple)  # None: mirror.
-  c.model.conv_features = (32, 64)  # "conv": channels of the stride-2 4x4 convolutions.
+  # "conv": channels of the stride-2 4x4 convolutions; "resnet": channels at each
+  # resolution, the first at the image's (networks.ResidualEncoder).
+  c.model.conv_features = (32, 64)
+  c.model.res_blocks = 2  # "resnet": residual blocks per resolution.
   c.model.activation = "relu"
   c.model.logvar_bound = 30.0  # Soft bound on |logvar|; keeps exp(logvar) and KL finite.
   # (low, high): clip the encoders' log-variances instead (VampPrior code: (-6, 2)).
@@ -118,9 +177,13 @@ def base_config() -> ml_collections.ConfigDict:
   # negative cross-entropy of grey levels) | "continuous_bernoulli" (logits; a
   # density of grey levels in [0, 1], Loaiza-Ganem & Cunningham 2019) |
   # "gaussian" (means, fixed variance) | "gaussian_learned" (means and one learned
-  # variance shared by all pixels).
+  # variance shared by all pixels) | for pixel levels (binarization "none"), reported in
+  # bits/dim: "discretized_logistic" (a mean and log-scale per channel; Kingma et al.
+  # 2016) | "discretized_gaussian" | "discretized_logistic_mixture" (PixelCNN++'s mixture
+  # with RGB coupling, Salimans et al. 2017; model.mixture_components of them).
   c.model.likelihood = "bernoulli"
   c.model.gaussian_variance = 1.0  # Observation variance c (the initial one if learned).
+  c.model.mixture_components = 10  # K of "discretized_logistic_mixture" (PixelCNN++: 10).
 
   # Objective (see vae_jax/objectives.py).
   # "elbo" (VAE) | "iwae" (importance-weighted bound, k = num_samples) |
@@ -220,7 +283,7 @@ def shrink_for_smoke(config: ml_collections.ConfigDict, num_epochs: int = 2) -> 
   config.batch_size = 32
   config.num_epochs = num_epochs
   config.data.max_train_examples = 400
-  if config.model.kind != "conv":  # Convolutions on CPU keep execution.plan's 1.
+  if config.model.kind == "mlp":  # Convolutions on CPU keep execution.plan's 1.
     config.steps_per_dispatch = 4  # Several dispatches per (12-step) epoch.
   config.log_every_steps = 5
   config.eval_batch_size = 64
@@ -326,6 +389,12 @@ _NUMBERS: dict[str, tuple[str, float, float, str]] = {
   "early_stopping_patience_epochs": (_INT, 0, _INF, "[)"),
   "num_train_steps": (_INT, 1, _INF, "[)"),
   "data.max_train_examples": (_INT, 1, _INF, "[)"),
+  "data.channels": (_INT, 1, 3, "[]"),
+  "model.mixture_components": (_INT, 1, _INF, "[)"),
+  "model.res_blocks": (_INT, 0, _INF, "[)"),
+  "data.bits": (_INT, 1, 8, "[]"),
+  "data.device_memory_mib": (_INT, 0, _INF, "[)"),
+  "data.read_threads": (_INT, 0, _INF, "[)"),
   "num_devices": (_INT, 0, _INF, "[)"),
   "steps_per_dispatch": (_INT, 1, _INF, "[)"),
   "log_every_steps": (_INT, 1, _INF, "[)"),
@@ -343,6 +412,7 @@ _OPTIONAL = {
   "optimizer.ema_decay",
   "num_train_steps",
   "data.max_train_examples",
+  "data.channels",
   "steps_per_dispatch",
 }
 # Tuples of positive integers: layer widths.
@@ -352,6 +422,9 @@ _WIDTHS = (
   "model.conv_features",
   "model.top_hidden",
 )
+_OPTIONAL_WIDTHS = {"model.decoder_hidden"}
+# Image sizes (h, w): two positive integers, or None.
+_SIZES = ("data.crop", "data.resize")
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -392,7 +465,7 @@ def _check_fields(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     if not path.startswith(prefix):
       continue
     value = _get(config, path)
-    if value is None and path == "model.decoder_hidden":
+    if value is None and path in _OPTIONAL_WIDTHS:
       continue
     if (
       not isinstance(value, tuple | list)
@@ -403,6 +476,19 @@ def _check_fields(config: ml_collections.ConfigDict, prefix: str = "") -> None:
         f"config.{path} must be a non-empty tuple of positive integers (layer widths), "
         f"got {value!r}; e.g. --config.{path}='(300, 300)'."
       )
+  for path in _SIZES:
+    if not path.startswith(prefix) or (value := _get(config, path)) is None:
+      continue
+    if not (
+      isinstance(value, tuple | list) and len(value) == 2
+      and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):  # fmt: skip
+      raise ConfigError(
+        f"config.{path} must be (height, width) in pixels, got {value!r}; e.g. "
+        f"--config.{path}='(64, 64)'."
+      )
+  if prefix == "" and config.data.channels == 2:
+    raise ConfigError("config.data.channels must be 1 (grey) or 3 (RGB), got 2.")
   for path in CHOICES:
     if path.startswith(prefix):
       check_choice(path, _get(config, path))
@@ -473,10 +559,27 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
       "config.capacity_nats replaces the KL term (Burgess et al. 2018): set kl_warmup_epochs=0 "
       "and free_bits=0 with it."
     )
-  if c.early_stopping_patience_epochs and not c.validation_examples:
+  if c.early_stopping_patience_epochs and not (c.validation_examples or c.data.validation_split):
     raise ConfigError(
       "config.early_stopping_patience_epochs needs a validation split: set "
-      "config.validation_examples (e.g. 10000)."
+      "config.validation_examples (e.g. 10000) or config.data.validation_split."
+    )
+  if c.validation_examples and c.data.validation_split:
+    raise ConfigError(
+      "config.validation_examples holds images out of the training split and "
+      "config.data.validation_split names a split to validate on instead: set only one."
+    )
+  if m.likelihood in DISCRETIZED_LIKELIHOODS and c.binarization != "none":
+    raise ConfigError(
+      f"config.model.likelihood={m.likelihood!r} is a probability of pixel levels "
+      f"k / (2**bits - 1), but binarization={c.binarization!r} moves the data off them: "
+      "use binarization='none'."
+    )
+  if c.data.bits != 8 and c.binarization in ("threshold", "dynamic"):
+    raise ConfigError(
+      f"config.data.bits={c.data.bits} keeps {2**c.data.bits} levels, which "
+      f"binarization={c.binarization!r} would then throw away; use binarization 'none' or "
+      "'dequantize' with a bit depth, or data.bits=8."
     )
   if is_sweep(c):
     _check_sweep(c)

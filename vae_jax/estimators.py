@@ -356,10 +356,13 @@ def summarize_split(
   if vae:
     kl = f64["kl"]
     elbo = f64["reconstruction"] - kl
+    elbo_bits = to_bits_per_dim(float(-elbo.mean())) if to_bits_per_dim else None
     out.update(
       elbo=float(elbo.mean()),
       elbo_standard_error=standard_error(elbo),
       neg_elbo=float(-elbo.mean()),
+      # -ELBO in bits per dimension: an upper bound on the data's (None where meaningless).
+      elbo_bits_per_dim=elbo_bits,
       rate=float(kl.mean()),
       rate_standard_error=standard_error(kl),
       distortion=float(-f64["reconstruction"].mean()),

@@ -197,6 +197,16 @@ def mean_decoder(model: Model, params: Params):
   return decode_mean
 
 
+def model_title(
+  config: ml_collections.ConfigDict, model: Model, beta: float, deterministic: bool
+) -> str:
+  """What a figure's title calls the model: ``"VAE (beta=4, 10 latents, bernoulli)"``."""
+  if deterministic:
+    return f"AE ({model.latents} latents, {model.likelihood.name})"
+  name = {"iwae": "IWAE", "beta_tcvae": "beta-TCVAE"}.get(config.objective, "VAE")
+  return f"{name} (beta={beta:g}, {model.latents} latents, {model.likelihood.name})"
+
+
 def traversal_rows(
   model: Model,
   summary: dict[str, Any],
@@ -222,8 +232,9 @@ def traversal_rows(
     how = "from -3 to 3"
   visible = model.decoder_reads or model.latents
   dims = [int(d) for d in np.argsort(-score[:visible])[: min(max_rows, visible)]]
-  # 1-based names, as on the latent map's axes: z1 is latent 0 of the code arrays.
-  labels = [f"z{d + 1} {score_name} {score[d]:.2f}" for d in dims]
+  # Latent d is entry d of the JSON's per-latent lists (kl_per_dim, ...), as on the
+  # latent map's axes.
+  labels = [f"latent {d}, {score_name} {score[d]:.2f}" for d in dims]
   return dims, np.linspace(low[dims], high[dims], 11, axis=1), labels, how
 
 
@@ -236,18 +247,26 @@ def write_pictures(
   model: Model,
   params: Params,
   test_x: np.ndarray,
+  test_images: np.ndarray,
   test_labels: np.ndarray,
   summary: dict[str, Any],
   codes: np.ndarray,
   pca: baselines.Pca,
   deterministic: bool,
   sample_key: Array,
+  beta: float | None = None,
 ) -> tuple[list[pathlib.Path], dict[str, str]]:
   """Writes the evaluation's image grids and figures; returns their paths and what was
-  skipped, with why."""
+  skipped, with why.
+
+  ``test_x`` is the test split as the model reads it (binarized once, for a binarized
+  run); ``test_images`` its first images as data, levels scaled to [0, 1], which the
+  reconstruction figure shows. ``beta``: the model's (default ``config.beta``).
+  """
   decode_mean = mean_decoder(model, params)
   paths, skipped = [], {}
   model_name = "AE" if deterministic else "VAE"
+  long_name = model_title(config, model, config.beta if beta is None else beta, deterministic)
   figure_dir = out_dir / "figures"
 
   def figure(name: str, fig) -> None:
@@ -264,27 +283,35 @@ def write_pictures(
   recs = np.asarray(jax.jit(models.reconstructions, static_argnums=0)(model, params, originals))
   grid = writers.image_grid(writers.interleave(originals, recs), columns=16)
   paths.append(writer.write_image(step, "eval_reconstructions", pictures.upscale(grid, 2)))
+  columns = min(8, len(originals))
+  fig = figures.reconstruction_figure(
+    test_images[: 2 * columns],
+    recs[: 2 * columns],
+    columns=columns,
+    title=f"{long_name}: test images and their reconstructions",
+  )
+  figure("reconstructions", fig)
 
   figure(
     "training_curves",
     figures.training_curves_figure(
-      writers.read_metrics(out_dir / "metrics.jsonl"), title=f"{model_name} training"
+      writers.read_metrics(out_dir / "metrics.jsonl"), title=f"{long_name}: training"
     ),
   )
 
-  # Interpolations between the codes of test images 0-1, 2-3, ...
-  pairs, steps = min(8, len(test_x) // 2), 10
+  # Interpolations between the codes of test images 0-1, 2-3, ... (t = 0, 0.1, ..., 1).
+  pairs, steps = min(8, len(test_x) // 2), 11
   images = pictures.interpolation_images(
     decode_mean, codes[0 : 2 * pairs : 2], codes[1 : 2 * pairs : 2],
     test_x[0 : 2 * pairs : 2], test_x[1 : 2 * pairs : 2], steps,
   )  # fmt: skip
-  title = f"{model_name}: decoded (1-t) z_a + t z_b between test images"
+  title = f"{long_name}: decoded (1-t) z_a + t z_b between test images"
   figure("interpolations", figures.interpolation_figure(images, steps, title=title))
 
   # Traversals of the most informative dimensions around test image 0's code.
   dims, values, labels, how = traversal_rows(model, summary, codes, deterministic)
   images = pictures.traversal_images(decode_mean, codes[0], dims, values)
-  title = f"{model_name}: one latent swept {how}, the others at test image 0's code"
+  title = f"{long_name}: one latent swept {how}, the others at test image 0's code"
   figure("traversals", figures.traversal_figure(images, labels, values, title=title))
 
   if model.latents == 2:
@@ -334,7 +361,8 @@ def disentanglement_scores(
     x = images[dsprites.factors_to_index(factors, grid)]
     n, padded = len(x), -(-len(x) // 512) * 512  # One compiled encoder for every call.
     x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
-    return np.asarray(encode(input_pipeline.eval_images(x, config.binarization)))[:n]
+    x = input_pipeline.eval_images(x, config.binarization, bits=config.data.bits)
+    return np.asarray(encode(x))[:n]
 
   counts = (
     disentanglement.CPU_COUNTS
@@ -377,6 +405,7 @@ def bits_per_dim_fn(config: ml_collections.ConfigDict, model: Model, num_dims: i
     num_dims=num_dims,
     binarization=config.binarization,
     binary_data=config.dataset in datasets.BINARY_DATASETS,
+    bits=config.data.bits,
   )
 
 
@@ -440,8 +469,8 @@ def evaluate_params(
 _BITS_NOTES = {
   "discrete": "-log2 P(x) per dimension: the likelihood is a probability of the discrete data",
   "dequantize": (
-    "-log2 P(8-bit pixels) per dimension, bounded by the dequantized density: "
-    "(nll_nats + D ln 256) / (D ln 2)"
+    "-log2 P(pixel levels) per dimension, bounded by the dequantized density: "
+    "(nll_nats + D bits ln 2) / (D ln 2), bits = config.data.bits"
   ),
   "none": (
     "null: the likelihood is a density of continuous data (not dequantized), not a "
@@ -532,12 +561,14 @@ def evaluate_target(
       model=model,
       params=target.params,
       test_x=data["test_x"],
+      test_images=data["test_images"],
       test_labels=data["test_labels"],
       summary=results["test"],
       codes=values["test"]["mean"],
       pca=pca,
       deterministic=deterministic,
       sample_key=keys[step_lib.KEY_SAMPLES],
+      beta=target.beta,
     )
   finally:
     writer.close()
@@ -570,6 +601,19 @@ def evaluate_target(
       results["wall_time_s"],
     )
   return results
+
+
+def _train_subset(config: ml_collections.ConfigDict, splits: input_pipeline.Splits) -> np.ndarray:
+  """The training images the PCA and the active-unit counts see: all of the run's, or a
+  fixed subset of ``MAX_TRAIN_EVAL_EXAMPLES`` of them (read from the prepared files where
+  the run streamed its training split)."""
+  n = splits.num_train
+  keep = np.arange(n)
+  if n > MAX_TRAIN_EVAL_EXAMPLES:
+    keep = np.sort(np.random.default_rng(0).choice(n, MAX_TRAIN_EVAL_EXAMPLES, False))
+  if splits.train is not None:
+    return splits.train.images[keep]
+  return splits.source.read(config.data.train_split, keep).images
 
 
 def result_path(target: Target, num_samples: int, deterministic: bool) -> pathlib.Path:
@@ -628,20 +672,25 @@ def evaluate_workdir(
   with locks.exclusive(workdir / ".eval.lock", wait=True, what=f"the evaluation of {workdir}"):
     start = time.perf_counter()
     splits = input_pipeline.load_splits(config)
-    train_eval = splits.train.images
-    if len(train_eval) > MAX_TRAIN_EVAL_EXAMPLES:  # A fixed subset of a large training split.
-      keep = np.random.default_rng(0).choice(len(train_eval), MAX_TRAIN_EVAL_EXAMPLES, False)
-      train_eval = train_eval[np.sort(keep)]
+    bits = config.data.bits
     data = {
-      "test_x": np.asarray(input_pipeline.eval_images(splits.test.images, config.binarization)),
-      "train_x": np.asarray(input_pipeline.eval_images(train_eval, config.binarization)),
+      "test_x": np.asarray(
+        input_pipeline.eval_images(splits.test.images, config.binarization, bits=bits)
+      ),
+      "train_x": np.asarray(
+        input_pipeline.eval_images(_train_subset(config, splits), config.binarization, bits=bits)
+      ),
       "test_labels": splits.test.labels,
-      # The factor grid's images, every one (what the disentanglement metrics index).
-      "grid_images": splits.full_train.images,
+      # The first test images as data (not binarized), for the reconstruction figure.
+      "test_images": splits.test.images[:64].astype(np.float32) / (2**bits - 1),
     }
+    if datasets.factor_grid(config.dataset) is not None:
+      # The factor grid's images, every one (what the disentanglement metrics index),
+      # whatever part of them the run trained on.
+      data["grid_images"] = splits.source.load(config.data.train_split).images
     timings = {"load_s": time.perf_counter() - start}
     model, targets = restore_targets(
-      config, workdir, splits.event_shape, splits.train.num_examples, eval_step
+      config, workdir, splits.event_shape, splits.num_train, eval_step
     )
     out = {}
     for target in targets:

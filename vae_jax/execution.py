@@ -54,7 +54,7 @@ def platform() -> str:
 def plan(config: ml_collections.ConfigDict, on: str | None = None) -> Plan:
   """The execution plan of ``config`` on platform ``on`` (default: this process's)."""
   on = on or platform()
-  convolutions_in_loops_are_slow = on == "cpu" and config.model.kind == "conv"
+  convolutions_in_loops_are_slow = on == "cpu" and config.model.kind in ("conv", "resnet")
   if config.steps_per_dispatch is not None:
     steps, reason = config.steps_per_dispatch, "config.steps_per_dispatch"
     if convolutions_in_loops_are_slow and steps > 1:

@@ -203,7 +203,7 @@ def traversal_figure(
   Args:
     images: ``[rows * steps, h, w, c]`` from ``pictures.traversal_images``, row
       ``i`` sweeping one latent.
-    row_labels: ``[rows]`` text left of each row (e.g. ``"z3 KL 2.10"``).
+    row_labels: ``[rows]`` text left of each row (e.g. ``"latent 3, KL 2.10"``).
     columns: the column labels, either ``steps`` strings or the swept values:
       ``[steps]`` shared by every row, or ``[rows, steps]`` one sweep per row.
       Per-row sweeps that differ (an autoencoder's percentiles) are shown as
@@ -297,6 +297,48 @@ def interpolation_figure(
   return figure
 
 
+@_styled
+def reconstruction_figure(
+  inputs: np.ndarray,
+  reconstructions: np.ndarray,
+  *,
+  columns: int = 8,
+  title: str = "",
+  cell_inches: float = 0.5,
+) -> Figure:
+  """Images and their reconstructions in row pairs, each row named: ``input`` above
+  ``reconstruction``.
+
+  Args:
+    inputs: ``[n, h, w, c]`` the data as they are (grey levels or colour, in [0, 1] or
+      uint8), not a binarized draw.
+    reconstructions: the same shape: what the model gives back (its likelihood's mean).
+    columns: images per row.
+    title: above the grid.
+    cell_inches: drawn size of one image.
+
+  Returns:
+    A figure with one axes; its y tick labels name the rows.
+  """
+  inputs = _unit_float(inputs, "inputs", 4)
+  reconstructions = _unit_float(reconstructions, "reconstructions", 4)
+  if inputs.shape != reconstructions.shape:
+    raise ValueError(f"inputs {inputs.shape} and reconstructions {reconstructions.shape} differ.")
+  n = (len(inputs) // columns) * columns
+  if n == 0:
+    raise ValueError(f"{len(inputs)} images do not fill a row of {columns}.")
+  rows = []
+  for start in range(0, n, columns):
+    rows += [inputs[start : start + columns], reconstructions[start : start + columns]]
+  labels = ["input", "reconstruction"] * (n // columns)
+  margin = _label_inches(labels) + 0.3
+  figure = _new_figure(columns * cell_inches + margin, len(rows) * cell_inches + 0.5, "compressed")
+  ax = figure.subplots()
+  _image_grid_axes(ax, np.concatenate(rows), columns, [""] * columns, labels)
+  ax.set_title(title)
+  return figure
+
+
 # --------------------------------------------------------------------------
 # Plots.
 
@@ -324,8 +366,8 @@ def latent_map_figure(
     labels: ``[n]`` integer class labels, for colour.
     manifold_image: ``[H, W, 1 or 3]`` in [0, 1] or uint8: images decoded on a
       grid of cells covering ``latent_limits`` (``pictures.manifold_latents``),
-      tiled without padding, top row at the largest ``z2``.
-    latent_limits: ``((z1_min, z1_max), (z2_min, z2_max))`` shared by the first
+      tiled without padding, top row at the largest latent 1.
+    latent_limits: ``((min_0, max_0), (min_1, max_1))`` of latents 0 and 1, shared by the first
       and third panels, so a region of the scatter plot sits where its decoded
       images are (``pictures.data_limits(codes)``).
     class_names: legend text per label.
@@ -359,7 +401,13 @@ def latent_map_figure(
   figure = _new_figure(3 * panel_inches + 0.3, panel_inches + 0.6)
   left, middle, right = figure.subplots(1, 3)
   panels = (
-    (left, codes, latent_limits, f"{model_name}: {code_name} of test images", ("z1", "z2")),
+    (
+      left,
+      codes,
+      latent_limits,
+      f"{model_name}: {code_name} of test images",
+      ("latent 0", "latent 1"),
+    ),
     (
       middle,
       pca_codes,
@@ -384,8 +432,8 @@ def latent_map_figure(
     xlim=(x0, x1),
     ylim=(y0, y1),
     title=f"{model_name}: decoded grid of the latent plane",
-    xlabel="z1",
-    ylabel="z2",
+    xlabel="latent 0",
+    ylabel="latent 1",
   )
   for ax in (left, middle, right):
     ax.set_box_aspect(1.0)

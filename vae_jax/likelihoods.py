@@ -260,10 +260,121 @@ class GaussianLearned(Likelihood):
     return (float(np.mean((np.asarray(fit_mean) - np.asarray(fit_x)) ** 2)),)
 
 
+# Log-scales a baseline that predicts only a mean image tries (see ``Likelihood.spreads``).
+_LOG_SCALES = (-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Discretized(Likelihood):
+  """A probability of pixel levels ``k / (L - 1)``, ``L = 2**bits`` (``binarization="none"``):
+  bits per dimension are ``-log P / (D ln 2)``. The decoder gives, per channel, a mean in
+  the ``[-1, 1]`` space and a log-scale: outputs ``[..., 2 c]``."""
+
+  spread_name: ClassVar[str] = "log_scale"
+  data_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+  discrete: ClassVar[bool] = True
+  bits: int = 8
+
+  @property
+  def num_levels(self) -> int:
+    return 2**self.bits
+
+  def decoder_shape(self, event_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*event_shape[:-1], 2 * event_shape[-1])
+
+  def mean(self, decoded: Array) -> Array:
+    c = decoded.shape[-1] // 2
+    return jnp.clip((decoded[..., :c] + 1.0) / 2.0, 0.0, 1.0)
+
+  def outputs_for_mean(self, mean: Array, spread: float | None) -> Array:
+    return jnp.concatenate([2.0 * mean - 1.0, jnp.full(mean.shape, spread, mean.dtype)], -1)
+
+  def spreads(self, fit_x: np.ndarray, fit_mean: np.ndarray) -> tuple[float | None, ...]:
+    del fit_x, fit_mean
+    return _LOG_SCALES
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscretizedLogistic(_Discretized):
+  """Each channel of each pixel a discretized logistic (Kingma et al. 2016, IAF):
+  ``losses.discretized_logistic_log_likelihood``."""
+
+  name: ClassVar[str] = "discretized_logistic"
+
+  def log_prob(self, decoded: Array, x: Array) -> Array:
+    return losses.discretized_logistic_log_likelihood(
+      decoded, x, self.num_levels, event_ndims=_event_ndims(x)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscretizedGaussian(_Discretized):
+  """Each channel of each pixel a discretized Gaussian:
+  ``losses.discretized_gaussian_log_likelihood``."""
+
+  name: ClassVar[str] = "discretized_gaussian"
+
+  def log_prob(self, decoded: Array, x: Array) -> Array:
+    return losses.discretized_gaussian_log_likelihood(
+      decoded, x, self.num_levels, event_ndims=_event_ndims(x)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscretizedLogisticMixture(_Discretized):
+  """Each pixel's channels jointly a mixture of ``components`` discretized logistics with
+  PixelCNN++'s linear channel coupling (Salimans et al. 2017; VDVAE, NVAE):
+  ``losses.discretized_logistic_mixture_log_likelihood``. Decoder outputs per pixel:
+  ``losses.mixture_num_params(components, c)`` (``10 K`` for RGB)."""
+
+  name: ClassVar[str] = "discretized_logistic_mixture"
+  components: int = 10
+
+  def decoder_shape(self, event_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*event_shape[:-1], losses.mixture_num_params(self.components, event_shape[-1]))
+
+  def log_prob(self, decoded: Array, x: Array) -> Array:
+    return losses.discretized_logistic_mixture_log_likelihood(
+      decoded, x, self.components, self.num_levels
+    )
+
+  def mean(self, decoded: Array) -> Array:
+    c = _mixture_channels(decoded.shape[-1], self.components)
+    return losses.discretized_logistic_mixture_mean(decoded, self.components, c)
+
+  def outputs_for_mean(self, mean: Array, spread: float | None) -> Array:
+    """All the weight on the first component (logit 0 against -30), its means ``mean``,
+    log-scales ``spread`` and no coupling."""
+    K, c = self.components, mean.shape[-1]
+    pixels = mean.shape[:-1]
+    logits = jnp.full((*pixels, K), -30.0, mean.dtype).at[..., 0].set(0.0)
+    means = jnp.zeros((*pixels, c, K), mean.dtype).at[..., 0].set(2.0 * mean - 1.0)
+    log_scales = jnp.full((*pixels, c, K), spread, mean.dtype)
+    coefficients = jnp.zeros((*pixels, c * (c - 1) // 2 * K), mean.dtype)
+    parts = [logits, means.reshape(*pixels, c * K), log_scales.reshape(*pixels, c * K)]
+    return jnp.concatenate([*parts, coefficients], -1)
+
+
+def _mixture_channels(num_params: int, components: int) -> int:
+  for c in (1, 2, 3, 4):
+    if losses.mixture_num_params(components, c) == num_params:
+      return c
+  raise ValueError(f"{num_params} outputs per pixel are no mixture of {components} components.")
+
+
 BERNOULLI = Bernoulli()  # The default of the models' constructors.
 
 REGISTRY: dict[str, type[Likelihood]] = {
-  cls.name: cls for cls in (Bernoulli, ContinuousBernoulli, Gaussian, GaussianLearned)
+  cls.name: cls
+  for cls in (
+    Bernoulli,
+    ContinuousBernoulli,
+    Gaussian,
+    GaussianLearned,
+    DiscretizedLogistic,
+    DiscretizedGaussian,
+    DiscretizedLogisticMixture,
+  )
 }
 
 
@@ -274,4 +385,8 @@ def from_config(config: ml_collections.ConfigDict) -> Likelihood:
   cls = REGISTRY[m.likelihood]
   if cls in (Gaussian, GaussianLearned):
     return cls(variance=m.gaussian_variance)
+  if cls is DiscretizedLogisticMixture:
+    return cls(bits=config.data.bits, components=m.mixture_components)
+  if issubclass(cls, _Discretized):
+    return cls(bits=config.data.bits)
   return cls()

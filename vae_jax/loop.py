@@ -98,6 +98,9 @@ class Program(Protocol):
   def describe(self, model: int) -> str:
     """How a message names model ``model`` ("" for a single run)."""
 
+  def with_bits_per_dim(self, scalars: dict[str, float]) -> dict[str, float]:
+    """``scalars`` with ``bits_per_dim`` of their ``elbo`` added, where that means something."""
+
   def evaluate(self, step: int, state: PyTree, out: list[writers.MetricWriter]) -> bool:
     """Evaluates ``state`` and writes the results; returns whether to stop early."""
 
@@ -395,7 +398,7 @@ def run(program: Program, config: ml_collections.ConfigDict) -> PyTree:
         bar.update(step - first)
         if due(step, log_every, total):
           for i, w in enumerate(out):
-            scalars = window.scalars(i, program.batch_size)
+            scalars = program.with_bits_per_dim(window.scalars(i, program.batch_size))
             if len(out) > 1:  # Every model of a sweep sees each example.
               scalars["sweep_examples_per_sec"] = scalars["examples_per_sec"] * len(out)
             w.write_scalars(step, "train", scalars)

@@ -421,6 +421,315 @@ def gaussian_log_likelihood_learned(decoded: Array, x: Array, event_ndims: int =
   return _sum_event(log_p, min(event_ndims, 1))
 
 
+# --------------------------------------------------------------------------
+# Discretized likelihoods of pixel levels (colour images in bits/dim).
+#
+# The data are levels k in {0, ..., L - 1} (L = 2**bits), given as x = k / (L - 1) in
+# [0, 1], vae_jax's unbinarized images. As in PixelCNN++ (Salimans et al. 2017) the
+# distributions live on y = 2 x - 1 in [-1, 1]: level k is the bin [y - 1/(L-1),
+# y + 1/(L-1)] around its centre, except the edge levels, whose bins extend to -inf
+# (level 0) and +inf (level L - 1), so the probabilities of the L levels sum to 1
+# exactly. Decoder means are in the y space; log-scales are clamped below at
+# MIN_LOG_SCALE as in PixelCNN++ and VDVAE (their gradient is 0 below it).
+
+MIN_LOG_SCALE = -7.0
+# Below this half-width (in units of the scale) a bin's log-probability is taken from
+# the density at its centre times its width (relative error below 1e-7 in probability).
+_NARROW_BIN = 1e-3
+
+
+def _bin_edges(x: Array, num_levels: int) -> tuple[Array, Array, Array, Array]:
+  """``(lower, upper, is_lowest, is_highest)``: the edges in the ``[-1, 1]`` space of the
+  bin of level ``k`` given as ``x = k / (L - 1)``, ``(2 k -+ 1) / (L - 1) - 1``, computed
+  from the integer ``k`` (one rounding each, and exactly 0 at the middle edge)."""
+  top = num_levels - 1
+  level = jnp.round(x * top)
+  lower = (2.0 * level - 1.0 - top) / top
+  upper = (2.0 * level + 1.0 - top) / top
+  return lower, upper, level <= 0, level >= top
+
+
+def _log_cosh(t: Array) -> Array:
+  a = jnp.abs(t)
+  return a + softplus(-2.0 * a) - math.log(2.0)
+
+
+def _log_sinh_of_exp(log_u: Array) -> Array:
+  """``log sinh(u)`` for ``u = exp(log_u) > 0``, without underflow of a tiny ``u``.
+
+  The callers' ``u`` is at most ``exp(-MIN_LOG_SCALE) / (L - 1)`` (4.3 for 8 bits), so
+  ``u`` itself never overflows.
+  """
+  small = log_u < math.log(1e-2)
+  u = jnp.exp(jnp.where(small, 0.0, log_u))
+  exact = u + jnp.log(-jnp.expm1(-2.0 * u)) - math.log(2.0)
+  # sinh(u) / u = 1 + u^2 / 6 + ...: its log is u^2 / 6 to 1e-10 below u = 1e-2.
+  tiny = jnp.exp(jnp.minimum(log_u, math.log(1e-2)))
+  return jnp.where(small, log_u + tiny**2 / 6.0, exact)
+
+
+def discretized_logistic_log_prob(
+  mean: Array, log_scale: Array, x: Array, num_levels: int = 256
+) -> Array:
+  """Elementwise ``log P(k)`` of a level under the discretized logistic (no sum).
+
+  ``P(k) = sigmoid((y + h - mean) / s) - sigmoid((y - h - mean) / s)`` with ``y = 2 x - 1``,
+  ``h = 1 / (L - 1)``, ``s = exp(max(log_scale, MIN_LOG_SCALE))``; the lowest level takes
+  ``sigmoid((y + h - mean) / s)`` and the highest ``1 - sigmoid((y - h - mean) / s)``
+  (Kingma et al. 2016, IAF, appendix; Salimans et al. 2017, PixelCNN++, section 2.1).
+
+  The difference of sigmoids is computed in closed form in log space,
+  ``log(sigmoid(a) - sigmoid(b)) = log sinh((a - b) / 2) - log 2 - log cosh(a / 2) -
+  log cosh(b / 2)``, exact for any scale and mean: no fallback to the density as in
+  PixelCNN++'s code, no ``log(0)``, and finite gradients everywhere.
+
+  Args:
+    mean: decoder means in the ``[-1, 1]`` space, any shape.
+    log_scale: log-scales, the same shape.
+    x: levels ``k / (L - 1)`` in [0, 1], the same shape.
+    num_levels: ``L``, 256 for 8-bit data.
+
+  Returns:
+    ``log P`` in nats, the shape of ``x``.
+  """
+  _check_float("mean", mean)
+  _check_float("x", x)
+  _check_same_shape("mean", mean, "x", x)
+  _check_same_shape("log_scale", log_scale, "x", x)
+  dtype = _compute_dtype(mean, log_scale, x)
+  mean, log_scale, x = mean.astype(dtype), log_scale.astype(dtype), x.astype(dtype)
+  lower_edge, upper_edge, lowest, highest = _bin_edges(x, num_levels)
+  log_scale = jnp.maximum(log_scale, MIN_LOG_SCALE)
+  inv_scale = jnp.exp(-log_scale)
+  half = 1.0 / (num_levels - 1)
+  upper = inv_scale * (upper_edge - mean)
+  lower = inv_scale * (lower_edge - mean)
+  log_cdf_upper = -softplus(-upper)  # log sigmoid(upper): the lowest level.
+  log_sf_lower = -softplus(lower)  # log(1 - sigmoid(lower)): the highest level.
+  # log((upper - lower) / 2): from the arguments themselves, so that a bin's width agrees
+  # with its edges' rounding (adjacent bins then share an edge and their probabilities
+  # telescope to 1), unless their difference loses more to cancellation than the
+  # edges' rounding costs (a bin narrow against its distance from the mean): then from
+  # the scale. Relative errors, in units of the float's epsilon: |arguments| / width
+  # for the first, |edges| / (edge spacing) for the second.
+  half_width = 0.5 * (upper - lower)
+  cancellation = jnp.maximum(jnp.abs(upper), jnp.abs(lower)) / jnp.maximum(half_width, 1e-30)
+  rounding = jnp.maximum(jnp.abs(upper_edge), jnp.abs(lower_edge)) / half
+  computed = (cancellation < rounding) & (half_width > 1e-30)
+  log_half_width = jnp.where(
+    computed, jnp.log(jnp.where(computed, half_width, 1.0)), math.log(half) - log_scale
+  )
+  middle = (
+    _log_sinh_of_exp(log_half_width) - math.log(2.0) - _log_cosh(upper / 2) - _log_cosh(lower / 2)
+  )
+  return jnp.where(lowest, log_cdf_upper, jnp.where(highest, log_sf_lower, middle))
+
+
+def _log_ndtr_difference(upper: Array, lower: Array) -> Array:
+  """``log(Phi(upper) - Phi(lower))`` for ``upper > lower``, in whichever tail is accurate."""
+  flip = lower > 0  # Phi(u) - Phi(l) = Phi(-l) - Phi(-u): keep the arguments <= 0 side.
+  a = jnp.where(flip, -upper, lower)
+  b = jnp.where(flip, -lower, upper)
+  log_b = jax.scipy.special.log_ndtr(b)
+  t = jax.scipy.special.log_ndtr(a) - log_b  # <= 0
+  t = jnp.minimum(t, -1e-30)
+  return log_b + jnp.log(-jnp.expm1(t))
+
+
+def discretized_gaussian_log_prob(
+  mean: Array, log_scale: Array, x: Array, num_levels: int = 256
+) -> Array:
+  """Elementwise ``log P(k)`` of a level under the discretized Gaussian (no sum).
+
+  ``P(k) = Phi((y + h - mean) / s) - Phi((y - h - mean) / s)``, the edge levels' bins
+  extended to infinity, with ``y``, ``h``, ``s`` as in ``discretized_logistic_log_prob``
+  (the Gaussian counterpart of the discretized logistic; e.g. Ho et al. 2020, DDPM,
+  equation 13, whose decoder uses it for the same [-1, 1] scaling). The difference of
+  normal CDFs is taken in the tail where it is accurate (``log_ndtr``); bins narrower
+  than ``1e-3`` scales use the density at the centre times the width.
+
+  Args and returns as ``discretized_logistic_log_prob``.
+  """
+  _check_float("mean", mean)
+  _check_float("x", x)
+  _check_same_shape("mean", mean, "x", x)
+  _check_same_shape("log_scale", log_scale, "x", x)
+  dtype = _compute_dtype(mean, log_scale, x)
+  mean, log_scale, x = mean.astype(dtype), log_scale.astype(dtype), x.astype(dtype)
+  lower_edge, upper_edge, lowest, highest = _bin_edges(x, num_levels)
+  log_scale = jnp.maximum(log_scale, MIN_LOG_SCALE)
+  inv_scale = jnp.exp(-log_scale)
+  half = 1.0 / (num_levels - 1)
+  upper = inv_scale * (upper_edge - mean)
+  lower = inv_scale * (lower_edge - mean)
+  log_cdf_upper = jax.scipy.special.log_ndtr(upper)
+  log_sf_lower = jax.scipy.special.log_ndtr(-lower)
+  log_width = math.log(2.0 * half) - log_scale
+  narrow = log_width < math.log(_NARROW_BIN)
+  middle_z = 0.5 * (upper + lower)
+  density = -0.5 * jnp.square(middle_z) - 0.5 * _LOG_2PI + log_width
+  exact = _log_ndtr_difference(jnp.where(narrow, 1.0, upper), jnp.where(narrow, 0.0, lower))
+  middle = jnp.where(narrow, density, exact)
+  return jnp.where(lowest, log_cdf_upper, jnp.where(highest, log_sf_lower, middle))
+
+
+def discretized_logistic_log_likelihood(
+  decoded: Array, x: Array, num_levels: int = 256, event_ndims: int = 1
+) -> Array:
+  """``log P(x)`` of images of levels under the discretized logistic, summed over events.
+
+  Args:
+    decoded: ``[..., h, w, 2 c]``: the means (``[..., :c]``, in the ``[-1, 1]`` space) and
+      log-scales (``[..., c:]``) of each of the ``c`` channels.
+    x: ``[..., h, w, c]`` levels ``k / (L - 1)`` in [0, 1].
+    num_levels: ``L``.
+    event_ndims: how many trailing axes of ``x`` form one example.
+
+  Returns:
+    ``x`` without its last ``event_ndims`` axes: log-probabilities in nats.
+
+  Raises:
+    ValueError: ``decoded`` is not ``x``'s shape with twice the channels.
+  """
+  mean, log_scale = _split_channels(decoded, x, 2)
+  _check_event_ndims("x", x, event_ndims)
+  log_p = discretized_logistic_log_prob(mean, log_scale, x, num_levels)
+  return _sum_event(*_flat_events(event_ndims, log_p), min(event_ndims, 1))
+
+
+def discretized_gaussian_log_likelihood(
+  decoded: Array, x: Array, num_levels: int = 256, event_ndims: int = 1
+) -> Array:
+  """``log P(x)`` under the discretized Gaussian, summed over events; arguments as
+  ``discretized_logistic_log_likelihood``."""
+  mean, log_scale = _split_channels(decoded, x, 2)
+  _check_event_ndims("x", x, event_ndims)
+  log_p = discretized_gaussian_log_prob(mean, log_scale, x, num_levels)
+  return _sum_event(*_flat_events(event_ndims, log_p), min(event_ndims, 1))
+
+
+def _split_channels(decoded: Array, x: Array, parts: int) -> tuple[Array, ...]:
+  _check_float("decoded", decoded)
+  _check_float("x", x)
+  c = jnp.shape(x)[-1] if jnp.ndim(x) else 1
+  if jnp.shape(decoded) != (*jnp.shape(x)[:-1], parts * c):
+    raise ValueError(
+      f"decoded must be x's shape {jnp.shape(x)} with {parts} x {c} channels, got "
+      f"{jnp.shape(decoded)}."
+    )
+  return tuple(decoded[..., i * c : (i + 1) * c] for i in range(parts))
+
+
+def mixture_num_params(num_components: int, channels: int) -> int:
+  """Decoder outputs per pixel of ``discretized_logistic_mixture_log_likelihood``:
+  ``K (1 + 2 c + c (c - 1) / 2)``, ``10 K`` for RGB as in PixelCNN++."""
+  return num_components * (1 + 2 * channels + channels * (channels - 1) // 2)
+
+
+class MixtureParams(NamedTuple):
+  """The parameters of a discretized logistic mixture per pixel (see ``mixture_params``)."""
+
+  log_weights: Array  # [..., K] log mixture weights (log-softmax of the logits).
+  means: Array  # [..., c, K] means in the [-1, 1] space, before the channel coupling.
+  log_scales: Array  # [..., c, K]
+  coefficients: Array  # [..., c (c - 1) / 2, K] in (-1, 1): tanh of the raw outputs.
+
+
+def mixture_params(decoded: Array, num_components: int, channels: int) -> MixtureParams:
+  """Splits ``decoded: [..., K (1 + 2 c + c (c - 1) / 2)]`` (per pixel) into its parts.
+
+  The layout: ``K`` logits of the mixture weights; ``c K`` means and ``c K`` log-scales
+  (channel-major: channel ``j``'s ``K`` values together); then ``c (c - 1) / 2`` groups of
+  ``K`` coupling coefficients, for the pairs ``(1, 0), (2, 0), (2, 1), ...`` (channel,
+  earlier channel): for RGB, green on red, blue on red, blue on green, PixelCNN++'s three.
+  """
+  K, c = num_components, channels
+  if jnp.shape(decoded)[-1] != mixture_num_params(K, c):
+    raise ValueError(
+      f"decoded has {jnp.shape(decoded)[-1]} outputs per pixel; a mixture of {K} "
+      f"components over {c} channels needs {mixture_num_params(K, c)}."
+    )
+  batch = jnp.shape(decoded)[:-1]
+  logits = decoded[..., :K]
+  means = decoded[..., K : K + c * K].reshape(*batch, c, K)
+  log_scales = decoded[..., K + c * K : K + 2 * c * K].reshape(*batch, c, K)
+  coefficients = jnp.tanh(decoded[..., K + 2 * c * K :].reshape(*batch, c * (c - 1) // 2, K))
+  return MixtureParams(jax.nn.log_softmax(logits, axis=-1), means, log_scales, coefficients)
+
+
+def _coupled_means(params: MixtureParams, y: Array) -> Array:
+  """``[..., c, K]``: each channel's mean given the earlier channels ``y: [..., c]``:
+  ``mean_j + sum_{i < j} coefficient_{j,i} y_i`` (PixelCNN++'s linear coupling)."""
+  c = params.means.shape[-2]
+  rows, pair = [params.means[..., 0, :]], 0
+  for j in range(1, c):
+    mean = params.means[..., j, :]
+    for i in range(j):
+      mean = mean + params.coefficients[..., pair, :] * y[..., i : i + 1]
+      pair += 1
+    rows.append(mean)
+  return jnp.stack(rows, axis=-2)
+
+
+def discretized_logistic_mixture_log_likelihood(
+  decoded: Array, x: Array, num_components: int, num_levels: int = 256
+) -> Array:
+  """``log P(x)`` of images under PixelCNN++'s discretized logistic mixture, per image.
+
+  Each pixel's channels are modelled jointly by a mixture of ``K`` components; within a
+  component, channel ``j`` is a discretized logistic (``discretized_logistic_log_prob``)
+  whose mean is shifted linearly by the earlier channels' values:
+  ``p(r, g, b) = sum_k pi_k L(r | mu_r) L(g | mu_g + a r) L(b | mu_b + b r + c g)``
+  (Salimans et al. 2017, PixelCNN++, section 2.2; the likelihood of VDVAE and NVAE).
+
+  Args:
+    decoded: ``[batch, h, w, K (1 + 2 c + c (c - 1) / 2)]`` (any pixel axes between the
+      batch and the last), laid out as ``mixture_params`` says.
+    x: ``[batch, h, w, c]`` levels ``k / (L - 1)`` in [0, 1].
+    num_components: ``K``.
+    num_levels: ``L``.
+
+  Returns:
+    ``[batch]`` log-probabilities in nats (summed over pixels).
+  """
+  _check_float("decoded", decoded)
+  _check_float("x", x)
+  if jnp.ndim(x) < 2 or jnp.shape(decoded)[:-1] != jnp.shape(x)[:-1]:
+    raise ValueError(
+      f"x must be [batch, ..., c] and decoded [batch, ..., outputs] with the same leading "
+      f"axes, got {jnp.shape(x)} and {jnp.shape(decoded)}."
+    )
+  dtype = _compute_dtype(decoded, x)
+  decoded, x = decoded.astype(dtype), x.astype(dtype)
+  params = mixture_params(decoded, num_components, x.shape[-1])
+  y = 2.0 * x - 1.0
+  means = _coupled_means(params, y)
+  levels = jnp.broadcast_to(x[..., None], means.shape)
+  per_channel = discretized_logistic_log_prob(means, params.log_scales, levels, num_levels)
+  per_component = params.log_weights + jnp.sum(per_channel, axis=-2)  # [..., K]
+  per_pixel = logsumexp(per_component, axis=-1)
+  return jnp.sum(per_pixel, axis=tuple(range(1, per_pixel.ndim)))
+
+
+def discretized_logistic_mixture_mean(decoded: Array, num_components: int, channels: int) -> Array:
+  """``E[x]`` in [0, 1] under the mixture's continuous logistics (before discretization):
+  ``sum_k pi_k m_k`` with ``m_k`` each channel's coupled mean given the earlier channels'
+  means. ``[..., K (...)]`` -> ``[..., c]``."""
+  params = mixture_params(decoded, num_components, channels)
+  c = channels
+  component_means = []  # Per channel, [..., K]: coupled on the earlier channels' means.
+  pair = 0
+  for j in range(c):
+    mean = params.means[..., j, :]
+    for i in range(j):
+      mean = mean + params.coefficients[..., pair, :] * component_means[i]
+      pair += 1
+    component_means.append(mean)
+  weights = jnp.exp(params.log_weights)
+  y = jnp.stack([jnp.sum(weights * m, axis=-1) for m in component_means], axis=-1)
+  return jnp.clip((y + 1.0) / 2.0, 0.0, 1.0)
+
+
 def diag_gaussian_log_prob_per_dim(z: Array, mean: Array, logvar: Array) -> Array:
   """log N(z_d | mean_d, exp(logvar_d)) for each dimension: ``[..., latent]``.
 
@@ -565,11 +874,15 @@ def _decode_samples(decode_fn: DecodeFn, z: Array, x: Array) -> Array:
   num_samples, batch = z.shape[:2]
   out = decode_fn(z.reshape(num_samples * batch, z.shape[-1]))
   expected = (num_samples * batch, *x.shape[1:])
-  # A trailing parameter axis is allowed (e.g. means and log-variances).
-  if out.shape[: len(expected)] != expected or out.ndim > len(expected) + 1:
+  # Allowed: a trailing parameter axis (means and log-variances), or, for images
+  # [batch, ..., h, w, c], other channels (a mixture's parameters per pixel);
+  # log_likelihood_fn checks what it reads.
+  same = out.shape[: len(expected)] == expected and out.ndim <= len(expected) + 1
+  channels = x.ndim > 2 and out.shape[:-1] == expected[:-1]
+  if not (same or channels):
     raise ValueError(
       f"decode_fn returned shape {out.shape} for {num_samples * batch} latents, "
-      f"expected {expected} to match x of shape {x.shape}."
+      f"expected {expected} to match x of shape {x.shape} (or with other channels)."
     )
   return out.reshape(num_samples, batch, *out.shape[1:])
 

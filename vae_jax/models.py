@@ -570,6 +570,7 @@ def make_vae(
   encoder_hidden: Sequence[int] = (500,),
   decoder_hidden: Sequence[int] | None = None,
   conv_features: Sequence[int] = (32, 64),
+  res_blocks: int = 2,
   activation: str = "relu",
   logvar_bound: float | None = 30.0,
   logvar_clip: tuple[float, float] | None = None,
@@ -592,12 +593,14 @@ def make_vae(
   Args:
     event_shape: shape of one example, e.g. ``(28, 28, 1)``.
     latents: latent dimensionality (of the bottom layer ``z1`` for two layers).
-    kind: ``"mlp"`` or ``"conv"``: the networks that read ``x`` and write it.
+    kind: ``"mlp"``, ``"conv"`` or ``"resnet"``: the networks that read ``x`` and write it.
     encoder_hidden: dense widths of the encoder, input to output (after the
       convolutions for ``"conv"``).
     decoder_hidden: dense widths of the decoder, latent to output (default:
       the encoder's, mirrored).
-    conv_features: channels of the stride-2 convolutions (``"conv"`` only).
+    conv_features: channels of the stride-2 convolutions (``"conv"``), or of each
+      resolution (``"resnet"``: ``networks.ResidualEncoder``).
+    res_blocks: residual blocks per resolution (``"resnet"`` only).
     activation: a key of ``networks.ACTIVATIONS`` (not used by gated layers).
     logvar_bound: soft bound on ``|logvar|`` (see ``networks.soft_clamp``), or ``None``.
     logvar_clip: ``(low, high)``: clip the encoders' log-variances to this range
@@ -625,6 +628,7 @@ def make_vae(
     encoder_hidden=tuple(encoder_hidden),
     decoder_hidden=tuple(decoder_hidden) if decoder_hidden is not None else None,
     conv_features=tuple(conv_features),
+    res_blocks=res_blocks,
     activation=activation,
     logvar_bound=logvar_bound,
     logvar_clip=tuple(logvar_clip) if logvar_clip is not None else None,
@@ -675,15 +679,24 @@ def make_vae(
     decoder = networks.Decoder(decoder_hidden, output_shape, **dec_options)
   else:
     conv_features = tuple(conv_features)
-    scale = 2 ** len(conv_features)
+    halvings = len(conv_features) - (kind == "resnet")
+    scale = 2**halvings
     if len(event_shape) != 3 or event_shape[0] % scale or event_shape[1] % scale:
       raise config_lib.ConfigError(
-        f"kind='conv' with {len(conv_features)} stride-2 layers needs examples [h, w, c] "
+        f"kind={kind!r} with {halvings} stride-2 layers needs examples [h, w, c] "
         f"with h and w multiples of {scale}; got {event_shape}. Use fewer "
         "config.model.conv_features, or kind='mlp'."
       )
-    encoder = networks.ConvEncoder(conv_features, encoder_hidden, latents, **enc_options)
-    decoder = networks.ConvDecoder(conv_features, decoder_hidden, output_shape, **dec_options)
+    if kind == "conv":
+      encoder = networks.ConvEncoder(conv_features, encoder_hidden, latents, **enc_options)
+      decoder = networks.ConvDecoder(conv_features, decoder_hidden, output_shape, **dec_options)
+    else:
+      encoder = networks.ResidualEncoder(
+        conv_features, res_blocks, encoder_hidden, latents, **enc_options
+      )
+      decoder = networks.ResidualDecoder(
+        conv_features, res_blocks, decoder_hidden, output_shape, **dec_options
+      )
   if stochastic_layers == 1:
     model = _single_layer(encoder, decoder, event_shape, latents, prior, pseudo)
   else:
@@ -726,6 +739,7 @@ def make_model(config: ml_collections.ConfigDict, event_shape: Sequence[int]) ->
     encoder_hidden=tuple(m.encoder_hidden),
     decoder_hidden=tuple(m.decoder_hidden) if m.decoder_hidden is not None else None,
     conv_features=tuple(m.conv_features),
+    res_blocks=m.res_blocks,
     activation=m.activation,
     logvar_bound=m.logvar_bound,
     logvar_clip=tuple(m.logvar_clip) if m.logvar_clip is not None else None,

@@ -5,7 +5,8 @@ posteriors, priors and likelihoods behind pure functions, so nothing outside
 these two modules sees a Flax object. Parameter names are part of the
 checkpoint format: ``hidden_<i>`` (and ``gate_<i>`` for gated units), ``mean``,
 ``logvar``, ``output``, ``log_variance``, ``conv_<i>``, ``deconv_<i>``,
-``to_map``, ``mlp``.
+``to_map``, ``mlp``, and the residual networks' ``stem``, ``level_<i>_block_<j>``,
+``down_<i>``, ``up_<i>``.
 """
 
 from __future__ import annotations
@@ -296,6 +297,112 @@ class ConvDecoder(nn.Module):
       if i < len(out_channels) - 1:
         h = act(h)
     return _with_variance(self, h)
+
+
+class ResidualBlock(nn.Module):
+  """``h + conv(act(conv(act(h))))``: a pre-activation residual block (He et al. 2016,
+  "Identity mappings in deep residual networks") of two 3x3 convolutions with the
+  input's channels. The second convolution starts at zero, so every block starts as
+  the identity (as Fixup and ReZero do; VDVAE scales its last layer down likewise)."""
+
+  activation: str = "relu"
+  kernel_init: str = "lecun_normal"
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    act = ACTIVATIONS[self.activation]
+    channels = h.shape[-1]
+    init = KERNEL_INITS[self.kernel_init]
+    r = nn.Conv(channels, (3, 3), padding="SAME", kernel_init=init, name="conv_0")(act(h))
+    zeros = nn.initializers.zeros
+    r = nn.Conv(channels, (3, 3), padding="SAME", kernel_init=zeros, name="conv_1")(act(r))
+    return h + r
+
+
+class ResidualEncoder(nn.Module):
+  """``x: [batch, h, w, c] -> (mean, logvar)``: a residual convolutional encoder.
+
+  A 3x3 convolution to ``features[0]`` channels, then for each level ``i``: ``blocks``
+  residual blocks (``ResidualBlock``) at ``features[i]`` channels, followed (except at the
+  last level) by a 4x4 stride-2 convolution to ``features[i + 1]`` channels that halves
+  height and width. The flattened map goes through ``hidden`` dense layers and the two
+  heads. Parameters: ``stem``, ``level_<i>_block_<j>``, ``down_<i>``, ``mlp``.
+  """
+
+  features: Sequence[int]
+  blocks: int
+  hidden: Sequence[int]
+  latents: int
+  activation: str = "relu"
+  logvar_bound: float | None = 30.0
+  kernel_init: str = "lecun_normal"
+  logvar_clip: tuple[float, float] | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    init = KERNEL_INITS[self.kernel_init]
+    h = nn.Conv(self.features[0], (3, 3), padding="SAME", kernel_init=init, name="stem")(x)
+    for i in range(len(self.features)):
+      for j in range(self.blocks):
+        h = ResidualBlock(self.activation, self.kernel_init, name=f"level_{i}_block_{j}")(h)
+      if i < len(self.features) - 1:
+        down = nn.Conv(
+          self.features[i + 1], (4, 4), strides=(2, 2), padding="SAME", kernel_init=init,
+          name=f"down_{i}",
+        )  # fmt: skip
+        h = down(ACTIVATIONS[self.activation](h))
+    h = ACTIVATIONS[self.activation](h)
+    return Encoder(
+      self.hidden,
+      self.latents,
+      self.activation,
+      self.logvar_bound,
+      kernel_init=self.kernel_init,
+      logvar_clip=self.logvar_clip,
+      name="mlp",
+    )(h)
+
+
+class ResidualDecoder(nn.Module):
+  """``z -> [batch, *output_shape]``: the mirror of ``ResidualEncoder``.
+
+  Dense layers ``hidden``, a dense layer to a ``[h / 2**(n-1), w / 2**(n-1),
+  features[-1]]`` map (``n = len(features)``), then for each level from the last: its
+  ``blocks`` residual blocks, followed (except at the first level) by a 4x4 stride-2
+  transposed convolution to the next level's channels, and last a 3x3 convolution to
+  the likelihood's channels (``output_shape[-1]``), linear. Parameters: ``mlp``,
+  ``to_map``, ``level_<i>_block_<j>``, ``up_<i>``, ``output`` (and ``log_variance``).
+  """
+
+  features: Sequence[int]
+  blocks: int
+  hidden: Sequence[int]
+  output_shape: Sequence[int]
+  activation: str = "relu"
+  learned_variance: bool = False
+  init_log_variance: float = 0.0
+  kernel_init: str = "lecun_normal"
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    act = ACTIVATIONS[self.activation]
+    init = KERNEL_INITS[self.kernel_init]
+    height, width, channels = self.output_shape
+    scale = 2 ** (len(self.features) - 1)
+    h = _hidden_layers(z, self.hidden, self.activation, kernel_init=self.kernel_init)
+    base = (height // scale, width // scale, self.features[-1])
+    h = nn.Dense(math.prod(base), kernel_init=init, name="to_map")(h).reshape(z.shape[0], *base)
+    for i in reversed(range(len(self.features))):
+      for j in range(self.blocks):
+        h = ResidualBlock(self.activation, self.kernel_init, name=f"level_{i}_block_{j}")(h)
+      if i > 0:
+        up = nn.ConvTranspose(
+          self.features[i - 1], (4, 4), strides=(2, 2), padding="SAME", kernel_init=init,
+          name=f"up_{i}",
+        )  # fmt: skip
+        h = up(act(h))
+    out = nn.Conv(channels, (3, 3), padding="SAME", kernel_init=init, name="output")(act(h))
+    return _with_variance(self, out)
 
 
 class PseudoInputs(nn.Module):

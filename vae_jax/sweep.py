@@ -204,6 +204,13 @@ class SweepTrainer:
     """Where replicated data lives: every device of the mesh (``None`` on one device)."""
     return None if self.mesh is None else NamedSharding(self.mesh, P())
 
+  def stream_sharding(self) -> NamedSharding:
+    """A streamed dispatch's batches ``[chunk_len, B, ...]``: split along the batch axis
+    over the mesh's ``"batch"`` devices, a copy on each of its ``"model"`` devices."""
+    if self.mesh is None:
+      return self.base.stream_sharding
+    return NamedSharding(self.mesh, P(None, "batch"))
+
   def replicated(self, x):
     """``x`` placed whole on every device of the mesh (or just on the device)."""
     return jax.device_put(x, self.sharding())
@@ -259,7 +266,7 @@ def build_sweep_trainer(
 def run_steps(
   built: SweepTrainer,
   state: SweepState,
-  feed: input_pipeline.DeviceFeed,
+  feed: input_pipeline.Feed,
   num_steps: int,
   chunk=None,
 ) -> tuple[SweepState, Metrics]:
@@ -270,7 +277,7 @@ def run_steps(
   step, end, metrics = int(state.step), int(state.step) + num_steps, None
   while step < end:
     n = min(end - step, built.base.chunk_len)
-    state, metrics = chunk(state, feed.inputs(step), n, built.keys)
+    state, metrics = chunk(state, feed.inputs(step, n), n, built.keys)
     step += n
   return state, metrics
 
@@ -295,7 +302,7 @@ class Sweep(trainer.Program):
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
     built: SweepTrainer,
-    feed: input_pipeline.DeviceFeed,
+    feed: input_pipeline.Feed,
     evaluation: input_pipeline.EvalData,
   ):
     ids = [
@@ -313,7 +320,7 @@ class Sweep(trainer.Program):
     return self.sweep.init_state()
 
   def run_chunk(self, state: SweepState, step: int, num_steps: int):
-    return self.chunk(state, self.feed.inputs(step), num_steps, self.sweep.keys)
+    return self.chunk(state, self.feed.inputs(step, num_steps), num_steps, self.sweep.keys)
 
   def num_skipped(self, state: SweepState) -> np.ndarray:
     return np.asarray(jax.device_get(state.models.num_skipped))
@@ -357,11 +364,11 @@ def train_sweep(
   )
   with workdir_lib.lock(workdir):
     splits = input_pipeline.load_splits(config)
-    built = build_sweep_trainer(config, splits.event_shape, splits.train.num_examples)
+    built = build_sweep_trainer(config, splits.event_shape, splits.num_train)
     logging.info("Sweep of %d models on %s", built.num_models, built.mesh or jax.devices()[0])
     trainer.log_plan(built.base)
     sharding = built.sharding()
     evaluation = input_pipeline.eval_data(config, splits, sharding, built.base.model.likelihood)
-    feed = built.base.device_feed(config, splits, sharding)
-    del splits  # The device holds the data now; free the host copies.
+    feed = built.base.feed(config, splits, sharding, built.stream_sharding())
+    del splits  # The device holds the data now (or the feed reads it); free the host copies.
     return loop.run(Sweep(config, workdir, built, feed, evaluation), config)

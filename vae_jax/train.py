@@ -33,7 +33,7 @@ class SingleRun(trainer.Program):
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
     built: trainer.Trainer,
-    feed: input_pipeline.DeviceFeed,
+    feed: input_pipeline.Feed,
     evaluation: input_pipeline.EvalData,
   ):
     ids = [trainer.ModelId("", config.seed, config.beta)]
@@ -49,7 +49,7 @@ class SingleRun(trainer.Program):
 
   def run_chunk(self, state: TrainState, step: int, num_steps: int):
     eps_key = self.trainer.keys[step_lib.KEY_EPS]
-    return self.chunk(state, self.feed.inputs(step), num_steps, eps_key)
+    return self.chunk(state, self.feed.inputs(step, num_steps), num_steps, eps_key)
 
   def num_skipped(self, state: TrainState) -> np.ndarray:
     return np.asarray([int(state.num_skipped)])
@@ -92,9 +92,9 @@ def train_and_evaluate(
   )
   with workdir_lib.lock(workdir):
     splits = input_pipeline.load_splits(config)
-    built = trainer.build_trainer(config, splits.event_shape, splits.train.num_examples)
+    built = trainer.build_trainer(config, splits.event_shape, splits.num_train)
     trainer.log_plan(built)
     evaluation = input_pipeline.eval_data(config, splits, built.replicated, built.model.likelihood)
-    feed = built.device_feed(config, splits, built.replicated)
-    del splits  # The device holds the data now; free the host copies.
+    feed = built.feed(config, splits, built.replicated)
+    del splits  # The device holds the data now (or the feed reads it); free the host copies.
     return loop.run(SingleRun(config, workdir, built, feed, evaluation), config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from absl import logging
 
 from vae_jax import config as config_lib
 from vae_jax import (
+  datasets,
   early_stopping,
   estimators,
   execution,
@@ -100,6 +102,11 @@ class Trainer:
     """Each batch split over the devices along its batch axis (data parallelism)."""
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
 
+  @property
+  def stream_sharding(self) -> jax.sharding.NamedSharding:
+    """A streamed dispatch's batches ``[chunk_len, B, ...]``, split along the batch axis."""
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "data"))
+
   def init_state(self) -> TrainState:
     # Jitted: Flax's init run eagerly compiles each of its small ops separately.
     init = jax.jit(
@@ -122,20 +129,41 @@ class Trainer:
     """The objective's ``loss_fn(params, x, key, step)`` with KL weight ``beta``."""
     return objectives.make_loss_fn(self.model, self.spec, beta)
 
-  def device_feed(
-    self, config: ml_collections.ConfigDict, splits: input_pipeline.Splits, sharding
-  ) -> input_pipeline.DeviceFeed:
-    """The training split of ``splits`` in device memory, in the order and with the
-    preprocessing draws of this run's keys (``config.seed``'s)."""
-    images = jax.device_put(splits.train.images, sharding)
-    return input_pipeline.DeviceFeed(
-      images=images,
+  def feed(
+    self,
+    config: ml_collections.ConfigDict,
+    splits: input_pipeline.Splits,
+    sharding,
+    stream_sharding: jax.sharding.Sharding | None = None,
+  ) -> input_pipeline.Feed:
+    """The training split's feed, in the order and with the preprocessing draws of this
+    run's keys (``config.seed``'s): in device memory (placed with ``sharding``) where
+    ``splits`` holds it, else streamed (each dispatch's batches placed with
+    ``stream_sharding``; default: split along the batch axis over this trainer's mesh)."""
+    shuffle_key, binarize_key = self.keys[step_lib.KEY_SHUFFLE], self.keys[step_lib.KEY_BINARIZE]
+    if splits.train is not None:
+      images = jax.device_put(splits.train.images, sharding)
+      return input_pipeline.DeviceFeed(
+        images=images,
+        batch_size=config.batch_size,
+        binarization=config.binarization,
+        binarize_key=binarize_key,
+        permutations=input_pipeline.Permutations(shuffle_key, images.shape[0], sharding),
+        bits=config.data.bits,
+      )
+    return input_pipeline.StreamFeed(
+      path=splits.stream_file,
+      event_shape=splits.event_shape,
+      num_examples=splits.num_train,
       batch_size=config.batch_size,
       binarization=config.binarization,
-      binarize_key=self.keys[step_lib.KEY_BINARIZE],
-      permutations=input_pipeline.Permutations(
-        self.keys[step_lib.KEY_SHUFFLE], images.shape[0], sharding
-      ),
+      bits=config.data.bits,
+      shuffle_key=shuffle_key,
+      binarize_key=binarize_key,
+      sharding=stream_sharding or self.stream_sharding,
+      chunk_len=self.chunk_len,
+      total_steps=self.total_steps,
+      read_threads=config.data.read_threads,
     )
 
   def make_chunk(self, batch_fn, train_step=None, batch_sharding=None):
@@ -221,18 +249,33 @@ _jit_reconstructions = jax.jit(models.reconstructions, static_argnums=0)
 
 
 def write_images(
-  model: Model, params: Params, test_x: Array, key: Array, n: int, writer, step: int
+  model: Model,
+  params: Params,
+  test_x: Array,
+  key: Array,
+  n: int,
+  writer,
+  step: int,
+  shown: np.ndarray | None = None,
 ) -> None:
-  """``n`` prior samples and reconstructions of ``params`` as image grids."""
+  """``n`` prior samples and reconstructions of ``params`` as image grids.
+
+  The reconstructions grid alternates rows: a row of test images, then the row of their
+  reconstructions. The test images are ``shown`` (the data as they are) where given, else
+  ``test_x`` (as the model reads them).
+  """
   if not n:
     return
   samples = _jit_prior_samples(model, params, key, n)
   writer.write_image(step, "prior_samples", writers.image_grid(np.asarray(samples)))
-  originals = test_x[: max(n // 2, 1)]
-  recs = _jit_reconstructions(model, params, originals)
-  pairs = writers.interleave(originals, recs)
-  columns = 2 * max(1, int(np.sqrt(n // 2)))
-  writer.write_image(step, "reconstructions", writers.image_grid(pairs, columns=columns))
+  columns = max(1, int(np.sqrt(n)))
+  count = max(n // 2 // columns, 1) * columns
+  originals = test_x[:count]
+  recs = np.asarray(_jit_reconstructions(model, params, originals))
+  inputs = np.asarray(originals if shown is None else shown[:count])
+  rows = [a[i : i + columns] for i in range(0, count, columns) for a in (inputs, recs)]
+  grid = writers.image_grid(np.concatenate(rows), columns=columns)
+  writer.write_image(step, "reconstructions", grid)
 
 
 class ModelId(NamedTuple):
@@ -290,6 +333,23 @@ class Program:
     m = self.models[i]
     return f" in model {m.name} (beta={m.beta:g}, seed={m.seed})"
 
+  def bits_per_dim(self, elbo: float) -> float | None:
+    """``-elbo`` (nats per example) in bits per dimension, where the likelihood makes it
+    one (``Likelihood.bits_per_dim``): then an upper bound on the data's bits/dim."""
+    return self.trainer.model.likelihood.bits_per_dim(
+      -elbo,
+      math.prod(self.trainer.event_shape),
+      binarization=self.config.binarization,
+      binary_data=self.config.dataset in datasets.BINARY_DATASETS,
+      bits=self.config.data.bits,
+    )
+
+  def with_bits_per_dim(self, scalars: dict[str, float]) -> dict[str, float]:
+    """``scalars`` with ``bits_per_dim`` (of their ``elbo``) added where it means something."""
+    if "elbo" in scalars and (bits := self.bits_per_dim(scalars["elbo"])) is not None:
+      return {**scalars, "bits_per_dim": bits}
+    return scalars
+
   def start(self, state, resumed: bool, out) -> bool:
     """Opens the best checkpoint; returns whether the resumed run had already stopped."""
     del out
@@ -317,7 +377,8 @@ class Program:
     test = self.scores(params, self.evaluation.test, "test")
     for i, (model_id, writer) in enumerate(zip(self.models, out, strict=True)):
       scalars = {k: float(v[i]) for k, v in test.items()}
-      writer.write_scalars(step, "test", {**scalars, "neg_elbo": -scalars["elbo"]})
+      scalars = self.with_bits_per_dim({**scalars, "neg_elbo": -scalars["elbo"]})
+      writer.write_scalars(step, "test", scalars)
       sample_key = step_lib.run_keys(model_id.seed)[step_lib.KEY_SAMPLES]
       write_images(
         self.trainer.model,
@@ -327,6 +388,7 @@ class Program:
         self.config.num_image_samples,
         writer,
         step,
+        self.evaluation.shown,
       )
       writer.flush()
     self._log_test(step, test)
@@ -335,7 +397,8 @@ class Program:
     val = self.scores(params, self.evaluation.validation, "validation")
     for i, writer in enumerate(out):
       scalars = {k: float(v[i]) for k, v in val.items()}
-      writer.write_scalars(step, "validation", {**scalars, "neg_elbo": -scalars["elbo"]})
+      scalars = self.with_bits_per_dim({**scalars, "neg_elbo": -scalars["elbo"]})
+      writer.write_scalars(step, "validation", scalars)
     better, stop = self.early.update(step, np.asarray(val["elbo"]), params)
     if better.any():
       which = (
@@ -360,17 +423,22 @@ class Program:
 
   def _log_test(self, step: int, test: dict[str, np.ndarray]) -> None:
     if not self.stacked:
+      bits = self.bits_per_dim(float(test["elbo"][0]))
       logging.info(
-        "step %d: test ELBO %.3f (reconstruction %.3f, KL %.3f) nats",
+        "step %d: test ELBO %.3f (reconstruction %.3f, KL %.3f) nats%s",
         step,
         float(test["elbo"][0]),
         float(test["reconstruction"][0]),
         float(test["kl"][0]),
+        f", {bits:.4f} bits/dim" if bits is not None else "",
       )
       return
-    each = ", ".join(
-      f"{m.name} {float(e):.2f}" for m, e in zip(self.models, test["elbo"], strict=True)
-    )
+
+    def one(name: str, elbo: float) -> str:
+      bits = self.bits_per_dim(elbo)
+      return f"{name} {elbo:.2f}" + (f" ({bits:.3f} bits/dim)" if bits is not None else "")
+
+    each = ", ".join(one(m.name, float(e)) for m, e in zip(self.models, test["elbo"], strict=True))
     logging.info("step %d: test ELBO (nats) per model: %s", step, each)
 
   def close(self) -> None:

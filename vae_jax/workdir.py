@@ -54,6 +54,11 @@ RESUMABLE_CHANGES = frozenset(
     "data_dir",
     "idx_dir",
     "disentanglement_counts",
+    # How the training split reaches the device, not which batches: both feeds give
+    # the same batches (tests/test_input_pipeline.py).
+    "data.feed",
+    "data.device_memory_mib",
+    "data.read_threads",
   }
 )
 # Fields that older versions wrote and this one no longer has, with the value

@@ -29,7 +29,8 @@ from vae_jax import files
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
-  """Tiles ``[n, h, w, c]`` images in [0, 1] into one ``[H, W, c]`` uint8 image."""
+  """Tiles ``[n, h, w, c]`` images in [0, 1] into one ``[H, W, c]`` uint8 image (a NaN
+  pixel, from a model gone non-finite, is drawn black)."""
   images = np.asarray(images, np.float32)
   if images.ndim != 4:
     raise ValueError(f"image_grid expects [n, h, w, c], got shape {images.shape}.")
@@ -41,7 +42,7 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> 
     r, col = divmod(i, columns)
     top, left = pad + r * (h + pad), pad + col * (w + pad)
     grid[top : top + h, left : left + w] = images[i]
-  return np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
+  return np.round(np.clip(np.nan_to_num(grid, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def interleave(originals: np.ndarray, reconstructed: np.ndarray) -> np.ndarray:
