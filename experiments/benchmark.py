@@ -53,13 +53,17 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vae_jax import datasets, input_pipeline, process, trainer  # noqa: E402
+from vae_jax import datasets, files, input_pipeline, process, trainer  # noqa: E402
 from vae_jax import step as step_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", str(REPO / "configs/mnist.py"), "Config to benchmark.")
-flags.DEFINE_string("out", "results/benchmark.json", "Where to write the JSON results.")
+flags.DEFINE_string(
+  "out",
+  None,
+  "Where to write the JSON results. Required: nothing is written where you did not point.",
+)
 flags.DEFINE_integer("repeats", 5, "Timed repeats of the steady-state measurement.")
 flags.DEFINE_integer("dispatches", 10, "Train-chunk calls per timed repeat.")
 flags.DEFINE_integer("square", 2048, "Size of the square matmul for the peak rate.")
@@ -75,6 +79,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("synthetic_data", False, "Random uint8 images instead of the dataset.")
 flags.DEFINE_float("matmul_gflop_per_call", 1.0, "Work per timed matmul call, in GFLOP.")
+flags.mark_flags_as_required(["out"])
 
 
 def _time(fn, *args, repeats: int) -> list[float]:
@@ -232,7 +237,12 @@ def end_to_end_pairs(config_arg: str, overrides: list[str], epochs: int, pairs: 
     sys.executable, "-m", "vae_jax.main", f"--config={config_arg}",
     f"--config.num_epochs={epochs}", "--config.progress_bar=False", *overrides,
   ]  # fmt: skip
-  anchor = [sys.executable, FLAGS.anchor, FLAGS.anchor_idx_dir, str(epochs)]
+  anchor = [
+    sys.executable,
+    str(files.expand(FLAGS.anchor)),
+    str(files.expand(FLAGS.anchor_idx_dir)),
+    str(epochs),
+  ]
   runs = []
   for i in range(pairs):
     cache = scratch / f"cache_{i}"
@@ -343,9 +353,9 @@ def main(argv):
     results["end_to_end"] = end_to_end_pairs(
       config_arg, overrides, FLAGS.end_to_end_epochs, FLAGS.pairs
     )
-  out = pathlib.Path(FLAGS.out)
+  out = files.expand(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2) + "\n")
+  files.atomic_write(out, json.dumps(results, indent=2) + "\n")
   logging.info("Wrote %s:\n%s", out, json.dumps(results, indent=2))
   print(json.dumps(results, indent=2))
 

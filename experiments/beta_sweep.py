@@ -156,7 +156,7 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
   out_dir.mkdir(parents=True, exist_ok=True)
   docs_dir.mkdir(parents=True, exist_ok=True)
   scores = [s for s in SCORES if any(s in r for r in rows)]
-  with open(out_dir / "results.csv", "w", newline="") as f:
+  with files.atomic_path(out_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=(*COLUMNS, *scores), extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)

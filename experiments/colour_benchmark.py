@@ -35,12 +35,14 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from vae_jax import datasets, input_pipeline, losses, trainer
+from vae_jax import datasets, files, input_pipeline, losses, trainer
 from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "results/colour_benchmark.json", "Where the results go.")
+flags.DEFINE_string(
+  "out", None, "Where the results go (JSON). Required: nothing is written where you did not point."
+)
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: a temporary one).")
 flags.DEFINE_integer("steps", 1000, "Train steps of each likelihood's run.")
 flags.DEFINE_integer("eval_num_samples", 100, "Importance samples per test patch.")
@@ -58,6 +60,7 @@ LIKELIHOODS = (
   ("gaussian_learned, dequantized", "gaussian_learned", "dequantize"),
   ("continuous_bernoulli, dequantized", "continuous_bernoulli", "dequantize"),
 )
+flags.mark_flags_as_required(["out"])
 
 
 def likelihood_table(data_dir: str, work: pathlib.Path) -> list[dict]:
@@ -71,7 +74,7 @@ def likelihood_table(data_dir: str, work: pathlib.Path) -> list[dict]:
       f"--config.data_dir={data_dir}",
       f"--config.model.likelihood={likelihood}",
       f"--config.binarization={binarization}",
-      "--config.data.max_train_examples=None",
+      "--config.data.max_train_examples=6100",  # All of them (None is no CLI value).
       f"--config.num_train_steps={FLAGS.steps}",
       f"--config.eval_every_steps={FLAGS.steps}",
       "--config.progress_bar=False",
@@ -212,7 +215,7 @@ def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as tmp:
     work = pathlib.Path(tmp)
-    data_dir = FLAGS.data_dir or str(work / "tfds")
+    data_dir = str(files.expand(FLAGS.data_dir)) if FLAGS.data_dir else str(work / "tfds")
     results = {
       "command": " ".join(sys.argv),
       "machine": {
@@ -259,9 +262,9 @@ def main(argv):
       "eval_num_samples": FLAGS.eval_num_samples,
       "rows": likelihood_table(data_dir, work),
     }
-  out = REPO / FLAGS.out
+  out = files.expand(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=1) + "\n")
+  files.atomic_write(out, json.dumps(results, indent=1) + "\n")
   print(f"Wrote {out}")
 
 

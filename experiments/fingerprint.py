@@ -225,7 +225,7 @@ def main(argv):
     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},
     "runs": runs,
   }
-  out = pathlib.Path(FLAGS.out)
+  out = pathlib.Path(FLAGS.out).expanduser()
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -6,8 +6,8 @@
 
 Trains the run with ``vae_jax.train.train_and_evaluate`` (a finished run is not
 trained further; an interrupted one resumes), evaluates it with
-``vae_jax.evaluate.evaluate_workdir`` using ``K`` importance samples (or, with
-``--reuse_eval``, reads that evaluation's JSON if the workdir already has it),
+``vae_jax.evaluate.evaluate_workdir`` using ``K`` importance samples (keeping that
+evaluation's JSON if the workdir already has it; ``--noreuse_eval`` evaluates again),
 and writes the row into ``--out_dir/table.json`` (one entry per ``--name``,
 replaced on a rerun) and ``--out_dir/table.md``. Each row holds the command's
 config, the checkpoint step, ``-log p(x)`` with its standard error and ``K``,
@@ -25,15 +25,14 @@ where) and its curves, so the table says what each missing number would take.
 import json
 import pathlib
 import platform
-import shutil
+import sys
 import time
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import checkpointing, evaluate, figures, process, train, writers
-from vae_jax import workdir as workdir_lib
+from vae_jax import evaluate, figures, files, locks, loop, process, train, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -42,28 +41,26 @@ flags.DEFINE_string("workdir", None, "The run's directory.")
 flags.DEFINE_string("name", None, "The row's name in the table (e.g. 'MLP VAE').")
 flags.DEFINE_float("paper_nll", None, "The published -log p(x) to compare with, in nats.")
 flags.DEFINE_integer("num_importance_samples", 5000, "K: importance samples per test image.")
-flags.DEFINE_bool("reuse_eval", False, "Read WORKDIR/eval/step_<N>_k<K>.json if it exists.")
+flags.DEFINE_bool(
+  "reuse_eval",
+  True,
+  "Keep WORKDIR/eval/step_<N>_k<K>.json if it exists (--noreuse_eval: evaluate again).",
+)
 flags.DEFINE_bool("allow_config_change", False, "As for vae_jax.main (fine-tuning a copy).")
-flags.DEFINE_string("out_dir", str(REPO / "results/likelihood"), "Where table.json/.md go.")
+flags.DEFINE_string(
+  "out_dir", None, "Where table.json/.md go. Required: nothing is written where you did not point."
+)
 flags.DEFINE_bool("unfinished", False, "Record how far the run got; do not train or evaluate.")
-flags.mark_flags_as_required(["config", "workdir", "name"])
+flags.mark_flags_as_required(["config", "workdir", "name", "out_dir"])
 
 
 def run_row(config, workdir: str, num_samples: int, reuse_eval: bool, allow_change: bool) -> dict:
   """Trains (resumes) and evaluates one run; returns its table row."""
   start = time.perf_counter()
-  state = train.train_and_evaluate(config, workdir, allow_config_change=allow_change)
+  train.train_and_evaluate(config, workdir, allow_config_change=allow_change)
   train_s = time.perf_counter() - start
-  step = int(state.step)
-  if evaluate.params_source(config, workdir) == "best":  # The best step, not the last.
-    step = checkpointing.saved_steps(pathlib.Path(workdir) / workdir_lib.BEST)[-1]
-  cached = pathlib.Path(workdir) / "eval" / f"step_{step:08d}_k{num_samples}.json"
   start = time.perf_counter()
-  if reuse_eval and cached.exists():
-    results = json.loads(cached.read_text())
-    logging.info("Reusing %s", cached)
-  else:
-    results = evaluate.evaluate_workdir(config, workdir, num_samples)
+  results = evaluate.evaluate_workdir(config, workdir, num_samples, again=not reuse_eval)
   eval_s = time.perf_counter() - start
   ll = results["test"]["log_likelihood"]
   return {
@@ -91,7 +88,7 @@ def copy_curves(workdir: pathlib.Path, out_dir: pathlib.Path) -> list[dict]:
   kept = [r for r in rows if r.get("split") in ("validation", "test")]
   out_dir.mkdir(parents=True, exist_ok=True)
   text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-  (out_dir / f"{workdir.name}_curves.jsonl").write_text(text)
+  files.atomic_write(out_dir / f"{workdir.name}_curves.jsonl", text)
   return kept
 
 
@@ -139,7 +136,7 @@ def write_curves_figure(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
 
 def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "table.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+  files.atomic_write(out_dir / "table.json", json.dumps(rows, indent=1, sort_keys=True) + "\n")
   lines = [
     "| model | -log p(x), nats (IS, K) | paper | test -ELBO | active units | step |",
     "|---|---:|---:|---:|---:|---:|",
@@ -158,35 +155,46 @@ def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
       f"(K={r['num_importance_samples']}) | {paper} | {r['test_neg_elbo']:.2f} | "
       f"{r['active_units']} | {r['checkpoint_step']} |"
     )
-  (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+  files.atomic_write(out_dir / "table.md", "\n".join(lines) + "\n")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   process.limit_malloc_arenas()  # As vae_jax.main does: flat memory over thousands of saves.
-  out_dir = pathlib.Path(FLAGS.out_dir)
-  path = out_dir / "table.json"
-  rows = json.loads(path.read_text()) if path.exists() else {}
-  workdir = pathlib.Path(FLAGS.workdir)
+  out_dir = files.expand(FLAGS.out_dir)
+  workdir = files.expand(FLAGS.workdir)
   if FLAGS.unfinished:
     row = progress_row(FLAGS.config, workdir, copy_curves(workdir, out_dir))
   else:
-    row = run_row(
-      FLAGS.config,
-      FLAGS.workdir,
-      FLAGS.num_importance_samples,
-      FLAGS.reuse_eval,
-      FLAGS.allow_config_change,
-    )
+    try:
+      row = run_row(
+        FLAGS.config,
+        workdir,
+        FLAGS.num_importance_samples,
+        FLAGS.reuse_eval,
+        FLAGS.allow_config_change,
+      )
+    except loop.Preempted as e:  # SIGTERM or Ctrl-C in training: a checkpoint was saved.
+      logging.warning("%s Run the same command to continue.", e)
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C in the evaluation (or a second one in training).
+      logging.warning("Interrupted (Ctrl-C). Run the same command to continue.")
+      sys.exit(130)
     copy_curves(workdir, out_dir)
     k = row["num_importance_samples"]
     eval_json = workdir / "eval" / f"step_{row['checkpoint_step']:08d}_k{k}.json"
-    shutil.copyfile(eval_json, out_dir / f"{workdir.name}_eval_k{k}.json")
+    files.atomic_write(out_dir / f"{workdir.name}_eval_k{k}.json", eval_json.read_bytes())
   row["paper_nll"] = FLAGS.paper_nll
-  rows[FLAGS.name] = row
-  write_table(rows, out_dir)
-  write_curves_figure(rows, out_dir)
+  # Rows of one table are often run at once, each in its own process: each reads the
+  # table, adds its row and writes it back holding the table's lock, so none is lost.
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with locks.exclusive(out_dir / ".table.lock", wait=True, what=f"the table in {out_dir}"):
+    path = out_dir / "table.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    rows[FLAGS.name] = row
+    write_table(rows, out_dir)
+    write_curves_figure(rows, out_dir)
   logging.info("%s: wrote %s", FLAGS.name, out_dir)
 
 

@@ -42,13 +42,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vae_jax import datasets, downloads, input_pipeline, trainer
+from vae_jax import datasets, downloads, files, input_pipeline, trainer
 from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", str(REPO / "configs/fashion_mnist.py"), "The run.")
-flags.DEFINE_string("out", "results/stream_benchmark.json", "Where the results go.")
+flags.DEFINE_string(
+  "out", None, "Where the results go (JSON). Required: nothing is written where you did not point."
+)
 flags.DEFINE_integer("repeats", 5, "Timed repeats of each feed.")
 flags.DEFINE_integer("dispatches", 40, "Dispatches per timed repeat.")
 flags.DEFINE_list("memory_sizes", ["7500", "15000", "30000", "60000"], "Training split sizes.")
@@ -57,6 +59,7 @@ flags.DEFINE_integer("memory_resize", 64, "Side of the RGB images of the memory 
 flags.DEFINE_integer("memory_cap_mib", 64, "data.device_memory_mib of the memory runs.")
 flags.DEFINE_string("cifar_archive", None, "A copy of cifar-10-binary.tar.gz, if you have one.")
 flags.DEFINE_string("work_dir", None, "Scratch directory (default: a temporary one).")
+flags.mark_flags_as_required(["out"])
 
 
 def _rate(config, splits, feed_name: str):
@@ -181,7 +184,7 @@ def preparation(work: pathlib.Path) -> dict:
   idx_dir.mkdir()
   archive = idx_dir / "cifar-10-binary.tar.gz"
   if FLAGS.cifar_archive:
-    archive.symlink_to(pathlib.Path(FLAGS.cifar_archive).resolve())
+    archive.symlink_to(files.expand(FLAGS.cifar_archive).resolve())
     what = f"the published archive ({FLAGS.cifar_archive})"
   else:
     _generated_cifar(archive)
@@ -217,7 +220,8 @@ def main(argv):
   config = FLAGS.config
   config.progress_bar = False
   config_path = config_flags.get_config_filename(FLAGS["config"])
-  with tempfile.TemporaryDirectory(dir=FLAGS.work_dir) as tmp:
+  work_dir = files.expand(FLAGS.work_dir) if FLAGS.work_dir else None
+  with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
     work = pathlib.Path(tmp)
     results = {
       "command": " ".join(sys.argv),
@@ -233,9 +237,9 @@ def main(argv):
     print(json.dumps(results["throughput"], indent=1), flush=True)
     results["memory"] = memory(config_path, config.data_dir or "", config.idx_dir, work)
     results["cifar10_preparation"] = preparation(work)
-  out = REPO / FLAGS.out
+  out = files.expand(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=1) + "\n")
+  files.atomic_write(out, json.dumps(results, indent=1) + "\n")
   print(json.dumps({k: v for k, v in results.items() if k != "memory"}, indent=1))
   print(f"Wrote {out}")
 

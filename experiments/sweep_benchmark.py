@@ -29,16 +29,19 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vae_jax import input_pipeline, sweep, trainer
+from vae_jax import files, input_pipeline, sweep, trainer
 from vae_jax import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", str(REPO / "configs/beta_sweep.py"), "Sweep config.")
-flags.DEFINE_string("out", str(REPO / "results/beta_sweep/benchmark_cpu.json"), "JSON output.")
+flags.DEFINE_string(
+  "out", None, "JSON output. Required: nothing is written where you did not point."
+)
 flags.DEFINE_integer("num_models", 8, "M: models in the sweep (betas 2**k / 4, k = 0..M-1).")
 flags.DEFINE_integer("steps", 400, "Train steps per model per timed repeat.")
 flags.DEFINE_integer("repeats", 3, "Alternating timed repeats of both sides.")
+flags.mark_flags_as_required(["out"])
 
 
 def _load() -> list[float]:
@@ -146,9 +149,9 @@ def main(argv):
       "jax": jax.__version__,
     },
   }
-  out = pathlib.Path(FLAGS.out)
+  out = files.expand(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2) + "\n")
+  files.atomic_write(out, json.dumps(results, indent=2) + "\n")
   logging.info(
     "ratio sweep/sequential: median %.3f (min %.3f, max %.3f); compiles %d; wrote %s",
     results["ratio_median"],

@@ -284,3 +284,27 @@ def test_beta_tcvae_run_and_its_disentanglement_scores(tmp_path):
   for name in ("mig", "sap", "dci_disentanglement", "dci_completeness", "beta_vae", "factor_vae"):
     assert 0.0 <= scores[name] <= 1.0, name
   assert scores["counts_preset"] == "cpu" and scores["counts"]["num_train"] == 1000
+
+
+def test_disentanglement_with_a_validation_split_scores_the_whole_grid(tmp_path):
+  """validation_examples hold out the last images of the training split; the metrics still
+  index every image of the factor grid (indexing the shortened split would read the wrong
+  images, or past its end: an IndexError)."""
+  import importlib.util
+  import pathlib
+
+  from vae_jax import evaluate, train
+
+  path = pathlib.Path(__file__).parents[1] / "configs" / "dsprites_sweep.py"
+  spec = importlib.util.spec_from_file_location("dsprites_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.sweep.betas, config.beta = (), 2.0  # One model.
+  config.validation_examples = 120  # Of the 600 images: factor indices 480-599 held out.
+  config.data_dir, config.progress_bar = str(tmp_path / "tfds"), False
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  results = evaluate.evaluate_workdir(config, tmp_path / "run", num_samples=2)
+  assert results["params"].startswith("best")
+  for name in ("mig", "sap", "beta_vae", "factor_vae"):
+    assert 0.0 <= results["disentanglement"][name] <= 1.0, name

@@ -202,9 +202,12 @@ def sweep_reference(tfds_dir, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("kind", ["single", "sweep"])
-def test_sigterm_saves_current_step_and_exits_143(kind, request, tfds_dir, tmp_path):
-  """Within one dispatch of the signal, for a single run and a sweep alike (one loop)."""
+@pytest.mark.parametrize(
+  "kind, sig", [("single", signal.SIGTERM), ("sweep", signal.SIGTERM), ("single", signal.SIGINT)]
+)
+def test_sigterm_saves_current_step_and_exits_143(kind, sig, request, tfds_dir, tmp_path):
+  """Within one dispatch of the signal, for a single run and a sweep alike (one loop); Ctrl-C
+  (SIGINT) the same, with exit code 130 and no traceback."""
   reference = request.getfixturevalue("reference" if kind == "single" else "sweep_reference")
   args = CLI_ARGS if kind == "single" else SWEEP_ARGS
   workdir = tmp_path / "run"
@@ -213,10 +216,11 @@ def test_sigterm_saves_current_step_and_exits_143(kind, request, tfds_dir, tmp_p
   # acts on the signal there, not at the next checkpoint (18) or evaluation (24).
   run = Run(workdir, tfds_dir, args=args, hold=r"Evaluating at step 12\b")
   run.wait_held()
-  run.kill(signal.SIGTERM)
+  run.kill(sig)
   code = run.finish()
-  assert code == loop.EXIT_CODE_PREEMPTED, "".join(run.log[-20:])
-  (line,) = [x for x in run.log if "SIGTERM: saving checkpoint at step" in x]
+  assert code == (143 if sig == signal.SIGTERM else 130), "".join(run.log[-20:])
+  assert not any("Traceback" in x for x in run.log)
+  (line,) = [x for x in run.log if f"{sig.name}: saving checkpoint at step" in x]
   assert int(re.search(r"step (\d+)", line).group(1)) == 15
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [6, 12, 15]
@@ -228,6 +232,34 @@ def test_sigterm_saves_current_step_and_exits_143(kind, request, tfds_dir, tmp_p
     _assert_same_params(_final_params(workdir), _final_params(reference))
   else:
     _assert_same_params(_final_sweep_params(workdir), _final_sweep_params(reference))
+
+
+def test_ctrl_c_in_an_evaluation_keeps_what_is_done_and_the_rerun_continues(
+  sweep_reference, tfds_dir, tmp_path
+):
+  """Ctrl-C while the second model of a sweep is being evaluated: one line, exit 130, the
+  first model's results kept; the same command then evaluates only the second."""
+  workdir = tmp_path / "sweep"
+  shutil.copytree(sweep_reference, workdir)
+  evaluate = ["--mode=evaluate", "--eval_num_samples=3"]
+  run = Run(workdir, tfds_dir, args=[*SWEEP_ARGS, *evaluate], hold=r"Evaluating model beta_4")
+  run.wait_held()
+  run.kill(signal.SIGINT)
+  assert run.finish() == 130
+  assert "Interrupted (Ctrl-C). Evaluations already written are kept" in run.log[-1]
+  assert not any("Traceback" in line for line in run.log)
+  first = workdir / "models/beta_0.5_seed_0/eval/step_00000048_k3.json"
+  written = first.read_bytes()
+  assert not (workdir / "models/beta_4_seed_0/eval").exists()
+
+  again = Run(workdir, tfds_dir, args=[*SWEEP_ARGS, *evaluate])
+  assert again.finish() == 0, "".join(again.log[-20:])
+  assert any(
+    "beta_0.5_seed_0 of the sweep (step 48, K=3) is evaluated already" in x for x in again.log
+  )
+  assert any("Evaluating model beta_4_seed_0" in x for x in again.log)
+  assert first.read_bytes() == written
+  assert (workdir / "models/beta_4_seed_0/eval/step_00000048_k3.json").is_file()
 
 
 def _final_sweep_params(workdir: pathlib.Path, step: int = TOTAL_STEPS):
@@ -652,3 +684,38 @@ def test_processes_sharing_a_data_directory_both_succeed(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
   a, b = (_final_params(tmp_path / f"run{i}", 12) for i in (0, 1))
   _assert_same_params(a, b)
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**32 + 5, -1])
+def test_a_seed_that_would_repeat_another_seeds_streams_is_refused(seed):
+  """jax.random.key keeps 32 bits: 2**32 + 5 would silently be the run of seed 5."""
+  from vae_jax import config as config_lib
+
+  config = config_lib.base_config()
+  config.seed = seed
+  with pytest.raises(config_lib.ConfigError, match=r"config.seed"):
+    config_lib.validate(config)
+  config.seed = 0
+  config.sweep.betas, config.sweep.seeds = (1.0, 2.0), (0, 2**32)
+  with pytest.raises(config_lib.ConfigError, match=r"seeds must be integers in \[0, 2\*\*32\)"):
+    config_lib.validate(config)
+
+
+def test_a_resume_under_other_prng_settings_is_refused(smoke_config, tmp_path):
+  """The run records JAX's PRNG settings and root key; resuming where they differ (another
+  threefry mode here, as an older JAX's default) would draw other streams: refused."""
+  import json
+
+  from vae_jax import config as config_lib
+
+  smoke_config.num_epochs = 1
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(smoke_config, workdir)
+  record = json.loads((workdir / "random.json").read_text())
+  assert record["jax_default_prng_impl"] == "threefry2x32"
+  assert record["root_key_data"] == [0, 0]  # Seed 0.
+  record["jax_threefry_partitionable"] = not record["jax_threefry_partitionable"]
+  (workdir / "random.json").write_text(json.dumps(record))
+  smoke_config.num_epochs = 2
+  with pytest.raises(config_lib.ConfigError, match=r"jax_threefry_partitionable: the run started"):
+    train.train_and_evaluate(smoke_config, workdir)

@@ -40,9 +40,9 @@ def test_row_is_written_and_replaced(tmp_path, tfds_dir):
   assert row["checkpoint_step"] == eval_json["checkpoint_step"]
   assert "| smoke VAE |" in (out / "table.md").read_text()
 
-  again = run([*common, "--reuse_eval"], tfds_dir)
+  again = run(common, tfds_dir)  # The finished run and its evaluation are kept.
   assert again.returncode == 0, again.stderr[-2000:]
-  assert "Reusing" in again.stderr
+  assert "is evaluated already" in again.stderr
   rows = json.loads((out / "table.json").read_text())
   assert list(rows) == ["smoke VAE"] and rows["smoke VAE"]["nll_nats"] == row["nll_nats"]
 

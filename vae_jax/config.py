@@ -362,7 +362,9 @@ def is_sweep(config: ml_collections.ConfigDict) -> bool:
 _INT, _FLOAT = "int", "float"
 _INF = math.inf
 _NUMBERS: dict[str, tuple[str, float, float, str]] = {
-  "seed": (_INT, -(2**63), 2**63 - 1, "[]"),
+  # jax.random.key(seed) keeps the seed's low 32 bits and sign: 2**32 + 5 draws what 5
+  # does, and -1 what 2**32 - 1 does. Only [0, 2**32) names one stream per seed.
+  "seed": (_INT, 0, 2**32 - 1, "[]"),
   "validation_examples": (_INT, 0, _INF, "[)"),
   "model.latents": (_INT, 1, _INF, "[)"),
   "model.logvar_bound": (_FLOAT, 0, _INF, "()"),
@@ -594,7 +596,10 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
       )
   names = [model_name(b, s) for b, s in zip(betas, seeds, strict=True)]
   if len(set(names)) != len(names):
-    raise ConfigError(f"config.sweep has repeated (beta, seed) pairs: {names}; make them unique.")
+    raise ConfigError(
+      f"config.sweep has repeated (beta, seed) pairs: {names} (betas equal to 6 significant "
+      "digits name one model); make them unique."
+    )
 
 
 def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[int, ...]]:
@@ -608,8 +613,11 @@ def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tu
   seeds = tuple(config.sweep.seeds)
   if not betas:
     raise ConfigError("config.sweep.betas is empty; give at least one beta to run a sweep.")
-  if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-    raise ConfigError(f"config.sweep.seeds must be integers, got {seeds}.")
+  if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds):
+    raise ConfigError(
+      f"config.sweep.seeds must be integers in [0, 2**32) (as config.seed; larger ones "
+      f"repeat the streams of smaller ones), got {seeds}."
+    )
   if config.sweep.cross:  # Every beta with every seed, seeds outer.
     betas, seeds = betas * len(seeds), tuple(s for s in seeds for _ in config.sweep.betas)
   elif len(seeds) == 1:

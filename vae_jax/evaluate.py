@@ -198,13 +198,20 @@ def mean_decoder(model: Model, params: Params):
 
 
 def model_title(
-  config: ml_collections.ConfigDict, model: Model, beta: float, deterministic: bool
+  config: ml_collections.ConfigDict,
+  model: Model,
+  beta: float,
+  deterministic: bool,
+  seed: int | None = None,
 ) -> str:
-  """What a figure's title calls the model: ``"VAE (beta=4, 10 latents, bernoulli)"``."""
+  """What a figure's title calls the model: ``"VAE (beta=4, 10 latents, bernoulli)"``,
+  with ``seed=1`` after the beta for a model of a sweep (two seeds of one beta are two
+  models)."""
+  seeded = f", seed={seed}" if seed is not None else ""
   if deterministic:
-    return f"AE ({model.latents} latents, {model.likelihood.name})"
+    return f"AE ({model.latents} latents, {model.likelihood.name}{seeded})"
   name = {"iwae": "IWAE", "beta_tcvae": "beta-TCVAE"}.get(config.objective, "VAE")
-  return f"{name} (beta={beta:g}, {model.latents} latents, {model.likelihood.name})"
+  return f"{name} (beta={beta:g}{seeded}, {model.latents} latents, {model.likelihood.name})"
 
 
 def traversal_rows(
@@ -255,18 +262,21 @@ def write_pictures(
   deterministic: bool,
   sample_key: Array,
   beta: float | None = None,
+  seed: int | None = None,
 ) -> tuple[list[pathlib.Path], dict[str, str]]:
   """Writes the evaluation's image grids and figures; returns their paths and what was
   skipped, with why.
 
   ``test_x`` is the test split as the model reads it (binarized once, for a binarized
   run); ``test_images`` its first images as data, levels scaled to [0, 1], which the
-  reconstruction figure shows. ``beta``: the model's (default ``config.beta``).
+  reconstruction figure shows. ``beta``: the model's (default ``config.beta``); ``seed``:
+  a sweep model's seed, named in the titles.
   """
   decode_mean = mean_decoder(model, params)
   paths, skipped = [], {}
   model_name = "AE" if deterministic else "VAE"
-  long_name = model_title(config, model, config.beta if beta is None else beta, deterministic)
+  beta = config.beta if beta is None else beta
+  long_name = model_title(config, model, beta, deterministic, seed)
   figure_dir = out_dir / "figures"
 
   def figure(name: str, fig) -> None:
@@ -569,6 +579,7 @@ def evaluate_target(
       deterministic=deterministic,
       sample_key=keys[step_lib.KEY_SAMPLES],
       beta=target.beta,
+      seed=target.seed if target.name else None,
     )
   finally:
     writer.close()
@@ -616,6 +627,19 @@ def _train_subset(config: ml_collections.ConfigDict, splits: input_pipeline.Spli
   return splits.source.read(config.data.train_split, keep).images
 
 
+def _written(path: pathlib.Path, target: Target) -> dict[str, Any] | None:
+  """The results at ``path`` if they are whole and of ``target``'s parameters, else None."""
+  try:
+    results = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  if results.get("checkpoint_step") != target.step:
+    return None
+  if results.get("params") != PARAMS_SOURCES[target.source]:
+    return None
+  return {**results, "path": str(path)}
+
+
 def result_path(target: Target, num_samples: int, deterministic: bool) -> pathlib.Path:
   """``out_dir/eval/step_<N>_k<K>.json`` (``step_<N>.json`` for an autoencoder)."""
   name = (
@@ -634,6 +658,7 @@ def evaluate_workdir(
   eval_step: int | None = None,
   batch_size: int = estimators.IW_BATCH_SIZE,
   sample_chunk: int = estimators.IW_SAMPLE_CHUNK,
+  again: bool = False,
 ) -> dict[str, Any]:
   """Evaluates ``workdir``'s parameters (see ``params_source``); writes JSON and pictures.
 
@@ -642,7 +667,9 @@ def evaluate_workdir(
   ``images/`` and figures in ``figures/`` (also in TensorBoard). For a sweep,
   each model's under ``models/<name>/``. Numbers are in nats per example
   unless the name says otherwise. Evaluations of one workdir take turns (a
-  second waits for the first); training may go on beside them.
+  second waits for the first); training may go on beside them. A model whose
+  evaluation at this step and ``K`` is already written is not evaluated again (an
+  interrupted evaluation of a sweep continues where it stopped), unless ``again``.
 
   Args:
     config: the config that trained the run (checked against ``config.json``).
@@ -651,6 +678,7 @@ def evaluate_workdir(
     eval_step: evaluate this checkpoint instead of the default choice.
     batch_size: test examples per jitted call.
     sample_chunk: samples per decoder call.
+    again: evaluate even the models whose results are written already.
 
   Returns:
     The dict written as JSON; for a sweep, ``{"models": {name: dict}}``.
@@ -693,8 +721,17 @@ def evaluate_workdir(
       config, workdir, splits.event_shape, splits.num_train, eval_step
     )
     out = {}
+    deterministic = config.objective == "autoencoder"
     for target in targets:
       what = f"model {target.name} of the sweep" if target.name else f"checkpoint of {workdir}"
+      done = _written(result_path(target, num_samples, deterministic), target)
+      if done is not None and not again:
+        logging.info(
+          "The %s (step %d, K=%d) is evaluated already: %s (--eval_again to redo it).",
+          what, target.step, num_samples, done["path"],
+        )  # fmt: skip
+        out[target.name] = done
+        continue
       logging.info("Evaluating %s (step %d, K=%d)", what, target.step, num_samples)
       out[target.name] = evaluate_target(
         config, workdir, model, target, data, num_samples, timings,

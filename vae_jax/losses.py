@@ -121,7 +121,8 @@ def logsumexp(a: Array, axis: int = 0) -> Array:
 
   ``-inf`` entries (zero weights) contribute nothing to the value and receive
   a zero gradient; when every entry is ``-inf`` the value is ``-inf`` and the
-  gradient is zero (``jax.nn.logsumexp`` gives NaN there).
+  gradient is zero (``jax.nn.logsumexp`` gives NaN there). A NaN entry makes the
+  value NaN: a broken input is never hidden as a zero weight.
 
   Args:
     a: log-values, any shape.
@@ -131,7 +132,8 @@ def logsumexp(a: Array, axis: int = 0) -> Array:
   peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
   total = jnp.sum(jnp.exp(a - peak), axis=axis)
   safe = jnp.where(total > 0, total, 1.0)
-  return jnp.where(total > 0, jnp.log(safe) + jnp.squeeze(peak, axis), -jnp.inf)
+  out = jnp.where(total > 0, jnp.log(safe) + jnp.squeeze(peak, axis), -jnp.inf)
+  return jnp.where(jnp.isnan(total), jnp.nan, out)  # A NaN entry makes the value NaN.
 
 
 # --------------------------------------------------------------------------
@@ -296,8 +298,50 @@ def bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> A
   return _sum_event(x * logits - softplus(logits), min(event_ndims, 1))
 
 
-# |logits| below which log C is taken from its Taylor series (error < 1e-9 there).
-_CB_TAYLOR = 0.05
+def _series(u2: Array, coefficients: tuple[float, ...]) -> Array:
+  """``sum_k c_k u2**k`` by Horner's scheme."""
+  total = jnp.zeros_like(u2)
+  for c in reversed(coefficients):
+    total = total * u2 + c
+  return total
+
+
+# u cosh u - sinh u = u**3 Q(u**2), Q(t) = sum_{k >= 0} (2k + 2) / (2k + 3)! t**k, and
+# sinh u - u = u**3 P(u**2), P(t) = sum_{k >= 0} t**k / (2k + 3)!: positive terms, so no
+# cancellation; 14 terms reach float64 precision for |u| < 2 (the last term's share is
+# below 2**28 / 29! ~ 1e-23 there).
+_Q = tuple((2 * k + 2) / math.factorial(2 * k + 3) for k in range(14))
+_P = tuple(1.0 / math.factorial(2 * k + 3) for k in range(14))
+_SERIES_BELOW = 2.0  # |u| at which the closed forms take over (cancellation < 2 ulps).
+
+
+def _u_coth_u_minus_1(u: Array) -> Array:
+  """``u coth(u) - 1 = (u cosh u - sinh u) / sinh u = u**2 Q / (1 + u**2 P)`` for any ``u``
+  (0 at 0), accurate to a few ulps: the series for ``|u| < 2``, the closed form beyond."""
+  small = jnp.abs(u) < _SERIES_BELOW
+  u2 = jnp.square(jnp.where(small, u, 0.0))
+  series = u2 * _series(u2, _Q) / (1.0 + u2 * _series(u2, _P))
+  far = jnp.where(small, 1.0, u)
+  return jnp.where(small, series, far / jnp.tanh(far) - 1.0)
+
+
+@jax.custom_jvp
+def _cb_log_norm(logits: Array) -> Array:
+  return math.log(2.0) + jnp.log1p(_u_coth_u_minus_1(0.5 * logits))
+
+
+@_cb_log_norm.defjvp
+def _cb_log_norm_jvp(primals, tangents):
+  (logit,), (dlogit,) = primals, tangents
+  # d/dl log C = 1/l - 1/sinh(l) = (sinh l - l) / (l sinh l) = l P / (1 + l**2 P): the
+  # series for |l| < 2 (1/l - 1/sinh l cancels there), the difference beyond.
+  small = jnp.abs(logit) < _SERIES_BELOW
+  near = jnp.where(small, logit, 0.0)
+  p = _series(jnp.square(near), _P)
+  series = near * p / (1.0 + jnp.square(near) * p)
+  far = jnp.where(small, 1.0, logit)
+  derivative = jnp.where(small, series, 1.0 / far - 1.0 / jnp.sinh(far))
+  return _cb_log_norm(logit), derivative * dlogit
 
 
 def continuous_bernoulli_log_norm(logits: Array) -> Array:
@@ -306,9 +350,13 @@ def continuous_bernoulli_log_norm(logits: Array) -> Array:
   Loaiza-Ganem & Cunningham (2019), eq. 6: ``C = 2 artanh(1 - 2 lambda) / (1 - 2
   lambda)`` for ``lambda != 1/2`` and ``C = 2`` at ``lambda = 1/2``. In logits,
   ``1 - 2 lambda = -tanh(l / 2)`` and ``artanh(1 - 2 lambda) = -l / 2``, so
-  ``C = l / tanh(l / 2)``. Near ``l = 0`` (where that ratio is 0/0) its Taylor
-  series ``log C = log 2 + l**2 / 12 - 7 l**4 / 1440 + O(l**6)`` is used, so value
-  and gradient are exact and finite everywhere (gradient 0 at ``l = 0``).
+  ``C = l / tanh(l / 2) = 2 u coth(u)`` with ``u = l / 2``, computed as
+  ``log 2 + log1p(u coth u - 1)``. Both ``u coth u - 1`` and the derivative
+  ``1/l - 1/sinh(l)`` are differences that cancel near 0; each is evaluated from a
+  series of positive terms for ``|u| < 2`` (no cancellation) and in closed form
+  beyond, so value and gradient are accurate to a few units in the last place of the
+  dtype on both sides of the switch, for any logit (``tests/test_losses.py`` checks
+  float32 and float64 against 50-digit references computed with ``decimal``).
 
   Args:
     logits: any shape.
@@ -317,14 +365,7 @@ def continuous_bernoulli_log_norm(logits: Array) -> Array:
     ``log C`` of each logit, the same shape, in nats.
   """
   _check_float("logits", logits)
-  logits = logits.astype(_compute_dtype(logits))
-  small = jnp.abs(logits) < _CB_TAYLOR
-  # Double where: the branch not taken gets a harmless input, so no NaN gradient.
-  big = jnp.where(small, 1.0, logits)
-  exact = jnp.log(big / jnp.tanh(0.5 * big))
-  l2 = jnp.square(jnp.where(small, logits, 0.0))
-  series = math.log(2.0) + l2 / 12.0 - 7.0 * jnp.square(l2) / 1440.0
-  return jnp.where(small, series, exact)
+  return _cb_log_norm(logits.astype(_compute_dtype(logits)))
 
 
 def continuous_bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: int = 1) -> Array:
@@ -353,15 +394,21 @@ def continuous_bernoulli_log_likelihood(logits: Array, x: Array, event_ndims: in
 
 def continuous_bernoulli_mean(logits: Array) -> Array:
   """``E[x]`` of the continuous Bernoulli: ``lambda / (2 lambda - 1) + 1 / (2 artanh(1 - 2
-  lambda))`` (Loaiza-Ganem & Cunningham 2019, eq. 7) = ``sigmoid(l) / tanh(l / 2) - 1 / l``,
-  with its Taylor series ``1/2 + l / 12 - l**3 / 720`` near ``l = 0``."""
+  lambda))`` (Loaiza-Ganem & Cunningham 2019, eq. 7) ``= 1/2 + (coth(u) - 1/u) / 2`` with
+  ``u = l / 2`` (the Langevin function), ``= 1/2 + (u coth u - 1) / (2u)``: accurate to a
+  few ulps for any logit (see ``continuous_bernoulli_log_norm``)."""
   _check_float("logits", logits)
   logits = logits.astype(_compute_dtype(logits))
-  small = jnp.abs(logits) < _CB_TAYLOR
-  big = jnp.where(small, 1.0, logits)
-  exact = jax.nn.sigmoid(big) / jnp.tanh(0.5 * big) - 1.0 / big
-  tiny = jnp.where(small, logits, 0.0)
-  return jnp.where(small, 0.5 + tiny / 12.0 - tiny**3 / 720.0, exact)
+  u = 0.5 * logits
+  # (u coth u - 1) / u = u Q / (1 + u**2 P) below the switch (0 at 0), as above.
+  small = jnp.abs(u) < _SERIES_BELOW
+  near = jnp.where(small, u, 0.0)
+  u2 = jnp.square(near)
+  series = near * _series(u2, _Q) / (1.0 + u2 * _series(u2, _P))
+  # Beyond it, 1 / (1 - e^-l) - 1/l: no cancellation for either sign of l (1/2 + (coth u
+  # - 1/u) / 2 would cancel to 0.005 at l = -200).
+  far = jnp.where(small, 1.0, logits)
+  return jnp.where(small, 0.5 + 0.5 * series, 1.0 / -jnp.expm1(-far) - 1.0 / far)
 
 
 def gaussian_log_likelihood(
@@ -433,8 +480,9 @@ def gaussian_log_likelihood_learned(decoded: Array, x: Array, event_ndims: int =
 # MIN_LOG_SCALE as in PixelCNN++ and VDVAE (their gradient is 0 below it).
 
 MIN_LOG_SCALE = -7.0
-# Below this half-width (in units of the scale) a bin's log-probability is taken from
-# the density at its centre times its width (relative error below 1e-7 in probability).
+# Below this width (in units of the scale) a discretized Gaussian bin's probability is the
+# density at its centre times its width, with the second-order correction (relative error
+# of order width^4 m^4 / 1920 at m scales from the mean: below 1e-12 within 5 scales).
 _NARROW_BIN = 1e-3
 
 
@@ -463,9 +511,10 @@ def _log_sinh_of_exp(log_u: Array) -> Array:
   small = log_u < math.log(1e-2)
   u = jnp.exp(jnp.where(small, 0.0, log_u))
   exact = u + jnp.log(-jnp.expm1(-2.0 * u)) - math.log(2.0)
-  # sinh(u) / u = 1 + u^2 / 6 + ...: its log is u^2 / 6 to 1e-10 below u = 1e-2.
-  tiny = jnp.exp(jnp.minimum(log_u, math.log(1e-2)))
-  return jnp.where(small, log_u + tiny**2 / 6.0, exact)
+  # log(sinh(u) / u) = u^2/6 - u^4/180 + u^6/2835 - ...: below u = 1e-2 the next term is
+  # under 3e-21, so both sides of the switch hold the dtype's precision.
+  t = jnp.square(jnp.exp(jnp.minimum(log_u, math.log(1e-2))))
+  return jnp.where(small, log_u + t / 6.0 - t**2 / 180.0 + t**3 / 2835.0, exact)
 
 
 def discretized_logistic_log_prob(
@@ -546,7 +595,8 @@ def discretized_gaussian_log_prob(
   (the Gaussian counterpart of the discretized logistic; e.g. Ho et al. 2020, DDPM,
   equation 13, whose decoder uses it for the same [-1, 1] scaling). The difference of
   normal CDFs is taken in the tail where it is accurate (``log_ndtr``); bins narrower
-  than ``1e-3`` scales use the density at the centre times the width.
+  than ``1e-3`` scales use the density at the centre times the width, with its
+  second-order correction.
 
   Args and returns as ``discretized_logistic_log_prob``.
   """
@@ -567,7 +617,10 @@ def discretized_gaussian_log_prob(
   log_width = math.log(2.0 * half) - log_scale
   narrow = log_width < math.log(_NARROW_BIN)
   middle_z = 0.5 * (upper + lower)
-  density = -0.5 * jnp.square(middle_z) - 0.5 * _LOG_2PI + log_width
+  # Phi(m + w/2) - Phi(m - w/2) = w phi(m) (1 + w^2 (m^2 - 1) / 24 + O(w^4 m^4)).
+  width = jnp.exp(jnp.minimum(log_width, math.log(_NARROW_BIN)))
+  correction = jnp.log1p(jnp.square(width) * (jnp.square(middle_z) - 1.0) / 24.0)
+  density = -0.5 * jnp.square(middle_z) - 0.5 * _LOG_2PI + log_width + correction
   exact = _log_ndtr_difference(jnp.where(narrow, 1.0, upper), jnp.where(narrow, 0.0, lower))
   middle = jnp.where(narrow, density, exact)
   return jnp.where(lowest, log_cdf_upper, jnp.where(highest, log_sf_lower, middle))

@@ -57,6 +57,12 @@ flags.DEFINE_integer(
   "else the latest).",
   lower_bound=0,
 )
+flags.DEFINE_bool(
+  "eval_again",
+  False,
+  "--mode=evaluate: evaluate even the models whose results at this step and K are "
+  "written already (by default they are kept, so an interrupted evaluation continues).",
+)
 flags.DEFINE_string(
   "compilation_cache",
   "~/.cache/vae_jax/xla",
@@ -122,7 +128,11 @@ def main(argv):
     if _FROM_RECORD:
       logging.info("No --config: the config recorded in %s/config.json.", FLAGS.workdir)
     if FLAGS.mode == "evaluate":
-      kwargs = {"num_samples": FLAGS.eval_num_samples, "eval_step": FLAGS.eval_step}
+      kwargs = {
+        "num_samples": FLAGS.eval_num_samples,
+        "eval_step": FLAGS.eval_step,
+        "again": FLAGS.eval_again,
+      }
     else:
       kwargs = {"allow_config_change": FLAGS.allow_config_change}
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode, **kwargs)
@@ -132,6 +142,14 @@ def main(argv):
   except UserError as e:
     _report_last(f"{type(e).__name__}: {e}")
     sys.exit(1)
+  except KeyboardInterrupt:  # A second Ctrl-C in training, or Ctrl-C in an evaluation.
+    what = (
+      "Evaluations already written are kept"
+      if FLAGS.mode == "evaluate"
+      else ("The steps since the last checkpoint are lost")
+    )
+    _report_last(f"Interrupted (Ctrl-C). {what}; run the same command to continue.")
+    sys.exit(130)
 
 
 def _report_last(message: str, error: bool = True) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from vae_jax import checkpointing, files, locks
@@ -27,6 +28,7 @@ from vae_jax import config as config_lib
 
 # What lives where.
 RECORD = "config.json"
+RANDOM = "random.json"  # JAX's PRNG settings and the root key the run started with.
 CHECKPOINTS = "checkpoints"
 BEST = "best"  # The best parameters on validation (early_stopping.BestCheckpoint).
 MODELS = "models"  # A sweep's per-model outputs: models/<name>/.
@@ -202,11 +204,60 @@ def read_record(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def write_record(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Records ``config`` as ``workdir/config.json`` (atomically)."""
+  """Records ``config`` as ``workdir/config.json`` (atomically), and the random streams'
+  settings as ``workdir/random.json`` if it has none yet (``check_random``)."""
   path = pathlib.Path(workdir) / RECORD
   with files.reporting(path):
     files.atomic_write(
       path, json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + "\n"
+    )
+  streams = pathlib.Path(workdir) / RANDOM
+  if not streams.exists():
+    with files.reporting(streams):
+      files.atomic_write(streams, json.dumps(random_streams(config), indent=2) + "\n")
+
+
+def random_streams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What, beside the config, decides a run's random numbers: JAX's PRNG implementation,
+  whether threefry is partitionable (its draws differ between the two), and the key data
+  of the run's root key (``jax.random.key(config.seed)``)."""
+  key = jax.random.key(config.seed)
+  return {
+    "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
+    "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+    "root_key_data": [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()],
+  }
+
+
+def check_random(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses to resume ``workdir`` where its random streams would differ from those it
+  started with (``workdir/random.json``; a run recorded before it existed is not checked).
+
+  Raises:
+    config.ConfigError: naming each setting that differs and how to restore it.
+  """
+  path = pathlib.Path(workdir) / RANDOM
+  if not path.exists() or not has_checkpoints(workdir):
+    return
+  try:
+    recorded = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(
+      f"{path} cannot be read ({e}); restore it or move it aside."
+    ) from e
+  now = random_streams(config)
+  diffs = [
+    f"  {k}: the run started with {recorded[k]!r}, now {now[k]!r}"
+    for k in now
+    if k in recorded and recorded[k] != now[k]
+  ]
+  if diffs:
+    raise config_lib.ConfigError(
+      f"{workdir} holds a run whose random streams differ from this process's:\n"
+      + "\n".join(diffs)
+      + "\nResuming would draw other noise and batches than the run began with. Set JAX's "
+      "PRNG options as the run had them (e.g. JAX_THREEFRY_PARTITIONABLE=1, "
+      "JAX_DEFAULT_PRNG_IMPL=threefry2x32), or use a new --workdir."
     )
 
 
@@ -222,6 +273,7 @@ def prepare(
   """
   workdir = check(workdir)
   diffs = check_resume(config, workdir, allow_change)
+  check_random(config, workdir)
   if diffs:
     logging.warning("Config changed on resume (allowed by the caller):\n%s", "\n".join(diffs))
   return workdir
