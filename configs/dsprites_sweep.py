@@ -28,9 +28,20 @@ Arguments (``--config=configs/dsprites_sweep.py:<arg>``):
   (``disentanglement_counts="cpu"``).
 * ``smoke``: seconds, on the 600-image ``dsprites_smoke`` grid.
 
-Append ``,tcvae`` for beta-TCVAE (Chen et al. 2018) instead of the beta-VAE: the
-betas then weight the total correlation. Run the sweep's models one at a time
-with ``--config.sweep.betas='(4.0,)'``.
+The objective is beta-VAE by default; append one of disentanglement_lib's others
+(Locatello et al. 2019, table 7: their hyperparameter grids) as ``,<objective>``:
+
+* ``annealed``: AnnealedVAE (Burgess et al. 2018), gamma = 1000 (``beta``), the capacity
+  ``C`` swept over 5, 10, 25, 50, 75 and 100 nats, reached after 100,000 steps;
+* ``factor``: FactorVAE (Kim & Mnih 2018), gamma over 10, 20, 30, 40, 50 and 100;
+* ``dip_i``: DIP-VAE-I (Kumar et al. 2018), lambda_od over 1, 2, 5, 10, 20 and 50, lambda_d
+  = 10 lambda_od;
+* ``dip_ii``: DIP-VAE-II, lambda_od over the same, lambda_d = lambda_od;
+* ``tcvae``: beta-TCVAE (Chen et al. 2018), beta over 1, 2, 4, 6, 8 and 10.
+
+Each is one compiled sweep over its grid (``sweep.field``) with the protocol's seeds. The
+``cpu`` protocol keeps every grid and 2 seeds; ``smoke`` two values of each. Run one
+model with ``--config.sweep.field_values='(20.0,)'`` (or ``sweep.betas`` for beta).
 """
 
 from vae_jax.config import base_config, parse_arg
@@ -38,8 +49,24 @@ from vae_jax.config import base_config, parse_arg
 PROTOCOLS = ("full", "cpu", "smoke")
 
 
+OBJECTIVES = ("annealed", "factor", "dip_i", "dip_ii", "tcvae")
+# objective -> (config.objective, swept field, its grid) of Locatello et al. (2019).
+GRIDS = {
+  "beta_vae": ("elbo", "beta", (1.0, 2.0, 4.0, 6.0, 8.0, 16.0)),
+  "annealed": ("elbo", "capacity_nats", (5.0, 10.0, 25.0, 50.0, 75.0, 100.0)),
+  "factor": ("factor_vae", "factor_vae.gamma", (10.0, 20.0, 30.0, 40.0, 50.0, 100.0)),
+  "dip_i": ("dip_vae_i", "dip_vae.lambda_od", (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)),
+  "dip_ii": ("dip_vae_ii", "dip_vae.lambda_od", (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)),
+  "tcvae": ("beta_tcvae", "beta", (1.0, 2.0, 4.0, 6.0, 8.0, 10.0)),
+}
+
+
 def get_config(arg: str | None = None):
-  protocol, parts = parse_arg(arg, choices=PROTOCOLS, modifiers=("tcvae",), default="full")
+  protocol, parts = parse_arg(arg, choices=PROTOCOLS, modifiers=OBJECTIVES, default="full")
+  chosen = [o for o in OBJECTIVES if o in parts]
+  if len(chosen) > 1:
+    raise ValueError(f"Choose one objective of {OBJECTIVES}, got {chosen}.")
+  name = chosen[0] if chosen else "beta_vae"
   config = base_config()
   config.dataset = "dsprites"
   config.binarization = "none"  # The sprites are binary already.
@@ -81,6 +108,16 @@ def get_config(arg: str | None = None):
     config.checkpoint_every_steps = 0
     config.eval_batch_size = 32
     config.disentanglement_counts = "cpu"
-  if "tcvae" in parts:
-    config.objective = "beta_tcvae"
+  objective, field, grid = GRIDS[name]
+  config.objective = objective
+  if protocol == "smoke":
+    grid = (grid[0], grid[2])
+    config.factor_vae.hidden = (32, 32)
+  config.sweep.betas = grid if field == "beta" else ()
+  if field != "beta":
+    config.sweep.field, config.sweep.field_values = field, grid
+  if name == "annealed":
+    config.beta = 1000.0  # gamma of Burgess et al.
+    # The capacity grows over the first third of the run (100,000 of 300,000 steps).
+    config.capacity_epochs = config.num_epochs / 3
   return config

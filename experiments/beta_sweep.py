@@ -54,6 +54,9 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["workdir"])
 
 COLUMNS = (
+  "name",
+  "field",
+  "value",
   "beta",
   "seed",
   "step",
@@ -94,14 +97,16 @@ def latest_eval(model_dir: pathlib.Path) -> dict:
 
 def rows_of(config, workdir: pathlib.Path) -> list[dict]:
   """One row per model of the sweep, from its newest evaluation."""
-  betas, seeds = config_lib.sweep_grid(config)
   rows = []
-  for beta, seed in zip(betas, seeds, strict=True):
-    e = latest_eval(workdir / "models" / config_lib.model_name(beta, seed))
+  for m in config_lib.sweep_models(config):
+    e = latest_eval(workdir / "models" / m.name)
     t = e["test"]
     row = {
-      "beta": beta,
-      "seed": seed,
+      "name": m.name,
+      "field": m.field,
+      "value": m.value,
+      "beta": m.beta,
+      "seed": m.seed,
       "step": e["checkpoint_step"],
       "test_elbo": t["elbo"],
       "elbo_se": t["elbo_standard_error"],
@@ -126,6 +131,15 @@ def rows_of(config, workdir: pathlib.Path) -> list[dict]:
   return rows
 
 
+def _short(row: dict) -> str:
+  return row["field"].split(".")[-1]
+
+
+def _label(row: dict) -> str:
+  """A model's name in figures: its swept value and seed (``beta=4 seed=1``)."""
+  return f"{_short(row)}={row['value']:g} seed={row['seed']}"
+
+
 def traversal_figure(config, workdir: pathlib.Path, rows: list[dict]):
   """The top-3 latents of every model swept around test image 0's code, one figure, each
   row named by the model's beta and seed."""
@@ -137,13 +151,13 @@ def traversal_figure(config, workdir: pathlib.Path, rows: list[dict]):
   by_name = {t.name: t for t in targets}
   images, labels = [], []
   for row in rows:
-    params = by_name[config_lib.model_name(row["beta"], row["seed"])].params
+    params = by_name[row["name"]].params
     code = np.asarray(jax.jit(model.encode)(params, test_x)[0])
     summary = {k: row[k] for k in ("kl_per_dim", "posterior_mean_variance") if row[k] is not None}
     dims, values, names, _ = evaluate.traversal_rows(model, summary, code, False, max_rows=3)
     decode = evaluate.mean_decoder(model, params)
     images.append(pictures.traversal_images(decode, code[0], dims, values))
-    labels += [f"beta={row['beta']:g} seed={row['seed']} {n}" for n in names]
+    labels += [f"{_label(row)} {n}" for n in names]
   return figures.traversal_figure(
     np.concatenate(images),
     labels,
@@ -169,12 +183,12 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
     "models": rows,
   }
   files.atomic_write(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
-  order = np.argsort([r["beta"] for r in rows], kind="stable")
+  order = np.argsort([r["value"] for r in rows], kind="stable")
   fig = figures.rate_distortion_figure(
     np.array([rows[i]["rate"] for i in order]),
     np.array([rows[i]["distortion"] for i in order]),
-    [f"beta={rows[i]['beta']:g} seed={rows[i]['seed']}" for i in order],
-    title="Test rate and distortion per beta (grey: equal ELBO; red: best)",
+    [_label(rows[i]) for i in order],
+    title=f"Test rate and distortion per {_short(rows[0])} (grey: equal ELBO; red: best)",
   )
   figures.save_figure(fig, docs_dir / "beta_sweep_rate_distortion")
   values = {
@@ -184,11 +198,15 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
     **{s: [r.get(s, np.nan) for r in rows] for s in scores},
   }
   fig = figures.metric_vs_beta_figure(
-    [r["beta"] for r in rows], [r["seed"] for r in rows], values, title="Per model, by beta"
+    [r["value"] for r in rows],
+    [r["seed"] for r in rows],
+    values,
+    title=f"Per model, by {_short(rows[0])}",
+    axis_label=r"$\beta$" if rows[0]["field"] == "beta" else rows[0]["field"],
   )
   figures.save_figure(fig, docs_dir / "beta_sweep_metrics")
   bits = all(r["bits_per_dim"] is not None for r in rows)
-  header = "| beta | seed | test ELBO | rate | distortion | log p(x) (IS, K) |"
+  header = f"| {_short(rows[0])} | seed | test ELBO | rate | distortion | log p(x) (IS, K) |"
   header += " bits/dim |" if bits else ""
   header += " active units |"
   lines = [header + "".join(f" {s} |" for s in scores)]
@@ -196,7 +214,7 @@ def write_outputs(rows: list[dict], out_dir: pathlib.Path, docs_dir: pathlib.Pat
   for i in order:
     r = rows[i]
     line = (
-      f"| {r['beta']:g} | {r['seed']} | {r['test_elbo']:.2f} | {r['rate']:.2f} | "
+      f"| {r['value']:g} | {r['seed']} | {r['test_elbo']:.2f} | {r['rate']:.2f} | "
       f"{r['distortion']:.2f} | {r['log_likelihood']:.2f} +- {r['log_likelihood_se']:.2f} "
       f"(K={r['num_importance_samples']}) |"
     )

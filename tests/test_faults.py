@@ -133,8 +133,9 @@ def reference(tfds_dir, tmp_path_factory):
 # line, so each kill lands exactly there, however fast or loaded the machine.
 # Orbax's writer thread logs "Renaming <step>.orbax-checkpoint-tmp to <step>" just before
 # the rename that commits a checkpoint: held there, every file of the save is written and
-# the checkpoint is not yet committed.
-_MID_WRITE = r"Renaming .*checkpoints/{step}\.orbax-checkpoint-tmp to .*checkpoints/{step}$"
+# the checkpoint is not yet committed. (Orbax 0.11 names the directory
+# <step>.orbax-checkpoint-tmp-<timestamp>; 0.12 drops the timestamp: both match.)
+_MID_WRITE = r"Renaming .*checkpoints/{step}\.orbax-checkpoint-tmp(-\d+)? to .*checkpoints/{step}$"
 KILL_SCHEDULES = {
   "during_checkpoint_write": [_MID_WRITE.format(step=12)],
   "during_evaluation": [r"Evaluating at step 24\b"],

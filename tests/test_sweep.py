@@ -222,8 +222,8 @@ def test_kl_warmup_and_capacity_are_the_single_runs_step_with_each_models_beta()
   }
   for name, spec in specs.items():
     trainer = types.SimpleNamespace(
-      loss_fn=lambda beta, spec=spec: objectives.make_loss_fn(model, spec, beta),
-      optimizer=optimizer,
+      loss_fn=lambda beta, hyper, spec=spec: objectives.make_loss_fn(model, spec, beta, hyper),
+      optimizer_for=lambda hyper: optimizer,
     )
     swept = jax.jit(sweep.make_sweep_step(trainer))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -61,7 +61,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "discretized_gaussian",
     "discretized_logistic_mixture",
   ),
-  "objective": ("elbo", "iwae", "autoencoder", "beta_tcvae"),
+  "objective": (
+    "elbo",
+    "iwae",
+    "miwae",
+    "ciwae",
+    "piwae",
+    "autoencoder",
+    "beta_tcvae",
+    "factor_vae",
+    "dip_vae_i",
+    "dip_vae_ii",
+  ),
   "gradient_estimator": ("plain", "dreg"),
   "optimizer.name": ("adam", "adam_iwae", "adam_normgrad", "adamw", "sgd", "rmsprop"),
   "optimizer.schedule": ("constant", "cosine", "exponential", "iwae"),
@@ -72,6 +83,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 TFDS_PREFIX = "tfds:"  # config.dataset="tfds:<name>": a dataset of the TFDS catalog.
+# Objectives that train a network of their own beside the VAE (objectives.AUXILIARY).
+AUXILIARY_OBJECTIVES = ("factor_vae",)
+# The fields a sweep may vary across the models of one compiled program (sweep.field; the
+# default axis, beta, is sweep.betas): scalars the loss reads, traced per model. Fields
+# that change the shapes of the parameters (model.latents) need one run each.
+SWEEP_FIELDS = (
+  "beta",
+  "free_bits",
+  "capacity_nats",
+  "ciwae_beta",
+  "factor_vae.gamma",
+  "dip_vae.lambda_od",
+  "dip_vae.lambda_d",
+  "optimizer.learning_rate",
+)
+
 # The likelihoods of pixel levels (vae_jax.likelihoods' discrete ones for any data).
 DISCRETIZED_LIKELIHOODS = (
   "discretized_logistic",
@@ -202,6 +229,29 @@ def base_config() -> ml_collections.ConfigDict:
   # capacity_nats over capacity_epochs.
   c.capacity_nats = 0.0
   c.capacity_epochs = 1.0
+  # The bounds of Rainforth et al. (2018): "miwae" (the mean of num_groups IWAE bounds of
+  # num_samples samples each) | "ciwae" (ciwae_beta * ELBO + (1 - ciwae_beta) * IWAE of
+  # num_samples samples) | "piwae" (the decoder trained on the IWAE bound of all
+  # num_groups * num_samples samples, the encoder on their MIWAE bound).
+  c.num_groups = 1
+  c.ciwae_beta = 0.5
+  # "factor_vae" (Kim & Mnih 2018): the ELBO minus gamma times the total correlation, which
+  # a discriminator between samples of q(z) and of the product of its marginals estimates;
+  # the discriminator is trained beside the VAE with its own Adam (disentanglement_lib's
+  # settings: 6 layers of 1000 leaky-ReLU units, learning rate 1e-4, b1 0.5, b2 0.9).
+  c.factor_vae = ml_collections.ConfigDict()
+  c.factor_vae.gamma = 10.0
+  c.factor_vae.hidden = (1000, 1000, 1000, 1000, 1000, 1000)
+  c.factor_vae.learning_rate = 1e-4
+  c.factor_vae.b1 = 0.5
+  c.factor_vae.b2 = 0.9
+  # "dip_vae_i" / "dip_vae_ii" (Kumar et al. 2018): the ELBO minus lambda_od times the squared
+  # off-diagonal covariances of the aggregate posterior and lambda_d times its diagonal's
+  # squared distance from 1. lambda_d None: 10 * lambda_od for DIP-VAE-I, lambda_od for
+  # DIP-VAE-II (the paper's and disentanglement_lib's choices).
+  c.dip_vae = ml_collections.ConfigDict()
+  c.dip_vae.lambda_od = 10.0
+  c.dip_vae.lambda_d = ml_collections.FieldReference(None, field_type=float)
 
   # Optimization (see vae_jax/optim.py).
   c.optimizer = ml_collections.ConfigDict()
@@ -236,8 +286,12 @@ def base_config() -> ml_collections.ConfigDict:
   # compiled program. Empty betas: a single run with config.beta and config.seed.
   c.sweep = ml_collections.ConfigDict()
   c.sweep.betas = ()
-  c.sweep.seeds = (0,)  # One seed shared by every model, or one per beta.
+  c.sweep.seeds = (0,)  # One seed shared by every model, or one per beta (or value).
   c.sweep.cross = False  # True: a model for every (beta, seed) pair of the two lists.
+  # Or another scalar hyperparameter as the axis, instead of betas: sweep.field names it
+  # (one of SWEEP_FIELDS, e.g. "factor_vae.gamma") and sweep.field_values holds its values.
+  c.sweep.field = ml_collections.FieldReference(None, field_type=str)
+  c.sweep.field_values = ()
 
   # Disentanglement metrics in --mode=evaluate, for datasets with ground-truth factors
   # (dSprites): "disentanglement_lib" (its point counts) | "cpu" (about 10x fewer).
@@ -350,8 +404,9 @@ def describe(config: ml_collections.ConfigDict) -> str:
 
 
 def is_sweep(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``config`` describes a sweep (``config.sweep.betas`` non-empty)."""
-  return bool(config.sweep.betas)
+  """Whether ``config`` describes a sweep (``config.sweep.betas`` or ``sweep.field_values``
+  non-empty)."""
+  return bool(config.sweep.betas) or bool(config.sweep.field_values)
 
 
 # --------------------------------------------------------------------------
@@ -379,6 +434,14 @@ _NUMBERS: dict[str, tuple[str, float, float, str]] = {
   "free_bits": (_FLOAT, 0, _INF, "[)"),
   "kl_warmup_epochs": (_FLOAT, 0, _INF, "[)"),
   "capacity_nats": (_FLOAT, 0, _INF, "[)"),
+  "num_groups": (_INT, 1, _INF, "[)"),
+  "ciwae_beta": (_FLOAT, 0, 1, "[]"),
+  "factor_vae.gamma": (_FLOAT, 0, _INF, "[)"),
+  "factor_vae.learning_rate": (_FLOAT, 0, _INF, "()"),
+  "factor_vae.b1": (_FLOAT, 0, 1, "[)"),
+  "factor_vae.b2": (_FLOAT, 0, 1, "[)"),
+  "dip_vae.lambda_od": (_FLOAT, 0, _INF, "[)"),
+  "dip_vae.lambda_d": (_FLOAT, 0, _INF, "[)"),
   "capacity_epochs": (_FLOAT, 0, _INF, "()"),
   "optimizer.learning_rate": (_FLOAT, 0, _INF, "[)"),
   "optimizer.weight_decay": (_FLOAT, 0, _INF, "[)"),
@@ -409,6 +472,7 @@ _NUMBERS: dict[str, tuple[str, float, float, str]] = {
 }
 # Fields whose None means "off" (or "default").
 _OPTIONAL = {
+  "dip_vae.lambda_d",
   "model.logvar_bound",
   "optimizer.grad_clip_norm",
   "optimizer.ema_decay",
@@ -423,6 +487,7 @@ _WIDTHS = (
   "model.decoder_hidden",
   "model.conv_features",
   "model.top_hidden",
+  "factor_vae.hidden",
 )
 _OPTIONAL_WIDTHS = {"model.decoder_hidden"}
 # Image sizes (h, w): two positive integers, or None.
@@ -436,8 +501,23 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
   return value
 
 
+def _range_text(path: str) -> str:
+  """The range of a numeric field as a reader writes it: ``>= 0``, ``> 0`` or ``[0, 1]``."""
+  _, low, high, interval = _NUMBERS[path]
+  if high == math.inf:
+    return f"{'>=' if interval[0] == '[' else '>'} {low:g}"
+  return f"{interval[0]}{low:g}, {high:g}{interval[1]}"
+
+
+def _in_range(path: str, value: float) -> bool:
+  _, low, high, interval = _NUMBERS[path]
+  above = value >= low if interval[0] == "[" else value > low
+  below = value <= high if interval[1] == "]" else value < high
+  return above and below
+
+
 def _check_number(path: str, value: Any) -> None:
-  kind, low, high, interval = _NUMBERS[path]
+  kind = _NUMBERS[path][0]
   is_int = isinstance(value, int) and not isinstance(value, bool)
   if kind == _INT and not is_int:
     raise ConfigError(f"config.{path} must be an integer, got {value!r}.")
@@ -445,13 +525,8 @@ def _check_number(path: str, value: Any) -> None:
     raise ConfigError(f"config.{path} must be a number, got {value!r}.")
   if not math.isfinite(value):
     raise ConfigError(f"config.{path} must be finite, got {value!r}.")
-  above = value >= low if interval[0] == "[" else value > low
-  below = value <= high if interval[1] == "]" else value < high
-  if not (above and below):
-    raise ConfigError(
-      f"config.{path}={value!r} is out of range: it must be in {interval[0]}{low}, {high}"
-      f"{interval[1]}."
-    )
+  if not _in_range(path, value):
+    raise ConfigError(f"config.{path}={value!r} is out of range: it must be {_range_text(path)}.")
 
 
 def _check_fields(config: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -541,6 +616,25 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
       "under N(0, I) from one sample per example: use model.stochastic_layers=1, "
       "model.prior='standard' and num_samples=1."
     )
+  if c.num_groups != 1 and c.objective not in ("miwae", "piwae"):
+    raise ConfigError(
+      f"config.num_groups={c.num_groups} groups the samples of objective 'miwae' or 'piwae'; "
+      f"objective={c.objective!r} has no groups. Use num_groups=1."
+    )
+  aux = c.objective in AUXILIARY_OBJECTIVES
+  if aux and c.optimizer.ema_decay is not None:
+    raise ConfigError(
+      f"config.optimizer.ema_decay keeps an average of the VAE's parameters, but objective="
+      f"{c.objective!r} trains a second network beside them with its own optimizer; set "
+      "ema_decay=None."
+    )
+  if c.objective in ("factor_vae", "dip_vae_i", "dip_vae_ii") and not (
+    m.stochastic_layers == 1 and m.prior == "standard"
+  ):
+    raise ConfigError(
+      f"config.objective={c.objective!r} regularizes one Gaussian layer of latents under "
+      "N(0, I): use model.stochastic_layers=1 and model.prior='standard'."
+    )
   if c.gradient_estimator == "dreg" and c.objective != "iwae":
     raise ConfigError("config.gradient_estimator='dreg' is for config.objective='iwae'.")
   if c.gradient_estimator == "dreg" and m.prior == "vampprior":
@@ -588,51 +682,116 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_sweep(config: ml_collections.ConfigDict) -> None:
-  betas, seeds = sweep_grid(config)
-  for b in betas:
-    if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or b < 0:
+  field = sweep_field(config)
+  if field not in SWEEP_FIELDS:
+    known = set(flat(base_config()))
+    why = (
+      "it changes the shapes of the parameters (or what is built), so each value needs its "
+      f"own run: give each its own --workdir and --config.{field}=<value>"
+      if field in known
+      else "no such config field"
+    )
+    raise ConfigError(
+      f"config.sweep.field={field!r} cannot be an axis of one compiled sweep: {why}. The "
+      f"fields a sweep can vary: {', '.join(SWEEP_FIELDS)}."
+    )
+  if config.sweep.betas and config.sweep.field_values:
+    raise ConfigError(
+      "config.sweep.betas and config.sweep.field_values are both set: a sweep has one axis. Put "
+      "the values of sweep.field in sweep.field_values and leave sweep.betas empty (or sweep beta "
+      "with sweep.betas alone)."
+    )
+  needs = {
+    "free_bits": ("elbo",),
+    "capacity_nats": ("elbo",),
+    "ciwae_beta": ("ciwae",),
+    "factor_vae.gamma": ("factor_vae",),
+    "dip_vae.lambda_od": ("dip_vae_i", "dip_vae_ii"),
+    "dip_vae.lambda_d": ("dip_vae_i", "dip_vae_ii"),
+  }
+  if field in needs and config.objective not in needs[field]:
+    raise ConfigError(
+      f"config.sweep.field={field!r} is read by objective {' or '.join(needs[field])}, not "
+      f"by config.objective={config.objective!r}: every model would be the same."
+    )
+  values, seeds = sweep_grid(config)
+  for v in values:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+      raise ConfigError(f"config.sweep values of {field} must be finite numbers, got {values}.")
+    if not _in_range(field, v):
       raise ConfigError(
-        f"config.sweep.betas must be finite numbers >= 0, got {config.sweep.betas}."
+        f"config.sweep: {field}={v!r} is out of range: every value of {field} must be "
+        f"{_range_text(field)}."
       )
-  names = [model_name(b, s) for b, s in zip(betas, seeds, strict=True)]
+  names = [m.name for m in sweep_models(config)]
   if len(set(names)) != len(names):
     raise ConfigError(
-      f"config.sweep has repeated (beta, seed) pairs: {names} (betas equal to 6 significant "
-      "digits name one model); make them unique."
+      f"config.sweep has repeated (value, seed) pairs: {names} (values equal to 6 "
+      "significant digits name one model); make them unique."
     )
 
 
+def sweep_field(config: ml_collections.ConfigDict) -> str:
+  """The hyperparameter a sweep's models differ in: ``sweep.field``, or ``"beta"``."""
+  return config.sweep.field or "beta"
+
+
 def sweep_grid(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[int, ...]]:
-  """``(betas, seeds)`` of ``config.sweep``, one pair per model: a single seed is shared,
-  one seed per beta pairs them, and ``sweep.cross`` crosses the two lists.
+  """``(values, seeds)`` of ``config.sweep``, one pair per model: the values of its axis
+  (``sweep.betas``, or ``sweep.field_values`` of ``sweep.field``) with the seeds: a single seed
+  is shared, one seed per value pairs them, and ``sweep.cross`` crosses the two lists.
 
   Raises:
-    ConfigError: no betas, or a number of seeds that is neither 1 nor one per beta.
+    ConfigError: no values, or a number of seeds that is neither 1 nor one per value.
   """
-  betas = tuple(config.sweep.betas)
+  values = tuple(config.sweep.field_values or config.sweep.betas)
   seeds = tuple(config.sweep.seeds)
-  if not betas:
-    raise ConfigError("config.sweep.betas is empty; give at least one beta to run a sweep.")
+  if not values:
+    raise ConfigError(
+      "config.sweep.betas (or sweep.field_values) is empty; give at least one value to run a sweep."
+    )
   if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds):
     raise ConfigError(
       f"config.sweep.seeds must be integers in [0, 2**32) (as config.seed; larger ones "
       f"repeat the streams of smaller ones), got {seeds}."
     )
-  if config.sweep.cross:  # Every beta with every seed, seeds outer.
-    betas, seeds = betas * len(seeds), tuple(s for s in seeds for _ in config.sweep.betas)
+  if config.sweep.cross:  # Every value with every seed, seeds outer.
+    values, seeds = values * len(seeds), tuple(s for s in seeds for _ in values)
   elif len(seeds) == 1:
-    seeds = seeds * len(betas)
-  if len(seeds) != len(betas):
+    seeds = seeds * len(values)
+  if len(seeds) != len(values):
     raise ConfigError(
-      f"config.sweep.seeds has {len(seeds)} entries for {len(betas)} betas; give one seed "
-      "(shared) or one per beta."
+      f"config.sweep.seeds has {len(seeds)} entries for {len(values)} values; give one seed "
+      "(shared) or one per value."
     )
-  return tuple(float(b) for b in betas), seeds
+  return tuple(float(v) for v in values), seeds
 
 
-def model_name(beta: float, seed: int) -> str:
-  """A sweep model's name, its directory under ``WORKDIR/models/``: ``beta_<b>_seed_<s>``."""
-  return f"beta_{beta:g}_seed_{seed}"
+class SweepModel(NamedTuple):
+  """One model of a sweep: its name (its directory under ``WORKDIR/models/``), seed, beta,
+  and the value of the swept field (``beta`` itself for a beta sweep)."""
+
+  name: str
+  seed: int
+  beta: float
+  field: str
+  value: float
+
+
+def sweep_models(config: ml_collections.ConfigDict) -> tuple[SweepModel, ...]:
+  """The models of ``config.sweep``, in the order of ``sweep_grid``."""
+  field = sweep_field(config)
+  values, seeds = sweep_grid(config)
+  return tuple(
+    SweepModel(model_name(v, s, field), s, v if field == "beta" else float(config.beta), field, v)
+    for v, s in zip(values, seeds, strict=True)
+  )
+
+
+def model_name(value: float, seed: int, field: str = "beta") -> str:
+  """A sweep model's name, its directory under ``WORKDIR/models/``: ``beta_<b>_seed_<s>``,
+  or ``<field>_<value>_seed_<s>`` (the field's last part: ``gamma_20_seed_0``)."""
+  return f"{field.split('.')[-1]}_{value:g}_seed_{seed}"
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

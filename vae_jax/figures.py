@@ -697,6 +697,7 @@ def metric_vs_beta_figure(
   title: str = "",
   ncols: int = 3,
   panel_inches: float = 2.6,
+  axis_label: str = r"$\beta$",
 ) -> Figure:
   """One panel per metric against beta: a point per seed and the mean over seeds.
 
@@ -708,6 +709,8 @@ def metric_vs_beta_figure(
     title: above the panels.
     ncols: panels per row.
     panel_inches: width of each panel.
+
+  axis_label: the x axis's name (the swept field, beta by default).
 
   Returns:
     A figure with one axes per metric (titled by its name, in the order of
@@ -766,7 +769,7 @@ def metric_vs_beta_figure(
     if len(unique_betas) <= 10:  # Ticks at the betas that were trained, written plainly.
       ax.set_xticks(unique_betas, [f"{b:g}" for b in unique_betas])
       ax.xaxis.set_minor_locator(_mpl().NullLocator())
-    ax.set(title=name, xlabel=r"$\beta$")
+    ax.set(title=name, xlabel=axis_label)
   handles, legend_labels = axes[0].get_legend_handles_labels()
   figure.legend(
     handles, legend_labels, loc="outside lower center", ncol=len(handles), frameon=False

@@ -1219,3 +1219,176 @@ def iw_bound_dreg(
   log_w_encoder = log_weights(z, stop(mean), stop(logvar), stop(decoder_params))
   log_w_decoder = log_weights(stop(z), stop(mean), stop(logvar), decoder_params)
   return dreg_iw_bound(log_w_encoder, log_w_decoder)
+
+
+# --------------------------------------------------------------------------
+# Tighter bounds in groups (Rainforth et al. 2018).
+
+
+def _groups(log_weights: Array, num_groups: int) -> Array:
+  """``[M * K, ...]`` -> ``[M, K, ...]``: sample ``m * K + k`` is sample ``k`` of group ``m``.
+
+  Raises:
+    ValueError: the samples do not split into ``num_groups`` equal groups.
+  """
+  _check_float("log_weights", log_weights)
+  total = log_weights.shape[0]
+  if num_groups < 1 or total % num_groups:
+    raise ValueError(f"{total} samples do not split into {num_groups} equal groups.")
+  return log_weights.reshape(num_groups, total // num_groups, *log_weights.shape[1:])
+
+
+def miwae_bound(log_weights: Array, num_groups: int) -> Array:
+  """MIWAE: the mean over ``M`` groups of the importance-weighted bound of each group's ``K``
+  samples, ``(1/M) sum_m log (1/K) sum_k w_mk`` (Rainforth et al. 2018, "Tighter
+  variational bounds are not necessarily better", eq. 10).
+
+  ``M = 1`` is the IWAE bound of all samples; ``K = 1`` the ELBO's Monte Carlo estimate
+  with ``M`` samples.
+
+  Args:
+    log_weights: ``[M * K, ...]`` log weights ``log p(x, z) - log q(z | x)``, group-major.
+    num_groups: ``M``.
+
+  Returns:
+    ``log_weights`` without its sample axis, in nats.
+  """
+  return jnp.mean(iw_bound_from_log_weights(_groups(log_weights, num_groups), axis=1), axis=0)
+
+
+def ciwae_bound(log_weights: Array, ciwae_beta: float | Array) -> Array:
+  """CIWAE: ``beta ELBO + (1 - beta) IWAE`` of the same ``K`` samples (Rainforth et al.
+  2018, eq. 11): the ELBO's Monte Carlo estimate is the mean log weight.
+
+  Args:
+    log_weights: ``[K, ...]`` log weights.
+    ciwae_beta: ``beta`` in [0, 1]: 1 is the ELBO, 0 the IWAE bound.
+
+  Returns:
+    ``log_weights`` without its sample axis, in nats.
+  """
+  _check_float("log_weights", log_weights)
+  elbo_estimate = jnp.mean(log_weights.astype(_compute_dtype(log_weights)), axis=0)
+  iwae = iw_bound_from_log_weights(log_weights, axis=0)
+  return ciwae_beta * elbo_estimate + (1.0 - ciwae_beta) * iwae
+
+
+def piwae_bound(log_w_encoder: Array, log_w_decoder: Array, num_groups: int) -> Array:
+  """PIWAE: the IWAE bound of all ``M K`` samples for the generative network's gradient, and
+  the MIWAE bound of ``M`` groups of ``K`` for the inference network's (Rainforth et al.
+  2018, section 4).
+
+  The two gradients come from one surrogate, as in ``dreg_iw_bound``: give
+  ``log_w_encoder`` with the decoder's parameters held constant and ``log_w_decoder`` with
+  the encoder's held constant (the same values). The value returned is the IWAE bound.
+
+  Args:
+    log_w_encoder: ``[M * K, ...]`` log weights whose gradient reaches only the encoder.
+    log_w_decoder: the same values, whose gradient reaches only the decoder.
+    num_groups: ``M``.
+
+  Returns:
+    The IWAE bound of the ``M K`` samples, without the sample axis, in nats.
+  """
+  iwae = iw_bound_from_log_weights(log_w_decoder, axis=0)
+  miwae = miwae_bound(log_w_encoder, num_groups)
+  return iwae + (miwae - jax.lax.stop_gradient(miwae))
+
+
+# --------------------------------------------------------------------------
+# DIP-VAE (Kumar et al. 2018).
+
+
+def dip_vae_regularizer(
+  mean: Array,
+  logvar: Array,
+  lambda_od: float | Array,
+  lambda_d: float | Array,
+  kind: str = "i",
+) -> Array:
+  """DIP-VAE's penalty on the aggregate posterior's covariance, for one batch.
+
+  ``lambda_od sum_{i != j} C_ij**2 + lambda_d sum_i (C_ii - 1)**2`` (Kumar, Sattigeri &
+  Balakrishnan 2018, "Variational inference of disentangled latent concepts from
+  unlabeled observations", eqs. 6 and 7), where ``C`` is, for DIP-VAE-I, the covariance
+  of the encoder's means over the batch, ``Cov[mu(x)]``, and for DIP-VAE-II the
+  covariance of ``z`` under the aggregate posterior, ``E[diag(sigma**2(x))] + Cov[mu(x)]``.
+  The covariance is the batch's maximum-likelihood estimate (dividing by the batch size),
+  as in disentanglement_lib ``dip_vae``.
+
+  Args:
+    mean: ``[batch, latent]`` posterior means.
+    logvar: ``[batch, latent]`` posterior log-variances (read for ``"ii"`` only).
+    lambda_od: weight of the off-diagonal entries.
+    lambda_d: weight of the diagonal entries' distance from 1.
+    kind: ``"i"`` or ``"ii"``.
+
+  Returns:
+    A scalar, in the units of the loss it is added to (it is a penalty, not a density).
+
+  Raises:
+    ValueError: an unknown ``kind``.
+  """
+  _check_float("mean", mean)
+  _check_same_shape("mean", mean, "logvar", logvar)
+  if kind not in ("i", "ii"):
+    raise ValueError(f"kind must be 'i' or 'ii', got {kind!r}.")
+  dtype = _compute_dtype(mean, logvar)
+  mean, logvar = mean.astype(dtype), logvar.astype(dtype)
+  centred = mean - jnp.mean(mean, axis=0, keepdims=True)
+  cov = centred.T @ centred / mean.shape[0]
+  if kind == "ii":
+    cov = cov + jnp.diag(jnp.mean(jnp.exp(logvar), axis=0))
+  diagonal = jnp.diag(cov)
+  off_diagonal = cov - jnp.diag(diagonal)
+  return lambda_od * jnp.sum(jnp.square(off_diagonal)) + lambda_d * jnp.sum(
+    jnp.square(diagonal - 1.0)
+  )
+
+
+# --------------------------------------------------------------------------
+# FactorVAE (Kim & Mnih 2018).
+
+
+def permute_dims(key: Array, z: Array) -> Array:
+  """Each column of ``z: [batch, latent]`` shuffled by its own permutation of the batch:
+  samples of the product of the marginals ``prod_j q(z_j)`` (Kim & Mnih 2018, algorithm 1)."""
+  _check_float("z", z)
+  keys = jax.random.split(key, z.shape[1])
+  return jax.vmap(lambda k, column: jax.random.permutation(k, column), in_axes=(0, 1), out_axes=1)(
+    keys, z
+  )
+
+
+def factor_vae_total_correlation(logits: Array) -> Array:
+  """The density-ratio estimate of the total correlation from the discriminator's logits on
+  samples of ``q(z)``: ``log D(z) - log(1 - D(z))`` per sample (Kim & Mnih 2018, eq. 3).
+
+  Args:
+    logits: ``[batch, 2]``: the discriminator's logits of "from q(z)" (column 0) and "from
+      the product of the marginals" (column 1), as in disentanglement_lib.
+
+  Returns:
+    ``[batch]`` estimates, in nats.
+  """
+  _check_float("logits", logits)
+  return logits[:, 0] - logits[:, 1]
+
+
+def factor_vae_discriminator_loss(logits_joint: Array, logits_permuted: Array) -> Array:
+  """The discriminator's cross-entropy: ``-(1/2) (E log D(z) + E log(1 - D(z_perm)))``, with
+  ``D = softmax(logits)[:, 0]`` (Kim & Mnih 2018, algorithm 1; disentanglement_lib's
+  ``discr_loss``).
+
+  Args:
+    logits_joint: ``[batch, 2]`` logits on samples of ``q(z)``.
+    logits_permuted: ``[batch, 2]`` logits on ``permute_dims`` of them.
+
+  Returns:
+    A scalar, in nats.
+  """
+  _check_float("logits_joint", logits_joint)
+  _check_same_shape("logits_joint", logits_joint, "logits_permuted", logits_permuted)
+  joint = jax.nn.log_softmax(logits_joint, axis=-1)[:, 0]
+  permuted = jax.nn.log_softmax(logits_permuted, axis=-1)[:, 1]
+  return -0.5 * (jnp.mean(joint) + jnp.mean(permuted))

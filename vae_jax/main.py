@@ -217,7 +217,7 @@ def _define_config(argv: list[str]) -> None:
 
 
 # Fields a sweep varies across its models; anything else under config.sweep is unknown.
-_SWEEP_AXES = ("betas", "seeds", "cross")
+_SWEEP_AXES = ("betas", "seeds", "cross", "field", "field_values")
 
 
 def _config_failure(e: BaseException, argv: list[str]) -> str:
@@ -246,10 +246,12 @@ def _config_failure(e: BaseException, argv: list[str]) -> str:
   if unknown and unknown.group(1) not in _SWEEP_AXES:
     field = unknown.group(1)
     return (
-      f"config.sweep has no field {field!r}: a sweep varies {', '.join(_SWEEP_AXES[:2])} "
-      f"across models that share every shape. A field such as model.{field} changes the "
-      "shapes of the parameters, so each value needs its own run: give each its own "
-      f"--workdir and --config.model.{field}=<value>."
+      f"config.sweep has no field {field!r}: a sweep varies the seed and one scalar "
+      "hyperparameter (sweep.betas, or sweep.field and sweep.field_values, e.g. "
+      "--config.sweep.field=factor_vae.gamma --config.sweep.field_values='(10, 20)') across "
+      f"models that share every shape. A field such as model.{field} changes the shapes "
+      "of the parameters, so each value needs its own run: give each its own --workdir "
+      f"and --config.model.{field}=<value>."
     )
   return f"bad flag or config override: {message}"
 

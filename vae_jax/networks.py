@@ -405,6 +405,22 @@ class ResidualDecoder(nn.Module):
     return _with_variance(self, out)
 
 
+class Discriminator(nn.Module):
+  """FactorVAE's discriminator, ``z: [batch, latents] -> [batch, 2]`` logits of "a sample of
+  q(z)" and "a sample of the product of its marginals": ``hidden`` dense layers with
+  leaky ReLU (slope 0.2), as in disentanglement_lib's ``fc_discriminator`` (six layers of
+  1000 units). Parameters: ``hidden_<i>``, ``logits``."""
+
+  hidden: Sequence[int]
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    h = z
+    for i, width in enumerate(self.hidden):
+      h = jax.nn.leaky_relu(nn.Dense(width, name=f"hidden_{i}")(h), 0.2)
+    return nn.Dense(2, name="logits")(h)
+
+
 class PseudoInputs(nn.Module):
   """The VampPrior's ``C`` learned pseudo-inputs ``u_c`` (Tomczak & Welling 2018).
 

@@ -9,10 +9,22 @@
   (Burda et al. 2015), or with DReG gradients ``losses.dreg_iw_bound``
   (Tucker et al. 2019).
 * ``autoencoder``: the deterministic baseline, ``log p(x | z = mean)``.
+* ``miwae``, ``ciwae``, ``piwae``: the bounds of Rainforth et al. (2018) from the same
+  log-weights (``losses.miwae_bound``, ``ciwae_bound``, ``piwae_bound``).
 * ``beta_tcvae``: the ELBO with the total correlation of the aggregate posterior
   weighted by beta instead of 1 (Chen et al. 2018, with their alpha = gamma = 1):
   ``ELBO - (beta - 1) TC``, TC by minibatch weighted sampling over the dataset's
   ``N`` points (``vae_jax.total_correlation``).
+* ``factor_vae``: the ELBO minus gamma times the total correlation that a discriminator
+  estimates (Kim & Mnih 2018). The discriminator is an *auxiliary network*: its
+  parameters live in the train state beside the VAE's (``params["discriminator"]``,
+  ``AUXILIARY``), with an optimizer of their own (``optim.with_auxiliary``), and its
+  loss is added to the VAE's in one surrogate whose gradient reaches each network only
+  through its own loss (``jax.lax.stop_gradient`` on the other's inputs). So one
+  ``jax.grad`` and one optimizer update train both, in the same step, checkpoint, sweep
+  and non-finite policy as every other objective.
+* ``dip_vae_i``, ``dip_vae_ii``: the ELBO minus DIP-VAE's penalty on the aggregate
+  posterior's covariance (Kumar et al. 2018, ``losses.dip_vae_regularizer``).
 * KL shaping, one schedule over steps for single runs and sweeps: linear
   warm-up of beta (``kl_weight``), free bits (``losses.free_bits_kl``) and
   capacity annealing (``losses.capacity_objective``, Burgess et al. 2018).
@@ -30,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from vae_jax import config as config_lib
-from vae_jax import losses, models, total_correlation
+from vae_jax import losses, models, networks, total_correlation
 from vae_jax.models import Model, Params
 
 Array = jax.Array
@@ -69,6 +81,54 @@ class Spec(NamedTuple):
   capacity_nats: float = 0.0
   capacity_steps: int = 1
   dataset_size: int = 1  # beta_tcvae: N, the training examples the batches are drawn from.
+  num_groups: int = 1  # miwae, piwae: M groups of num_samples.
+  ciwae_beta: float = 0.5
+  gamma: float = 10.0  # factor_vae
+  discriminator_hidden: tuple[int, ...] = (1000,) * 6  # factor_vae
+  lambda_od: float = 10.0  # dip_vae_*
+  lambda_d: float = 100.0  # dip_vae_*
+
+
+# config.SWEEP_FIELDS other than beta -> the Spec field a sweep's model traces it into.
+SWEEP_SPEC_FIELDS = {
+  "free_bits": "free_bits",
+  "capacity_nats": "capacity_nats",
+  "ciwae_beta": "ciwae_beta",
+  "factor_vae.gamma": "gamma",
+  "dip_vae.lambda_od": "lambda_od",
+  "dip_vae.lambda_d": "lambda_d",
+}
+
+
+class Auxiliary(NamedTuple):
+  """A network an objective trains beside the VAE: its parameters are
+  ``params[name]``, made by ``init(key, model)``; ``optim.with_auxiliary`` gives them
+  their own optimizer."""
+
+  name: str
+  init: Callable[[Array, Model], Params]
+
+
+def _discriminator(spec: Spec) -> networks.Discriminator:
+  return networks.Discriminator(tuple(spec.discriminator_hidden))
+
+
+def auxiliary(spec: Spec) -> Auxiliary | None:
+  """The auxiliary network of ``spec``'s objective, or ``None``.
+
+  Adding an objective with a network of its own takes: a branch here returning its
+  ``Auxiliary``; its loss in ``make_loss_fn``, reading ``params[name]`` and adding the
+  network's own loss with the VAE's inputs held constant; its optimizer in
+  ``optim.AUXILIARY_OPTIMIZERS``; and its name in ``config.AUXILIARY_OBJECTIVES``.
+  """
+  if spec.objective == "factor_vae":
+
+    def init(key: Array, model: Model) -> Params:
+      z = jnp.zeros((1, model.latents), jnp.float32)
+      return _discriminator(spec).init(key, z)["params"]
+
+    return Auxiliary("discriminator", init)
+  return None
 
 
 # --------------------------------------------------------------------------
@@ -116,7 +176,17 @@ def _dreg_bound(model, params, x, eps) -> Array:
   return losses.dreg_iw_bound(log_w_enc, log_w_dec)
 
 
-def make_loss_fn(model: Model, spec: Spec, beta: float | Array = 1.0) -> LossFn:
+def _split_paths(params: Params) -> tuple[Params, Params]:
+  """``params`` twice: with the decoder's held constant, and with the encoder's."""
+  stop = jax.lax.stop_gradient
+  enc_only = {**params, "decoder": stop(params["decoder"])}
+  dec_only = {**params, "encoder": stop(params["encoder"])}
+  return enc_only, dec_only
+
+
+def make_loss_fn(
+  model: Model, spec: Spec, beta: float | Array = 1.0, hyper: dict[str, Array] | None = None
+) -> LossFn:
   """``loss_fn(params, x, key, step) -> (loss, metrics)``: batch means, in nats.
 
   ``beta`` may be a Python float (a single run) or a traced scalar (one model
@@ -128,11 +198,21 @@ def make_loss_fn(model: Model, spec: Spec, beta: float | Array = 1.0) -> LossFn:
   (the true KL, whatever free bits or capacity do); plus ``beta`` under
   warm-up and ``capacity`` under capacity annealing.
 
+  ``hyper`` maps ``Spec`` fields (``free_bits``, ``capacity_nats``, ``ciwae_beta``,
+  ``gamma``, ``lambda_od``, ``lambda_d``) to traced values that replace ``spec``'s: one
+  model of a sweep over that field.
+
   Raises:
     config.ConfigError: an unknown objective or gradient estimator.
   """
   config_lib.check_choice("objective", spec.objective)
   config_lib.check_choice("gradient_estimator", spec.gradient_estimator)
+  hyper = dict(hyper or {})
+  # Which form the KL term takes is decided by the config (and what a sweep varies), not
+  # by the traced values.
+  uses_capacity = bool(spec.capacity_nats) or "capacity_nats" in hyper
+  uses_free_bits = bool(spec.free_bits) or "free_bits" in hyper
+  spec = spec._replace(**hyper)
   k = spec.num_samples
 
   def summary(loss: Array, reconstruction: Array, kl: Array) -> Metrics:
@@ -187,18 +267,80 @@ def make_loss_fn(model: Model, spec: Spec, beta: float | Array = 1.0) -> LossFn:
     loss = -jnp.mean(elbo_terms) + (beta - 1.0) * jnp.mean(tc)
     return {**summary(loss, reconstruction, kl), "total_correlation_mws": jnp.mean(tc)}
 
+  def grouped(bound_fn):
+    def objective(params, x, key, step):
+      del step
+      eps = losses.sample_eps(key, (spec.num_groups * k, x.shape[0], model.latents))
+      log_w, _, post = models.log_weights(model, params, x, eps)
+      bound = bound_fn(params, x, eps, log_w)
+      kl = jnp.mean(post.kl, axis=0)
+      return summary(-jnp.mean(bound), jnp.mean(log_w, axis=0) + kl, kl)
+
+    return objective
+
+  def piwae_bound(params, x, eps, log_w):
+    del log_w
+    enc_only, dec_only = _split_paths(params)
+    log_w_enc = models.log_weights(model, enc_only, x, eps).log_w
+    log_w_dec = models.log_weights(model, dec_only, x, eps).log_w
+    return losses.piwae_bound(log_w_enc, log_w_dec, spec.num_groups)
+
+  def dip_vae(kind):
+    def objective(params, x, key, step):
+      beta_t = kl_weight(beta, step, spec.warmup_steps)
+      parts = elbo(model, params, x, key, beta=beta_t, num_samples=k)
+      mean, logvar = model.encode(params, x)
+      penalty = losses.dip_vae_regularizer(mean, logvar, spec.lambda_od, spec.lambda_d, kind)
+      loss = -jnp.mean(parts.elbo) + penalty
+      return {**summary(loss, parts.reconstruction, parts.kl), "dip_penalty": penalty}
+
+    return objective
+
+  def factor_vae(params, x, key, step):
+    eps_key, permute_key = jax.random.split(key)
+    eps = losses.sample_eps(eps_key, (1, x.shape[0], model.latents))
+    _, log_px_z, post = models.log_weights(model, params, x, eps)
+    reconstruction, kl, z = log_px_z[0], post.kl[0], post.z[0]
+    discriminator = _discriminator(spec)
+    stop = jax.lax.stop_gradient
+    d_params = params["discriminator"]
+    # The VAE's loss: the discriminator held constant.
+    tc = losses.factor_vae_total_correlation(discriminator.apply({"params": stop(d_params)}, z))
+    beta_t = kl_weight(beta, step, spec.warmup_steps)
+    elbo_terms = losses.elbo_from_terms(reconstruction, kl, beta_t)
+    vae_loss = -jnp.mean(elbo_terms) + spec.gamma * jnp.mean(tc)
+    # The discriminator's loss: the codes held constant.
+    z_fixed = stop(z)
+    logits_joint = discriminator.apply({"params": d_params}, z_fixed)
+    logits_permuted = discriminator.apply(
+      {"params": d_params}, losses.permute_dims(permute_key, z_fixed)
+    )
+    d_loss = losses.factor_vae_discriminator_loss(logits_joint, logits_permuted)
+    return {
+      **summary(vae_loss + d_loss, reconstruction, kl),
+      "vae_loss": vae_loss,
+      "discriminator_loss": d_loss,
+      "total_correlation": jnp.mean(tc),
+    }
+
   def plain_elbo(params, x, key, step):
     beta_t = kl_weight(beta, step, spec.warmup_steps)
     parts = elbo(model, params, x, key, beta=beta_t, num_samples=k)
     return summary(-jnp.mean(parts.elbo), parts.reconstruction, parts.kl)
 
   # The ELBO's KL term: shaped by capacity annealing, or free bits, or neither.
-  shaped_elbo = capacity if spec.capacity_nats else free_bits if spec.free_bits else plain_elbo
+  shaped_elbo = capacity if uses_capacity else free_bits if uses_free_bits else plain_elbo
   fn = {
     "elbo": shaped_elbo,
     "iwae": iwae,
+    "miwae": grouped(lambda p, x, e, log_w: losses.miwae_bound(log_w, spec.num_groups)),
+    "ciwae": grouped(lambda p, x, e, log_w: losses.ciwae_bound(log_w, spec.ciwae_beta)),
+    "piwae": grouped(piwae_bound),
     "autoencoder": autoencoder,
     "beta_tcvae": beta_tcvae,
+    "factor_vae": factor_vae,
+    "dip_vae_i": dip_vae("i"),
+    "dip_vae_ii": dip_vae("ii"),
   }[spec.objective]
 
   def loss_fn(params: Params, x: Array, key: Array, step: Array) -> tuple[Array, Metrics]:

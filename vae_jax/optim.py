@@ -23,30 +23,39 @@ def _iwae_schedule(lr: float, steps_per_epoch: int) -> optax.Schedule:
   return optax.piecewise_constant_schedule(lr, boundaries)
 
 
-# config.optimizer.schedule -> (config, steps per epoch) -> learning rate or schedule.
+# config.optimizer.schedule -> (config, peak learning rate, steps per epoch) -> learning rate
+# or schedule. The peak is config.optimizer.learning_rate, or a traced scalar (one model of a
+# sweep over the learning rate): every schedule is arithmetic on it.
 SCHEDULES = {
-  "constant": lambda c, spe: c.optimizer.learning_rate,
+  "constant": lambda c, lr, spe: lr,
   # To 0 over the run: num_train_steps when set, else num_epochs epochs.
-  "cosine": lambda c, spe: optax.cosine_decay_schedule(
-    c.optimizer.learning_rate, decay_steps=c.num_train_steps or c.num_epochs * spe
+  "cosine": lambda c, lr, spe: optax.cosine_decay_schedule(
+    lr, decay_steps=c.num_train_steps or c.num_epochs * spe
   ),
-  "exponential": lambda c, spe: optax.exponential_decay(
-    c.optimizer.learning_rate, spe, c.optimizer.decay_rate, staircase=True
+  "exponential": lambda c, lr, spe: optax.exponential_decay(
+    lr, spe, c.optimizer.decay_rate, staircase=True
   ),
-  "iwae": lambda c, spe: _iwae_schedule(c.optimizer.learning_rate, spe),
+  "iwae": lambda c, lr, spe: _iwae_schedule(lr, spe),
 }
 
 
 def learning_rate_schedule(
-  config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> float | optax.Schedule:
-  """``config.optimizer``'s learning rate: a float, or a function of the step.
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  learning_rate: float | jax.Array | None = None,
+) -> float | jax.Array | optax.Schedule:
+  """``config.optimizer``'s learning rate: a number, or a function of the step.
+
+  ``learning_rate`` replaces ``config.optimizer.learning_rate`` (the schedule's peak)
+  when given, e.g. as a traced scalar.
 
   Raises:
     config.ConfigError: an unknown schedule.
   """
   config_lib.check_choice("optimizer.schedule", config.optimizer.schedule)
-  return SCHEDULES[config.optimizer.schedule](config, steps_per_epoch)
+  if learning_rate is None:
+    learning_rate = config.optimizer.learning_rate
+  return SCHEDULES[config.optimizer.schedule](config, learning_rate, steps_per_epoch)
 
 
 class ParamEmaState(NamedTuple):
@@ -111,22 +120,53 @@ OPTIMIZERS = {
 
 
 def make_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int = 1
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int = 1,
+  learning_rate: float | jax.Array | None = None,
 ) -> optax.GradientTransformation:
   """``config.optimizer`` as an optax chain: clipping, the optimizer with its
   learning-rate schedule (epochs are ``steps_per_epoch`` steps), and the EMA.
+
+  ``learning_rate`` replaces ``config.optimizer.learning_rate`` when given: a traced
+  scalar gives one model of a sweep over the learning rate. The optimizer's state does
+  not depend on it (same tree, shapes and initial values), so every model of such a
+  sweep starts from the single run's state.
 
   Raises:
     config.ConfigError: an unknown optimizer or schedule.
   """
   o = config.optimizer
   config_lib.check_choice("optimizer.name", o.name)
-  opt = OPTIMIZERS[o.name](o, learning_rate_schedule(config, steps_per_epoch))
+  opt = OPTIMIZERS[o.name](o, learning_rate_schedule(config, steps_per_epoch, learning_rate))
   if o.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
   if o.ema_decay is not None:
     opt = optax.chain(opt, param_ema(o.ema_decay))
   return opt
+
+
+# config.objective -> (config) -> the optimizer of its auxiliary network (objectives.auxiliary).
+AUXILIARY_OPTIMIZERS = {
+  # disentanglement_lib's FactorVAE discriminator: Adam(1e-4, b1 = 0.5, b2 = 0.9, eps 1e-8).
+  "factor_vae": lambda c: optax.adam(
+    c.factor_vae.learning_rate, b1=c.factor_vae.b1, b2=c.factor_vae.b2, eps=1e-8
+  ),
+}
+
+
+def with_auxiliary(
+  model_optimizer: optax.GradientTransformation,
+  name: str,
+  auxiliary_optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+  """One optimizer for the VAE's parameters and an auxiliary network's (``params[name]``):
+  ``optax.multi_transform`` applies ``auxiliary_optimizer`` to that subtree and
+  ``model_optimizer`` to the rest, each with its own state, in one update."""
+
+  def labels(params):
+    return {key: "auxiliary" if key == name else "model" for key in params}
+
+  return optax.multi_transform({"model": model_optimizer, "auxiliary": auxiliary_optimizer}, labels)
 
 
 def eval_params(opt_state: optax.OptState, params: Params) -> Params:

@@ -49,10 +49,18 @@ class TrainState(NamedTuple):
 
 
 def initial_state(
-  model: Model, optimizer: optax.GradientTransformation, key: Array, event_shape
+  model: Model,
+  optimizer: optax.GradientTransformation,
+  key: Array,
+  event_shape,
+  auxiliary=None,
 ) -> TrainState:
-  """A fresh ``TrainState`` at step 0 (params from ``model.init(key, ...)``)."""
+  """A fresh ``TrainState`` at step 0: params from ``model.init(key, ...)``, and those of the
+  objective's ``auxiliary`` network (``objectives.Auxiliary``), if any, from
+  ``fold_in(key, 1)`` as ``params[auxiliary.name]``."""
   params = model.init(key, jnp.zeros((1, *event_shape), jnp.float32))
+  if auxiliary is not None:
+    params = {**params, auxiliary.name: auxiliary.init(jax.random.fold_in(key, 1), model)}
   # Two arrays, not one shared: the state is donated leaf by leaf.
   return TrainState(
     jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32)

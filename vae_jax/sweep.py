@@ -1,11 +1,16 @@
-"""Sweeps: M models with different ``(beta, seed)`` trained by one compiled program.
+"""Sweeps: M models with different ``(value, seed)`` trained by one compiled program.
 
 ``python -m vae_jax.main --config=configs/beta_sweep.py --workdir=W`` runs one
-(any config with ``config.sweep.betas`` set). Design, in short:
+(any config with ``config.sweep.betas`` set, or ``config.sweep.field`` and
+``config.sweep.field_values`` for an axis other than beta: a learning rate, free
+bits, capacity, FactorVAE's gamma, DIP-VAE's lambdas; ``config.SWEEP_FIELDS``).
+Design, in short:
 
 * The per-model step is the single run's, unchanged: ``step.make_train_step``
-  of ``objectives.make_loss_fn(model, ll_fn, spec, beta)`` with ``beta`` a
-  traced scalar, mapped over the model axis by ``jax.vmap``. Parameters,
+  of ``objectives.make_loss_fn(model, spec, beta, hyper)`` with ``beta`` (or the
+  swept field's value in ``hyper``; a learning rate through
+  ``optax.inject_hyperparameters``) a traced scalar, mapped over the model axis by
+  ``jax.vmap``. Parameters,
   optimizer states and step counters are stacked along a leading model axis:
   ``SweepState(step, models)`` where ``models`` is a ``step.TrainState``
   whose every leaf is ``[M, ...]``, so ``models[i]`` is a single run's state.
@@ -37,7 +42,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import pathlib
 from collections.abc import Callable, Sequence
@@ -52,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vae_jax import config as config_lib
-from vae_jax import input_pipeline, loop, optim, trainer
+from vae_jax import input_pipeline, loop, objectives, optim, trainer
 from vae_jax import step as step_lib
 from vae_jax import workdir as workdir_lib
 from vae_jax.models import Params
@@ -72,6 +76,9 @@ class SweepKeys(NamedTuple):
 
   eps: Array  # [M] typed PRNG keys: fold_in(key(seed_i), KEY_EPS).
   beta: Array  # [M] float32.
+  # The swept field's values when it is not beta: {objectives.Spec field: [M] float32}, or
+  # {trainer.LEARNING_RATE: [M] float32} for a sweep over the learning rate.
+  hyper: dict[str, Array] = {}
 
 
 def make_sweep_step(
@@ -90,9 +97,13 @@ def make_sweep_step(
   with the ``SweepKeys`` in place of the eps key.
   """
 
-  def one_model(state: TrainState, batch: Array, eps_key: Array, beta: Array):
+  def one_model(state: TrainState, batch: Array, eps_key: Array, beta: Array, hyper):
     step = step_lib.make_train_step(
-      base.loss_fn(beta), base.optimizer, skip_nonfinite, matmul_precision, grad_norm_every
+      base.loss_fn(beta, hyper),
+      base.optimizer_for(hyper),
+      skip_nonfinite,
+      matmul_precision,
+      grad_norm_every,
     )
     return step(state, batch, eps_key)
 
@@ -106,8 +117,8 @@ def make_sweep_step(
     # largest weight per step. A copy per model makes every product a batched product
     # over the model axis, with the single run's shapes; the copy is M x 400 KB.
     batches = jnp.broadcast_to(batch, (keys.beta.shape[0], *batch.shape))
-    models, metrics = jax.vmap(one_model, in_axes=(0, 0, 0, 0))(
-      state.models, batches, keys.eps, keys.beta
+    models, metrics = jax.vmap(one_model, in_axes=(0, 0, 0, 0, 0))(
+      state.models, batches, keys.eps, keys.beta, keys.hyper
     )
     return SweepState(state.step + 1, models), metrics
 
@@ -153,6 +164,7 @@ class SweepTrainer:
   base: trainer.Trainer
   betas: tuple[float, ...]
   seeds: tuple[int, ...]
+  names: tuple[str, ...]
   keys: SweepKeys
   eval_keys: Array
   init_keys: Array
@@ -163,10 +175,6 @@ class SweepTrainer:
   @property
   def num_models(self) -> int:
     return len(self.betas)
-
-  @property
-  def names(self) -> tuple[str, ...]:
-    return tuple(config_lib.model_name(b, s) for b, s in zip(self.betas, self.seeds, strict=True))
 
   def state_shardings(self, state_shape) -> SweepState | None:
     """Shardings of the stacked state: model axis split over ``"model"``, step replicated."""
@@ -179,11 +187,7 @@ class SweepTrainer:
     )
 
   def _init(self, init_keys: Array) -> SweepState:
-    b = self.base
-    init_one = functools.partial(
-      step_lib.initial_state, b.model, b.optimizer, event_shape=b.event_shape
-    )
-    return SweepState(jnp.zeros((), jnp.int32), jax.vmap(init_one)(init_keys))
+    return SweepState(jnp.zeros((), jnp.int32), jax.vmap(self.base.new_state)(init_keys))
 
   def state_shape(self):
     """The stacked state's shapes and dtypes, with shardings on a mesh: a restore target."""
@@ -216,6 +220,25 @@ class SweepTrainer:
     return jax.device_put(x, self.sharding())
 
 
+def swept_hyperparameters(
+  config: ml_collections.ConfigDict, models: Sequence[config_lib.SweepModel]
+) -> dict[str, Array]:
+  """``{objectives.Spec field: [M] float32}``: each model's value of the swept field, when it
+  is not beta (which ``SweepKeys.beta`` carries); ``{trainer.LEARNING_RATE: [M]}`` for the
+  learning rate. Sweeping DIP-VAE's ``lambda_od`` with
+  ``lambda_d`` left to its default sweeps the default with it (``trainer.dip_lambda_d``)."""
+  field = config_lib.sweep_field(config)
+  if field == "beta":
+    return {}
+  values = jnp.asarray([m.value for m in models], jnp.float32)
+  if field == "optimizer.learning_rate":
+    return {trainer.LEARNING_RATE: values}
+  hyper = {objectives.SWEEP_SPEC_FIELDS[field]: values}
+  if field == "dip_vae.lambda_od" and config.dip_vae.lambda_d is None:
+    hyper["lambda_d"] = values * trainer.dip_lambda_d_factor(config.objective)
+  return hyper
+
+
 def build_sweep_trainer(
   config: ml_collections.ConfigDict,
   event_shape,
@@ -228,7 +251,8 @@ def build_sweep_trainer(
   Raises:
     config.ConfigError: the config describes no sweep, or does not fit the data.
   """
-  betas, seeds = config_lib.sweep_grid(config)
+  models = config_lib.sweep_models(config)
+  betas, seeds = tuple(m.beta for m in models), tuple(m.seed for m in models)
   base = trainer.build_trainer(config, event_shape, num_train)
   mesh = sweep_mesh(len(betas), config.batch_size, devices)
   batch_sharding = None
@@ -243,7 +267,11 @@ def build_sweep_trainer(
   )
   per_seed = {s: step_lib.run_keys(s) for s in set(seeds)}
   stack = lambda tag: jnp.stack([per_seed[s][tag] for s in seeds])  # noqa: E731
-  keys = SweepKeys(eps=stack(step_lib.KEY_EPS), beta=jnp.asarray(betas, jnp.float32))
+  keys = SweepKeys(
+    eps=stack(step_lib.KEY_EPS),
+    beta=jnp.asarray(betas, jnp.float32),
+    hyper=swept_hyperparameters(config, models),
+  )
   eval_keys, init_keys = stack(step_lib.KEY_EVAL), stack(step_lib.KEY_INIT)
   if mesh is not None:
     on_models = NamedSharding(mesh, P("model"))
@@ -254,6 +282,7 @@ def build_sweep_trainer(
     base=base,
     betas=betas,
     seeds=seeds,
+    names=tuple(m.name for m in models),
     keys=keys,
     eval_keys=eval_keys,
     init_keys=init_keys,

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import pathlib
 from collections.abc import Callable, Sequence
@@ -44,6 +43,9 @@ from vae_jax.step import TrainState
 
 Array = jax.Array
 Metrics = dict[str, Array]
+# The key of a sweep's traced hyperparameters (sweep.SweepKeys.hyper) that holds each
+# model's learning rate; every other key is an objectives.Spec field.
+LEARNING_RATE = "learning_rate"
 
 
 def objective_spec(config: ml_collections.ConfigDict, steps_per_epoch: int) -> objectives.Spec:
@@ -57,7 +59,27 @@ def objective_spec(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     capacity_nats=config.capacity_nats,
     capacity_steps=max(1, round(config.capacity_epochs * steps_per_epoch)),
     dataset_size=steps_per_epoch * config.batch_size,
+    num_groups=config.num_groups,
+    ciwae_beta=config.ciwae_beta,
+    gamma=config.factor_vae.gamma,
+    discriminator_hidden=tuple(config.factor_vae.hidden),
+    lambda_od=config.dip_vae.lambda_od,
+    lambda_d=dip_lambda_d(config),
   )
+
+
+def dip_lambda_d(config: ml_collections.ConfigDict) -> float:
+  """DIP-VAE's ``lambda_d``: the config's, or by default ``10 lambda_od`` for DIP-VAE-I and
+  ``lambda_od`` for DIP-VAE-II (Kumar et al. 2018; disentanglement_lib's gin configs)."""
+  d = config.dip_vae
+  if d.lambda_d is not None:
+    return float(d.lambda_d)
+  return dip_lambda_d_factor(config.objective) * d.lambda_od
+
+
+def dip_lambda_d_factor(objective: str) -> float:
+  """``lambda_d / lambda_od`` by default: 10 for DIP-VAE-I, 1 for DIP-VAE-II."""
+  return 10.0 if objective == "dip_vae_i" else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +89,8 @@ class Trainer:
   Attributes:
     model: the model's pure functions (its ``likelihood`` is ``p(x | z)``).
     optimizer: the optax optimizer.
+    optimizer_with_learning_rate: the same optimizer with another (peak) learning rate, a
+      traced scalar for one model of a sweep over ``optimizer.learning_rate``.
     spec: the objective and its options, with schedules in steps.
     plan: how the run executes on its platform (``execution.plan``).
     train_step: the pure ``train_step(state, batch, key)`` of ``config.beta``.
@@ -81,6 +105,7 @@ class Trainer:
 
   model: Model
   optimizer: optax.GradientTransformation
+  optimizer_with_learning_rate: Callable[[Array], optax.GradientTransformation]
   spec: objectives.Spec
   plan: execution.Plan
   train_step: Callable[[TrainState, Array, Array], tuple[TrainState, Metrics]]
@@ -109,13 +134,15 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     # Jitted: Flax's init run eagerly compiles each of its small ops separately.
-    init = jax.jit(
-      functools.partial(
-        step_lib.initial_state, self.model, self.optimizer, event_shape=self.event_shape
-      ),
-      out_shardings=self.replicated,
-    )
+    init = jax.jit(self.new_state, out_shardings=self.replicated)
     return init(self.keys[step_lib.KEY_INIT])
+
+  def new_state(self, key: Array) -> TrainState:
+    """The state at step 0 from ``key`` (the objective's auxiliary network included): the
+    one function single runs and every model of a sweep (vmapped) start from."""
+    return step_lib.initial_state(
+      self.model, self.optimizer, key, self.event_shape, objectives.auxiliary(self.spec)
+    )
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state: the target a checkpoint restores into,
@@ -125,9 +152,22 @@ class Trainer:
       jax.eval_shape(self.init_state),
     )
 
-  def loss_fn(self, beta: float | Array) -> objectives.LossFn:
-    """The objective's ``loss_fn(params, x, key, step)`` with KL weight ``beta``."""
-    return objectives.make_loss_fn(self.model, self.spec, beta)
+  def loss_fn(
+    self, beta: float | Array, hyper: dict[str, Array] | None = None
+  ) -> objectives.LossFn:
+    """The objective's ``loss_fn(params, x, key, step)`` with KL weight ``beta`` and, for a
+    model of a sweep over another field, that field's traced value: ``hyper`` maps
+    ``objectives.Spec`` fields (and ``learning_rate``, which ``optimizer_for`` reads) to
+    scalars."""
+    spec_values = {k: v for k, v in (hyper or {}).items() if k != LEARNING_RATE}
+    return objectives.make_loss_fn(self.model, self.spec, beta, spec_values)
+
+  def optimizer_for(self, hyper: dict[str, Array] | None = None) -> optax.GradientTransformation:
+    """The optimizer, with ``hyper[LEARNING_RATE]`` as its learning rate when a sweep varies
+    it; the state it updates is the same in either case."""
+    if hyper and LEARNING_RATE in hyper:
+      return self.optimizer_with_learning_rate(hyper[LEARNING_RATE])
+    return self.optimizer
 
   def feed(
     self,
@@ -198,8 +238,18 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
     )
   plan = execution.plan(config, mesh.devices.flat[0].platform)
   model = models.make_model(config, event_shape)
-  optimizer = optim.make_optimizer(config, steps_per_epoch)
   spec = objective_spec(config, steps_per_epoch)
+  aux = objectives.auxiliary(spec)
+
+  def optimizer_with_learning_rate(learning_rate):
+    optimizer = optim.make_optimizer(config, steps_per_epoch, learning_rate)
+    if aux is None:
+      return optimizer
+    return optim.with_auxiliary(
+      optimizer, aux.name, optim.AUXILIARY_OPTIMIZERS[config.objective](config)
+    )
+
+  optimizer = optimizer_with_learning_rate(config.optimizer.learning_rate)
   train_step = step_lib.make_train_step(
     objectives.make_loss_fn(model, spec, config.beta),
     optimizer,
@@ -216,6 +266,7 @@ def build_trainer(config: ml_collections.ConfigDict, event_shape, num_train: int
   return Trainer(
     model=model,
     optimizer=optimizer,
+    optimizer_with_learning_rate=optimizer_with_learning_rate,
     spec=spec,
     plan=plan,
     train_step=train_step,
