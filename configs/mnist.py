@@ -5,7 +5,8 @@ images binarized once with a fixed seed.
 
   python -m vae_jax.main --config=configs/mnist.py --workdir=runs/mnist
 
-``configs/mnist.py:smoke`` is a tiny, seconds-long version for checks. Offline,
+``configs/mnist.py:smoke`` is a tiny, seconds-long version for checks; ``:cvae`` (or
+``:cvae,smoke``) a conditional VAE on the ten digits (``config.model.num_classes``). Offline,
 point ``--config.idx_dir`` (or ``$VAE_JAX_IDX_DIR``) at the four MNIST IDX files.
 """
 
@@ -13,7 +14,7 @@ from vae_jax.config import base_config, parse_arg, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
-  _, modifiers = parse_arg(arg)
+  _, modifiers = parse_arg(arg, modifiers=("smoke", "cvae"))
   config = base_config()
   config.dataset = "mnist"
   config.binarization = "dynamic"
@@ -25,6 +26,8 @@ def get_config(arg: str | None = None):
   config.optimizer.learning_rate = 1e-3
   config.batch_size = 128
   config.num_epochs = 30
+  if "cvae" in modifiers:  # A conditional VAE on the 10 classes (Sohn et al. 2015).
+    config.model.num_classes = 10
   if "smoke" in modifiers:
     shrink_for_smoke(config)
   return config

@@ -27,6 +27,8 @@ CASES = [
   ("mnist", "smoke"),
   ("fashion_mnist", None),
   ("fashion_mnist", "smoke"),
+  ("mnist", "cvae"),
+  ("fashion_mnist", "cvae,smoke"),
   ("fashion_mnist_2d", None),
   ("fashion_mnist_ae", None),
   ("beta_sweep", None),
@@ -99,6 +101,8 @@ def test_smoke_config_takes_a_finite_step(name, arg):
   x = (jax.random.uniform(jax.random.key(0), (config.batch_size, 28, 28, 1)) > 0.5).astype(
     jnp.float32
   )
+  if config.model.num_classes:  # A conditional VAE reads (x, labels).
+    x = (x, jnp.arange(config.batch_size) % config.model.num_classes)
   before = jax.tree.leaves(state.params)[0].copy()
   state, metrics = jax.jit(trainer.train_step)(state, x, jax.random.key(1))
   assert np.isfinite(float(metrics["loss"]))

@@ -200,6 +200,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_pseudo_inputs = 500
   c.model.pseudo_inputs_mean = 0.05  # Their initialization N(mean, std^2), clipped to [0, 1].
   c.model.pseudo_inputs_std = 0.01
+  # k > 0: a conditional VAE (Sohn et al. 2015) on the dataset's class labels 0 .. k - 1:
+  # q(z | x, y) and p(x | z, y) read the one-hot label, the prior is N(0, I), and the
+  # evaluation's likelihood is log p(x | y). One stochastic layer, standard prior.
+  c.model.num_classes = 0
   # "bernoulli" (decoder gives logits; a likelihood of binary images, only the
   # negative cross-entropy of grey levels) | "continuous_bernoulli" (logits; a
   # density of grey levels in [0, 1], Loaiza-Ganem & Cunningham 2019) |
@@ -426,6 +430,7 @@ _NUMBERS: dict[str, tuple[str, float, float, str]] = {
   "model.stochastic_layers": (_INT, 1, 2, "[]"),
   "model.top_latents": (_INT, 1, _INF, "[)"),
   "model.num_pseudo_inputs": (_INT, 1, _INF, "[)"),
+  "model.num_classes": (_INT, 0, _INF, "[)"),
   "model.pseudo_inputs_mean": (_FLOAT, -_INF, _INF, "()"),
   "model.pseudo_inputs_std": (_FLOAT, 0, _INF, "[)"),
   "model.gaussian_variance": (_FLOAT, 0, _INF, "()"),
@@ -597,6 +602,12 @@ def check_model(model: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.model.gated=True is for model.kind='mlp'.")
   if m.stochastic_layers == 2 and m.hierarchy == "vampprior" and m.kind != "mlp":
     raise ConfigError("config.model.hierarchy='vampprior' is built from MLPs: use kind='mlp'.")
+  if m.num_classes and not (m.stochastic_layers == 1 and m.prior == "standard"):
+    raise ConfigError(
+      f"config.model.num_classes={m.num_classes} (a conditional VAE) is built with one "
+      "stochastic layer under N(0, I): set model.stochastic_layers=1 and "
+      "model.prior='standard', or num_classes=0."
+    )
 
 
 def _check_rules(config: ml_collections.ConfigDict) -> None:
@@ -677,6 +688,17 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
       f"binarization={c.binarization!r} would then throw away; use binarization 'none' or "
       "'dequantize' with a bit depth, or data.bits=8."
     )
+  if m.num_classes:
+    if c.dataset.startswith("dsprites"):
+      raise ConfigError(
+        f"config.model.num_classes={m.num_classes}: a conditional VAE reads class labels, but "
+        f"config.dataset={c.dataset!r} has factors instead; use a dataset with class labels."
+      )
+    if c.data.feed == "stream":
+      raise ConfigError(
+        "config.model.num_classes > 0 (a conditional VAE) reads the labels from the "
+        "device-resident feed: set data.feed='device' (or 'auto')."
+      )
   if is_sweep(c):
     _check_sweep(c)
 

@@ -68,7 +68,8 @@ def make_eval_fn(
 ) -> Callable[[Params, Array, Array], dict[str, Array]]:
   """Returns jitted ``evaluate(params, x, key) -> {"elbo", "reconstruction", "kl"}``.
 
-  ``x: [n, *event_shape]`` is the whole preprocessed split; the results are
+  ``x: [n, *event_shape]`` is the whole preprocessed split (for a conditional VAE,
+  ``(x, labels [n])``, and the ELBO is that of ``log p(x | y)``); the results are
   means over its ``n`` examples in nats (``objectives.elbo`` with ``beta=1``,
   one sample of z per example; batch ``i`` draws from ``fold_in(key, i)``).
   ``deterministic=True`` (the autoencoder baseline) decodes the posterior mean
@@ -83,20 +84,25 @@ def make_eval_fn(
       return _evaluate(params, x, key)
 
   def _evaluate(params: Params, x: Array, key: Array) -> dict[str, Array]:
-    n = x.shape[0]
+    n = jax.tree.leaves(x)[0].shape[0]
     bs = min(batch_size, n)
     num_batches = -(-n // bs)
     pad = num_batches * bs - n
-    if pad:  # No copy of the split when the batches divide it (a reshape is free).
-      x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-    xb = x.reshape(num_batches, bs, *x.shape[1:])
+
+    def batches(a: Array) -> Array:
+      if pad:  # No copy of the split when the batches divide it (a reshape is free).
+        a = jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)])
+      return a.reshape(num_batches, bs, *a.shape[1:])
+
+    xb = jax.tree.map(batches, x)
     mask = (jnp.arange(num_batches * bs) < n).reshape(num_batches, bs).astype(jnp.float32)
 
     def body(totals, inputs):
       i, batch, m = inputs
       if deterministic:
-        mean, _ = model.encode(params, batch)
-        rec = model.likelihood(model.decode(params, mean), batch)
+        bound, images = models.bind(model, batch)
+        mean, _ = bound.encode(params, images)
+        rec = bound.likelihood(bound.decode(params, mean), images)
         out = losses.ElboOutput(elbo=rec, reconstruction=rec, kl=jnp.zeros_like(rec))
       else:
         out = objectives.elbo(model, params, batch, jax.random.fold_in(key, i))
@@ -167,7 +173,8 @@ def make_per_example_fn(
     unroll: unroll the scan over sample chunks when it has at most
       ``MAX_UNROLL`` of them (``execution.Plan.unroll_loops``).
 
-  The returned function takes ``x: [batch, *event_shape]``, the split's PRNG
+  The returned function takes ``x: [batch, *event_shape]`` (a conditional VAE's
+  ``(x, labels)``, its ``log_px`` then ``log p(x | y)``), the split's PRNG
   ``key`` and ``indices: [batch]`` int32, the examples' positions in the split
   (example ``n`` draws its samples from ``fold_in(key, n)``), and returns per
   example, in nats:
@@ -194,14 +201,19 @@ def make_per_example_fn(
   Traced at ``EVAL_MATMUL_PRECISION``.
   """
 
-  def at_mean(params: Params, x: Array, mean: Array) -> dict[str, Array]:
-    decoded = model.decode(params, mean)
-    diff = model.likelihood.mean(decoded) - x
+  def at_mean(params: Params, inputs, mean: Array) -> dict[str, Array]:
+    bound, x = models.bind(model, inputs)
+    decoded = bound.decode(params, mean)
+    diff = bound.likelihood.mean(decoded) - x
     return {
       "mean": mean,
-      "reconstruction_at_mean": model.likelihood(decoded, x),
+      "reconstruction_at_mean": bound.likelihood(decoded, x),
       "squared_error": jnp.sum(jnp.square(diff).reshape(x.shape[0], -1), axis=-1),
     }
+
+  def encode_mean(params: Params, inputs) -> Array:
+    bound, x = models.bind(model, inputs)
+    return bound.encode(params, x)[0]
 
   if deterministic:
 
@@ -209,8 +221,7 @@ def make_per_example_fn(
     def per_example_ae(params: Params, x: Array, key: Array, indices: Array) -> dict[str, Array]:
       del key, indices
       with jax.default_matmul_precision(EVAL_MATMUL_PRECISION):
-        mean, _ = model.encode(params, x)
-        return at_mean(params, x, mean)
+        return at_mean(params, x, encode_mean(params, x))
 
     return per_example_ae
 
@@ -228,7 +239,7 @@ def make_per_example_fn(
       return _per_example(params, x, key, indices)
 
   def _per_example(params: Params, x: Array, key: Array, indices: Array) -> dict[str, Array]:
-    batch, latent = x.shape[0], model.latents
+    batch, latent = models.images_of(x).shape[0], model.latents
 
     def noise(example_key):  # [K, latent]: what losses.iw_bound draws for a batch of one.
       return losses.sample_eps(example_key, (num_samples, 1, latent))[:, 0]
@@ -262,8 +273,7 @@ def make_per_example_fn(
     (lse, lse_sq, rec_sum, kl_sum, kl_dim_sum), _ = jax.lax.scan(
       body, init, (eps, valid), unroll=unroll and num_chunks <= MAX_UNROLL
     )
-    mean, _ = model.encode(params, x)
-    out = at_mean(params, x, mean)
+    out = at_mean(params, x, encode_mean(params, x))
     out.update(
       log_px=lse - math.log(num_samples),
       # (sum w)^2 / sum w^2; 0 for an example whose weights are all zero.
@@ -293,7 +303,8 @@ def per_example_values(
   Args:
     fn: the jitted per-example function.
     params: model parameters.
-    x: ``[n, *event_shape]`` the preprocessed split, on the host.
+    x: ``[n, *event_shape]`` the preprocessed split, on the host (a conditional VAE's
+      ``(x, labels)``).
     key: the split's key; example ``n`` uses ``fold_in(key, n)``.
     batch_size: examples per call; the last batch is zero-padded to this size,
       so ``fn`` compiles once.
@@ -303,15 +314,20 @@ def per_example_values(
   Returns:
     ``{name: [n, ...]}`` numpy arrays.
   """
-  x = np.asarray(x)
-  n = x.shape[0]
+  x = jax.tree.map(np.asarray, x)
+  n = jax.tree.leaves(x)[0].shape[0]
   batch_size = min(batch_size, n)
   parts: list[dict[str, np.ndarray]] = []
   for start in tqdm.trange(0, n, batch_size, disable=not progress, desc=desc, unit="batch"):
-    xb = x[start : start + batch_size]
-    count = xb.shape[0]
-    if count < batch_size:
-      xb = np.concatenate([xb, np.zeros((batch_size - count, *x.shape[1:]), x.dtype)])
+    count = min(batch_size, n - start)
+
+    def padded(a: np.ndarray, start=start, count=count) -> np.ndarray:
+      part = a[start : start + count]
+      if count == batch_size:
+        return part
+      return np.concatenate([part, np.zeros((batch_size - count, *a.shape[1:]), a.dtype)])
+
+    xb = jax.tree.map(padded, x)
     indices = np.arange(start, start + batch_size, dtype=np.int32)
     out = jax.device_get(fn(params, xb, key, indices))
     parts.append({k: v[:count] for k, v in out.items()})

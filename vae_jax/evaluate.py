@@ -210,7 +210,13 @@ def model_title(
   seeded = f", seed={seed}" if seed is not None else ""
   if deterministic:
     return f"AE ({model.latents} latents, {model.likelihood.name}{seeded})"
-  name = {"iwae": "IWAE", "beta_tcvae": "beta-TCVAE"}.get(config.objective, "VAE")
+  name = {
+    "iwae": "IWAE", "miwae": "MIWAE", "ciwae": "CIWAE", "piwae": "PIWAE",
+    "beta_tcvae": "beta-TCVAE", "factor_vae": "FactorVAE",
+    "dip_vae_i": "DIP-VAE-I", "dip_vae_ii": "DIP-VAE-II",
+  }.get(config.objective, "VAE")  # fmt: skip
+  if model.num_classes:
+    name = f"conditional {name}"
   return f"{name} (beta={beta:g}{seeded}, {model.latents} latents, {model.likelihood.name})"
 
 
@@ -272,7 +278,12 @@ def write_pictures(
   reconstruction figure shows. ``beta``: the model's (default ``config.beta``); ``seed``:
   a sweep model's seed, named in the titles.
   """
-  decode_mean = mean_decoder(model, params)
+  conditional = bool(model.num_classes)
+  if conditional:  # (x, labels): the pictures decode with the label of test image 0.
+    test_x, test_y = test_x
+    decode_mean = mean_decoder(model.given(np.asarray(test_y[:1])), params)
+  else:
+    decode_mean = mean_decoder(model, params)
   paths, skipped = [], {}
   model_name = "AE" if deterministic else "VAE"
   beta = config.beta if beta is None else beta
@@ -285,12 +296,22 @@ def write_pictures(
 
   if deterministic:
     skipped["prior_samples"] = "an autoencoder has no prior to sample from"
+  elif conditional:
+    # Generation per class: row c of class c, column j from the same z_j in every row.
+    samples = jax.jit(models.class_samples, static_argnums=(0, 3))(model, params, sample_key, 10)
+    grid = pictures.upscale(writers.image_grid(np.asarray(samples), columns=10), 2)
+    paths.append(writer.write_image(step, "eval_class_samples", grid))
+    skipped["prior_samples"] = (
+      "a conditional VAE's samples are drawn per class: eval_class_samples (row c of class c, "
+      "each column one z)"
+    )
   else:
     samples = jax.jit(models.prior_samples, static_argnums=(0, 3))(model, params, sample_key, 64)
     grid = pictures.upscale(writers.image_grid(np.asarray(samples)), 2)
     paths.append(writer.write_image(step, "eval_prior_samples", grid))
   originals = test_x[:32]
-  recs = np.asarray(jax.jit(models.reconstructions, static_argnums=0)(model, params, originals))
+  inputs = (originals, np.asarray(test_y[:32], np.int32)) if conditional else originals
+  recs = np.asarray(jax.jit(models.reconstructions, static_argnums=0)(model, params, inputs))
   grid = writers.image_grid(writers.interleave(originals, recs), columns=16)
   paths.append(writer.write_image(step, "eval_reconstructions", pictures.upscale(grid, 2)))
   columns = min(8, len(originals))
@@ -310,21 +331,32 @@ def write_pictures(
   )
 
   # Interpolations between the codes of test images 0-1, 2-3, ... (t = 0, 0.1, ..., 1).
-  pairs, steps = min(8, len(test_x) // 2), 11
-  images = pictures.interpolation_images(
-    decode_mean, codes[0 : 2 * pairs : 2], codes[1 : 2 * pairs : 2],
-    test_x[0 : 2 * pairs : 2], test_x[1 : 2 * pairs : 2], steps,
-  )  # fmt: skip
-  title = f"{long_name}: decoded (1-t) z_a + t z_b between test images"
-  figure("interpolations", figures.interpolation_figure(images, steps, title=title))
+  if conditional:
+    skipped["interpolations"] = (
+      "a conditional VAE decodes each code with a label, and the two ends' labels differ"
+    )
+  else:
+    pairs, steps = min(8, len(test_x) // 2), 11
+    images = pictures.interpolation_images(
+      decode_mean, codes[0 : 2 * pairs : 2], codes[1 : 2 * pairs : 2],
+      test_x[0 : 2 * pairs : 2], test_x[1 : 2 * pairs : 2], steps,
+    )  # fmt: skip
+    title = f"{long_name}: decoded (1-t) z_a + t z_b between test images"
+    figure("interpolations", figures.interpolation_figure(images, steps, title=title))
 
   # Traversals of the most informative dimensions around test image 0's code.
   dims, values, labels, how = traversal_rows(model, summary, codes, deterministic)
   images = pictures.traversal_images(decode_mean, codes[0], dims, values)
-  title = f"{long_name}: one latent swept {how}, the others at test image 0's code"
+  given = f" and label {int(test_y[0])}" if conditional else ""
+  title = f"{long_name}: one latent swept {how}, the others at test image 0's code{given}"
   figure("traversals", figures.traversal_figure(images, labels, values, title=title))
 
-  if model.latents == 2:
+  if conditional:
+    skipped["latent_map"] = (
+      "drawn for unconditional models: a conditional VAE's decoder needs a label for every "
+      "point of the map"
+    )
+  elif model.latents == 2:
     limits = pictures.data_limits(codes)
     n = 15
     manifold = writers.image_grid(decode_mean(pictures.manifold_latents(*limits, n)), n, pad=0)
@@ -436,7 +468,7 @@ def evaluate_params(
     ``(results, per-example values by split, timings)``.
   """
   deterministic = config.objective == "autoencoder"
-  num_dims = math.prod(splits["test"].shape[1:])
+  num_dims = math.prod(models.images_of(splits["test"]).shape[1:])
   unroll = execution.plan(config).unroll_loops
   values, timings = {}, {}
   for split, k, bs in (("test", num_samples, batch_size), ("train", 1, 1000)):
@@ -524,6 +556,10 @@ def evaluate_target(
   deterministic = config.objective == "autoencoder"
   keys = step_lib.run_keys(target.seed)
   splits = {"test": data["test_x"], "train": data["train_x"]}
+  if model.num_classes:  # A conditional VAE reads (x, labels): its numbers are of p(x | y).
+    splits = {
+      split: (x, np.asarray(data[f"{split}_labels"], np.int32)) for split, x in splits.items()
+    }
   results, values, own_timings = evaluate_params(
     config, model, target.params, splits, keys[step_lib.KEY_EVAL], num_samples, **options
   )
@@ -536,6 +572,8 @@ def evaluate_target(
     "likelihood": model.likelihood.name,
     "latents": model.latents,
     "layer_latents": list(model.layer_latents),
+    # A conditional VAE's log_likelihood and ELBO are of log p(x | y), the label given.
+    "conditional_on_label": bool(model.num_classes),
     "params": PARAMS_SOURCES[target.source],
     "num_importance_samples": None if deterministic else num_samples,
     "matmul_precision": estimators.EVAL_MATMUL_PRECISION,
@@ -570,7 +608,7 @@ def evaluate_target(
       config=config,
       model=model,
       params=target.params,
-      test_x=data["test_x"],
+      test_x=splits["test"],
       test_images=data["test_images"],
       test_labels=data["test_labels"],
       summary=results["test"],
@@ -602,8 +640,9 @@ def evaluate_target(
     ll = results["test"]["log_likelihood"]
     bits = ll["bits_per_dim"]
     logging.info(
-      "%stest: -log p(x) = %.2f +- %.2f nats%s, ELBO %.2f, K=%d, %.0f s",
+      "%stest: -log p(%s) = %.2f +- %.2f nats%s, ELBO %.2f, K=%d, %.0f s",
       f"{target.name}: " if target.name else "",
+      "x | y" if model.num_classes else "x",
       ll["nll_nats"],
       ll["standard_error_nats"],
       f" ({bits:.4f} bits/dim)" if bits is not None else "",
@@ -614,17 +653,19 @@ def evaluate_target(
   return results
 
 
-def _train_subset(config: ml_collections.ConfigDict, splits: input_pipeline.Splits) -> np.ndarray:
-  """The training images the PCA and the active-unit counts see: all of the run's, or a
+def _train_subset(
+  config: ml_collections.ConfigDict, splits: input_pipeline.Splits
+) -> datasets.Split:
+  """The training examples the PCA and the active-unit counts see: all of the run's, or a
   fixed subset of ``MAX_TRAIN_EVAL_EXAMPLES`` of them (read from the prepared files where
-  the run streamed its training split)."""
+  the run streamed its training split), with their labels."""
   n = splits.num_train
   keep = np.arange(n)
   if n > MAX_TRAIN_EVAL_EXAMPLES:
     keep = np.sort(np.random.default_rng(0).choice(n, MAX_TRAIN_EVAL_EXAMPLES, False))
   if splits.train is not None:
-    return splits.train.images[keep]
-  return splits.source.read(config.data.train_split, keep).images
+    return datasets.Split(images=splits.train.images[keep], labels=splits.train.labels[keep])
+  return splits.source.read(config.data.train_split, keep)
 
 
 def _written(path: pathlib.Path, target: Target) -> dict[str, Any] | None:
@@ -701,14 +742,16 @@ def evaluate_workdir(
     start = time.perf_counter()
     splits = input_pipeline.load_splits(config)
     bits = config.data.bits
+    train = _train_subset(config, splits)
     data = {
       "test_x": np.asarray(
         input_pipeline.eval_images(splits.test.images, config.binarization, bits=bits)
       ),
       "train_x": np.asarray(
-        input_pipeline.eval_images(_train_subset(config, splits), config.binarization, bits=bits)
+        input_pipeline.eval_images(train.images, config.binarization, bits=bits)
       ),
       "test_labels": splits.test.labels,
+      "train_labels": train.labels,
       # The first test images as data (not binarized), for the reconstruction figure.
       "test_images": splits.test.images[:64].astype(np.float32) / (2**bits - 1),
     }

@@ -141,6 +141,13 @@ def choose_feed(config: ml_collections.ConfigDict, source: datasets.Source, num_
   feed = config.data.feed
   if feed == "auto":
     feed = "device" if size_mib <= config.data.device_memory_mib else "stream"
+    if feed == "stream" and config.model.num_classes:
+      raise config_lib.ConfigError(
+        f"The training split ({size_mib:.0f} MiB as uint8) is beyond "
+        f"config.data.device_memory_mib={config.data.device_memory_mib}, but a conditional "
+        "VAE (config.model.num_classes > 0) reads its labels from the device-resident feed: "
+        "raise data.device_memory_mib, or train on fewer images (data.max_train_examples)."
+      )
     logging.info(
       "Training split: %d images, %.0f MiB as uint8, %s config.data.device_memory_mib=%d: %s feed.",
       num_train,
@@ -183,7 +190,38 @@ def load_splits(config: ml_collections.ConfigDict, feed: str | None = None) -> S
   if feed == "stream":
     stream_file = _process_0_first(lambda: source.stream_file(d.train_split), "stream decoded")
   test = source.load(d.test_split)
-  return Splits(source, num_train, train, validation, test, stream_file)
+  splits = Splits(source, num_train, train, validation, test, stream_file)
+  check_labels(config, splits)
+  return splits
+
+
+def check_labels(config: ml_collections.ConfigDict, splits: Splits) -> None:
+  """For a conditional VAE (``config.model.num_classes = k > 0``): every split's labels are
+  classes ``0 .. k - 1``, one per image.
+
+  Raises:
+    config.ConfigError: labels that are not classes, or not below ``k``.
+  """
+  k = config.model.num_classes
+  if not k:
+    return
+  named = (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+  for name, split in named:
+    if split is None:
+      continue
+    labels = np.asarray(split.labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+      raise config_lib.ConfigError(
+        f"config.model.num_classes={k}: a conditional VAE reads one class label per image, "
+        f"but the {name} labels of {config.dataset!r} are {labels.dtype} of shape "
+        f"{labels.shape}; use a dataset with class labels, or num_classes=0."
+      )
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+      raise config_lib.ConfigError(
+        f"config.model.num_classes={k}, but the {name} labels of {config.dataset!r} range "
+        f"over [{labels.min()}, {labels.max()}]: set num_classes to the dataset's number "
+        f"of classes ({labels.max() + 1} or more)."
+      )
 
 
 # --------------------------------------------------------------------------
@@ -285,6 +323,8 @@ class DeviceFeed:
     binarize_key: the key of the preprocessing draws.
     permutations: the epochs' orders.
     bits: the bit depth of the levels (``data.bits``).
+    labels: ``[n]`` int32 class labels for a conditional VAE, whose batches are then
+      ``(x, labels)`` pairs; ``None`` otherwise.
   """
 
   images: Array
@@ -293,6 +333,7 @@ class DeviceFeed:
   binarize_key: Array
   permutations: Permutations
   bits: int = 8
+  labels: Array | None = None
 
   @property
   def num_examples(self) -> int:
@@ -306,20 +347,27 @@ class DeviceFeed:
     """What ``batch`` reads for the dispatch of ``num_steps`` steps from train step ``step``."""
     del num_steps
     epoch = step // self.steps_per_epoch
-    return {
+    inputs = {
       "images": self.images,
       "perms": self.permutations(epoch),
       "first_epoch": epoch,
       "key": self.binarize_key,
     }
+    if self.labels is not None:
+      inputs["labels"] = self.labels
+    return inputs
 
-  def batch(self, inputs: dict[str, Any], step: Array) -> Array:
-    """The preprocessed batch of train step ``step`` (traced), from ``inputs(first_step)``."""
+  def batch(self, inputs: dict[str, Any], step: Array) -> Array | tuple[Array, Array]:
+    """The preprocessed batch of train step ``step`` (traced), from ``inputs(first_step)``:
+    ``[batch, *event_shape]``, or ``(x, labels)`` where the feed holds labels."""
     steps_per_epoch, batch_size = self.steps_per_epoch, self.batch_size
     order = inputs["perms"][step // steps_per_epoch - inputs["first_epoch"]]
     idx = jax.lax.dynamic_slice(order, ((step % steps_per_epoch) * batch_size,), (batch_size,))
     key = jax.random.fold_in(inputs["key"], step)
-    return preprocess(inputs["images"][idx], self.binarization, key, self.bits)
+    x = preprocess(inputs["images"][idx], self.binarization, key, self.bits)
+    if "labels" in inputs:
+      return x, inputs["labels"][idx]
+    return x
 
 
 def process_rows(
@@ -496,7 +544,7 @@ class EvalData:
   """A run's evaluation splits, preprocessed once (fixed seeds), on device.
 
   Attributes:
-    test: ``[n, *event_shape]`` float32.
+    test: ``[n, *event_shape]`` float32 (for a conditional VAE, ``(x, labels [n])``).
     validation: the same for the validation split, or ``None``.
     shown: the first 64 test images as data (levels scaled to [0, 1], not binarized),
       on the host: what pictures show as the inputs.
@@ -534,4 +582,9 @@ def eval_data(
       eval_images(splits.validation.images, config.binarization, VALIDATION_SEED, bits), sharding
     )
   shown = splits.test.images[:64].astype(np.float32) / (2**bits - 1)
-  return EvalData(jax.device_put(test, sharding), val, shown)
+  test = jax.device_put(test, sharding)
+  if config.model.num_classes:  # A conditional VAE reads (x, labels).
+    test = (test, jax.device_put(np.asarray(splits.test.labels, np.int32), sharding))
+    if val is not None:
+      val = (val, jax.device_put(np.asarray(splits.validation.labels, np.int32), sharding))
+  return EvalData(test, val, shown)

@@ -91,6 +91,15 @@ class Model(NamedTuple):
       ``losses.elbo(key, x, *encode(params, x), decode, model.likelihood)`` is its ELBO.
     decoder_reads: how many of the latents (bottom first) ``decode`` reads.
     likelihood: ``p(x | z)`` given ``decode``'s outputs (``likelihoods.Likelihood``).
+    num_classes: ``k > 0`` for a conditional VAE (Sohn et al. 2015): ``q(z | x, y)`` and
+      ``p(x | z, y)`` read the one-hot label ``y`` of ``k`` classes, the prior is
+      ``N(0, I)``. Its inputs are ``(x, labels)`` pairs, ``labels: [batch]`` int. Only
+      its ``init`` (which takes ``x`` alone) runs as it is; ``encode``, ``decode``,
+      ``posterior`` and ``sample_prior`` raise until the labels are fixed by ``given``
+      (``bind`` does this for any model and its inputs).
+    given: ``labels -> Model``, for a conditional VAE: the ordinary model of ``p(x, z | y)``
+      for those labels (``num_classes`` 0); the functions of a ``given`` model tile
+      ``labels`` over the ``K`` samples of a ``[K * batch]`` call.
   """
 
   init: Callable[[Array, Array], Params]
@@ -103,6 +112,31 @@ class Model(NamedTuple):
   closed_form_kl: bool = False
   decoder_reads: int | None = None
   likelihood: likelihoods.Likelihood = likelihoods.BERNOULLI
+  num_classes: int = 0
+  given: Callable[[Array], Model] | None = None
+
+
+def bind(model: Model, inputs: Any) -> tuple[Model, Array]:
+  """``(the model to apply, x)``: for a conditional VAE, whose ``inputs`` are ``(x, labels)``,
+  ``model.given(labels)`` and ``x``; for any other model, ``model`` and ``inputs``.
+
+  Raises:
+    ValueError: a conditional VAE given inputs that are not an ``(x, labels)`` pair.
+  """
+  if not model.num_classes:
+    return model, inputs
+  if not (isinstance(inputs, tuple | list) and len(inputs) == 2):
+    raise ValueError(
+      f"A conditional VAE ({model.num_classes} classes) reads (x, labels) pairs, got "
+      f"{type(inputs).__name__}: pass the labels beside the images."
+    )
+  x, labels = inputs
+  return model.given(labels), x
+
+
+def images_of(inputs: Any) -> Array:
+  """The images of a model's inputs: ``x``, or ``x`` of an ``(x, labels)`` pair."""
+  return inputs[0] if isinstance(inputs, tuple | list) else inputs
 
 
 class LogWeights(NamedTuple):
@@ -128,21 +162,52 @@ def log_weights(
   stop_density_gradient: bool = False,
 ) -> LogWeights:
   """Importance log-weights of ``model`` at the samples ``model.posterior`` draws from
-  ``eps: [K, batch, latents]``, decoding the ``K * batch`` latents in one call."""
+  ``eps: [K, batch, latents]``, decoding the ``K * batch`` latents in one call. A
+  conditional VAE's ``x`` is an ``(x, labels)`` pair (``bind``)."""
+  model, x = bind(model, x)
   post = model.posterior(params, x, eps, stop_density_gradient=stop_density_gradient)
   decode = functools.partial(model.decode, params)
   log_px_z = losses.sample_log_likelihoods(post.z, x, decode, model.likelihood)
   return LogWeights(log_px_z + post.log_prior - post.log_q, log_px_z, post)
 
 
-def prior_samples(model: Model, params: Params, key: Array, n: int) -> Array:
-  """Mean images of ``p(x | z)`` for ``n`` draws ``z ~ p(z)``: ``[n, *event_shape]``."""
+def prior_samples(
+  model: Model, params: Params, key: Array, n: int, labels: Array | None = None
+) -> Array:
+  """Mean images of ``p(x | z)`` for ``n`` draws ``z ~ p(z)``: ``[n, *event_shape]``.
+
+  For a conditional VAE, ``labels: [n]`` are the classes to draw (``p(x | z, y)``); by
+  default each class in turn, ``0, 1, ..., k - 1, 0, ...``.
+  """
+  if model.num_classes:
+    if labels is None:
+      labels = jnp.arange(n) % model.num_classes
+    model = model.given(labels)
   z = model.sample_prior(params, key, n)
   return model.likelihood.mean(model.decode(params, z))
 
 
+def class_samples(model: Model, params: Params, key: Array, per_class: int) -> Array:
+  """A conditional VAE's generations per class: ``[k * per_class, *event_shape]``, row
+  ``c`` (``per_class`` images) of class ``c``, column ``j`` from the same ``z_j ~ N(0, I)``
+  in every row, so a column shows one style in every class.
+
+  Raises:
+    ValueError: ``model`` is not conditional.
+  """
+  if not model.num_classes:
+    raise ValueError("class_samples needs a conditional VAE (config.model.num_classes > 0).")
+  k = model.num_classes
+  z = model.given(jnp.zeros((per_class,), jnp.int32)).sample_prior(params, key, per_class)
+  labels = jnp.repeat(jnp.arange(k), per_class)
+  given = model.given(labels)
+  return given.likelihood.mean(given.decode(params, jnp.tile(z, (k, 1))))
+
+
 def reconstructions(model: Model, params: Params, x: Array) -> Array:
-  """Mean images of ``p(x | z = posterior mean)`` for each image in ``x``."""
+  """Mean images of ``p(x | z = posterior mean)`` for each image in ``x`` (for a conditional
+  VAE, ``(x, labels)``)."""
+  model, x = bind(model, x)
   mean, _ = model.encode(params, x)
   return model.likelihood.mean(model.decode(params, mean))
 
@@ -302,6 +367,61 @@ def _one_layer(init, encode, decode, latents: int, prior: _Prior, prior_params) 
   return Model(
     init, encode, decode, posterior, sample_prior, latents, (latents,), prior.standard, latents
   )
+
+
+def _conditional(
+  encoder, decoder, event_shape, latents: int, num_classes: int, likelihood
+) -> Model:
+  """A conditional VAE (Sohn et al. 2015) of one Gaussian layer under ``N(0, I)``:
+  ``q(z | x, y)`` reads the one-hot label beside ``x`` (``networks.Encoder``'s
+  ``condition``), ``p(x | z, y)`` reads it beside ``z``."""
+
+  def one_hot(labels: Array) -> Array:
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+  def tiled(y: Array, rows: int) -> Array:  # [B, k] -> [rows, k] for rows = K * B.
+    if rows % y.shape[0]:
+      raise ValueError(
+        f"{rows} rows of z do not tile the {y.shape[0]} labels: pass [K * batch] rows."
+      )
+    return jnp.tile(y, (rows // y.shape[0], 1))
+
+  def init(key: Array, x: Array) -> Params:
+    _check_x(event_shape, x, "init")
+    enc_key, dec_key = jax.random.split(key)
+    y = jnp.zeros((x.shape[0], num_classes), x.dtype)
+    z = jnp.zeros((x.shape[0], latents + num_classes), x.dtype)
+    return {
+      "encoder": encoder.init(enc_key, x, y)["params"],
+      "decoder": decoder.init(dec_key, z)["params"],
+    }
+
+  def given(labels: Array) -> Model:
+    y = one_hot(labels)
+
+    def encode(params: Params, x: Array) -> tuple[Array, Array]:
+      _check_x(event_shape, x, "encode")
+      return _apply(encoder, params["encoder"], x, tiled(y, x.shape[0]))
+
+    def decode(params: Params, z: Array) -> Array:
+      _check_z(z, latents)
+      zy = jnp.concatenate([z, tiled(y, z.shape[0]).astype(z.dtype)], axis=-1)
+      return _apply(decoder, params["decoder"], zy)
+
+    model = _one_layer(init, encode, decode, latents, _standard_prior(latents), lambda p: None)
+    return model._replace(likelihood=likelihood)
+
+  def unbound(*args, **kwargs):
+    del args, kwargs
+    raise ValueError(
+      "A conditional VAE's functions need its labels: use models.bind(model, (x, labels)) "
+      "or model.given(labels)."
+    )
+
+  return Model(
+    init, unbound, unbound, unbound, unbound, latents, (latents,), True, latents,
+    likelihood=likelihood, num_classes=num_classes, given=given,
+  )  # fmt: skip
 
 
 def _single_layer(encoder, decoder, event_shape, latents: int, prior_kind: str, pseudo) -> Model:
@@ -584,6 +704,7 @@ def make_vae(
   num_pseudo_inputs: int = 500,
   pseudo_inputs_init: tuple[float, float] = (0.05, 0.01),
   likelihood: likelihoods.Likelihood = likelihoods.BERNOULLI,
+  num_classes: int = 0,
 ) -> Model:
   """A VAE of any supported kind (see the module docstring).
 
@@ -617,6 +738,8 @@ def make_vae(
     pseudo_inputs_init: ``(mean, std)`` of their normal initialization.
     likelihood: ``p(x | z)``; the decoder outputs what it reads
       (``likelihood.decoder_shape``) and holds its shared learned variance, if any.
+    num_classes: ``k > 0``: a conditional VAE on labels ``0 .. k - 1`` (one stochastic
+      layer, standard prior; ``Model.num_classes``).
 
   Raises:
     config.ConfigError: an unknown or inconsistent option, naming it.
@@ -641,6 +764,7 @@ def make_vae(
     prior=prior,
     num_pseudo_inputs=num_pseudo_inputs,
     likelihood=likelihood.name,
+    num_classes=num_classes,
   )
   config_lib.check_model(section)
   event_shape = tuple(event_shape)
@@ -697,7 +821,9 @@ def make_vae(
       decoder = networks.ResidualDecoder(
         conv_features, res_blocks, decoder_hidden, output_shape, **dec_options
       )
-  if stochastic_layers == 1:
+  if num_classes:
+    model = _conditional(encoder, decoder, event_shape, latents, num_classes, likelihood)
+  elif stochastic_layers == 1:
     model = _single_layer(encoder, decoder, event_shape, latents, prior, pseudo)
   else:
     model = _two_layer_iwae(
@@ -753,4 +879,5 @@ def make_model(config: ml_collections.ConfigDict, event_shape: Sequence[int]) ->
     num_pseudo_inputs=m.num_pseudo_inputs,
     pseudo_inputs_init=(m.pseudo_inputs_mean, m.pseudo_inputs_std),
     likelihood=likelihoods.from_config(config),
+    num_classes=m.num_classes,
   )

@@ -99,7 +99,8 @@ def _hidden_layers(
 class Encoder(nn.Module):
   """``x: [batch, *event_shape] -> (mean, logvar)``, each ``[batch, latents]``.
 
-  An MLP over the flattened input. ``logvar`` is soft-clamped to
+  An MLP over the flattened input (with ``condition: [batch, k]``, a conditional VAE's
+  one-hot label, concatenated to it). ``logvar`` is soft-clamped to
   ``[-logvar_bound, logvar_bound]`` (``None`` disables the clamp), or clipped
   to ``logvar_clip`` when that is given.
   """
@@ -113,8 +114,10 @@ class Encoder(nn.Module):
   logvar_clip: tuple[float, float] | None = None
 
   @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
+  def __call__(self, x: Array, condition: Array | None = None) -> tuple[Array, Array]:
     h = x.reshape(x.shape[0], -1)
+    if condition is not None:  # A conditional VAE's one-hot label, beside the input.
+      h = jnp.concatenate([h, condition.astype(h.dtype)], axis=-1)
     h = _hidden_layers(h, self.hidden, self.activation, self.gated, self.kernel_init)
     return _gaussian_heads(self, h)
 
@@ -230,8 +233,8 @@ class ConvEncoder(nn.Module):
   """``x: [batch, h, w, c] -> (mean, logvar)``: stride-2 convolutions, then an MLP.
 
   Each entry of ``features`` is one 4x4 convolution with stride 2 ("SAME"
-  padding), halving the height and width; the flattened result goes through
-  ``hidden`` dense layers and the two linear heads.
+  padding), halving the height and width; the flattened result (and ``condition``, as in
+  ``Encoder``) goes through ``hidden`` dense layers and the two linear heads.
   """
 
   features: Sequence[int]
@@ -243,7 +246,7 @@ class ConvEncoder(nn.Module):
   logvar_clip: tuple[float, float] | None = None
 
   @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
+  def __call__(self, x: Array, condition: Array | None = None) -> tuple[Array, Array]:
     act = ACTIVATIONS[self.activation]
     init = KERNEL_INITS[self.kernel_init]
     h = x
@@ -258,7 +261,7 @@ class ConvEncoder(nn.Module):
       kernel_init=self.kernel_init,
       logvar_clip=self.logvar_clip,
       name="mlp",
-    )(h)
+    )(h, condition)
 
 
 class ConvDecoder(nn.Module):
@@ -325,8 +328,9 @@ class ResidualEncoder(nn.Module):
   A 3x3 convolution to ``features[0]`` channels, then for each level ``i``: ``blocks``
   residual blocks (``ResidualBlock``) at ``features[i]`` channels, followed (except at the
   last level) by a 4x4 stride-2 convolution to ``features[i + 1]`` channels that halves
-  height and width. The flattened map goes through ``hidden`` dense layers and the two
-  heads. Parameters: ``stem``, ``level_<i>_block_<j>``, ``down_<i>``, ``mlp``.
+  height and width. The flattened map (and ``condition``, as in ``Encoder``) goes through
+  ``hidden`` dense layers and the two heads. Parameters: ``stem``, ``level_<i>_block_<j>``,
+  ``down_<i>``, ``mlp``.
   """
 
   features: Sequence[int]
@@ -339,7 +343,7 @@ class ResidualEncoder(nn.Module):
   logvar_clip: tuple[float, float] | None = None
 
   @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
+  def __call__(self, x: Array, condition: Array | None = None) -> tuple[Array, Array]:
     init = KERNEL_INITS[self.kernel_init]
     h = nn.Conv(self.features[0], (3, 3), padding="SAME", kernel_init=init, name="stem")(x)
     for i in range(len(self.features)):
@@ -360,7 +364,7 @@ class ResidualEncoder(nn.Module):
       kernel_init=self.kernel_init,
       logvar_clip=self.logvar_clip,
       name="mlp",
-    )(h)
+    )(h, condition)
 
 
 class ResidualDecoder(nn.Module):

@@ -149,8 +149,10 @@ def elbo(
   ``losses.elbo`` itself (with ``model.likelihood`` as its ``log_likelihood_fn``) for a
   model with ``closed_form_kl``; otherwise the Monte Carlo reconstruction and KL
   estimates of ``model.posterior`` at ``num_samples`` samples, combined by
-  ``losses.elbo_from_terms``.
+  ``losses.elbo_from_terms``. A conditional VAE's ``x`` is ``(x, labels)``: its ELBO
+  bounds ``log p(x | y)``.
   """
+  model, x = models.bind(model, x)
   if model.closed_form_kl:
     mean, logvar = model.encode(params, x)
     decode = functools.partial(model.decode, params)
@@ -187,7 +189,8 @@ def _split_paths(params: Params) -> tuple[Params, Params]:
 def make_loss_fn(
   model: Model, spec: Spec, beta: float | Array = 1.0, hyper: dict[str, Array] | None = None
 ) -> LossFn:
-  """``loss_fn(params, x, key, step) -> (loss, metrics)``: batch means, in nats.
+  """``loss_fn(params, x, key, step) -> (loss, metrics)``: batch means, in nats (for a
+  conditional VAE, ``x`` is ``(x, labels)``).
 
   ``beta`` may be a Python float (a single run) or a traced scalar (one model
   of a sweep). ``step`` (a traced int32 scalar) drives the KL schedules.
@@ -207,6 +210,14 @@ def make_loss_fn(
   """
   config_lib.check_choice("objective", spec.objective)
   config_lib.check_choice("gradient_estimator", spec.gradient_estimator)
+  if model.num_classes:
+    # A conditional VAE: batches are (x, labels); the objective is that of the model
+    # given the batch's labels, a bound on log p(x | y).
+    def conditional_loss_fn(params, inputs, key, step):
+      bound, x = models.bind(model, inputs)
+      return make_loss_fn(bound, spec, beta, hyper)(params, x, key, step)
+
+    return conditional_loss_fn
   hyper = dict(hyper or {})
   # Which form the KL term takes is decided by the config (and what a sweep varies), not
   # by the traced values.

@@ -116,7 +116,8 @@ def make_sweep_step(
     # follow) into the stacked [M, in, out] layout: three transposes of every model's
     # largest weight per step. A copy per model makes every product a batched product
     # over the model axis, with the single run's shapes; the copy is M x 400 KB.
-    batches = jnp.broadcast_to(batch, (keys.beta.shape[0], *batch.shape))
+    num_models = keys.beta.shape[0]
+    batches = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_models, *a.shape)), batch)
     models, metrics = jax.vmap(one_model, in_axes=(0, 0, 0, 0, 0))(
       state.models, batches, keys.eps, keys.beta, keys.hyper
     )

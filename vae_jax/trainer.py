@@ -183,6 +183,9 @@ class Trainer:
     shuffle_key, binarize_key = self.keys[step_lib.KEY_SHUFFLE], self.keys[step_lib.KEY_BINARIZE]
     if splits.train is not None:
       images = jax.device_put(splits.train.images, sharding)
+      labels = None
+      if self.model.num_classes:  # A conditional VAE's batches are (x, labels).
+        labels = jax.device_put(np.asarray(splits.train.labels, np.int32), sharding)
       return input_pipeline.DeviceFeed(
         images=images,
         batch_size=config.batch_size,
@@ -190,6 +193,7 @@ class Trainer:
         binarize_key=binarize_key,
         permutations=input_pipeline.Permutations(shuffle_key, images.shape[0], sharding),
         bits=config.data.bits,
+        labels=labels,
       )
     return input_pipeline.StreamFeed(
       path=splits.stream_file,
@@ -313,17 +317,22 @@ def write_images(
 
   The reconstructions grid alternates rows: a row of test images, then the row of their
   reconstructions. The test images are ``shown`` (the data as they are) where given, else
-  ``test_x`` (as the model reads them).
+  ``test_x`` (as the model reads them). A conditional VAE's prior samples are drawn per
+  class, one column per class (``models.prior_samples``), and its ``test_x`` is
+  ``(x, labels)``.
   """
   if not n:
     return
   samples = _jit_prior_samples(model, params, key, n)
-  writer.write_image(step, "prior_samples", writers.image_grid(np.asarray(samples)))
+  columns = model.num_classes or None
+  writer.write_image(
+    step, "prior_samples", writers.image_grid(np.asarray(samples), columns=columns)
+  )
   columns = max(1, int(np.sqrt(n)))
   count = max(n // 2 // columns, 1) * columns
-  originals = test_x[:count]
+  originals = jax.tree.map(lambda a: a[:count], test_x)
   recs = np.asarray(_jit_reconstructions(model, params, originals))
-  inputs = np.asarray(originals if shown is None else shown[:count])
+  inputs = np.asarray(models.images_of(originals) if shown is None else shown[:count])
   rows = [a[i : i + columns] for i in range(0, count, columns) for a in (inputs, recs)]
   grid = writers.image_grid(np.concatenate(rows), columns=columns)
   writer.write_image(step, "reconstructions", grid)
