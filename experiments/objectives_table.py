@@ -10,7 +10,8 @@ evaluates it with ``--mode=evaluate`` (importance-sampled log-likelihood with
 ``--eval_num_samples``, the five disentanglement metrics), and writes
 ``--out_dir/table.json`` and ``table.md``. Each model's workdir is kept under
 ``--work_dir``: run the command again to resume an interrupted model (finished ones and
-their evaluations are kept).
+their evaluations are kept). ``--table_only`` writes ``table.md`` again from
+``table.json``.
 """
 
 import json
@@ -35,7 +36,10 @@ flags.DEFINE_list(
   "objective=value: the model of each objective's grid to train.",
 )
 flags.DEFINE_list("extra", [], "More overrides for every run, e.g. config.num_epochs=2.")
-flags.mark_flags_as_required(["work_dir", "out_dir"])
+flags.DEFINE_bool(
+  "table_only", False, "Only write table.md again from --out_dir/table.json; train nothing."
+)
+flags.mark_flags_as_required(["out_dir"])
 
 # objective -> (its argument of configs/dsprites_sweep.py, the swept field's override).
 _ARGS = {
@@ -55,9 +59,33 @@ def _run(args: list[str]) -> None:
     raise SystemExit(f"vae_jax.main {' '.join(args)} exited with {done.returncode}.")
 
 
+def write_table(rows: dict[str, dict], out_dir: pathlib.Path) -> None:
+  """``out_dir/table.md``: one row per objective, from ``table.json``'s rows."""
+  header = (
+    "| objective | model | test ELBO | log p(x) (IS, K) | rate | distortion | active | "
+    + " | ".join(METRICS)
+  )
+  lines = [header + " |", "|---" + "|---:" * (6 + len(METRICS)) + "|"]
+  for name, r in rows.items():
+    scores = " | ".join(f"{r[m]:.3f}" for m in METRICS)
+    lines.append(
+      f"| {name} | {r['model']} | {r['test_elbo']:.1f} | "
+      f"{r['log_likelihood_nats']:.1f} (K={r['num_importance_samples']}) | {r['rate']:.1f} | "
+      f"{r['distortion']:.1f} | {r['active_units']} | {scores} |"
+    )
+  files.atomic_write(out_dir / "table.md", "\n".join(lines) + "\n")
+
+
 def main(argv):
   del argv
-  work, out_dir = files.expand(FLAGS.work_dir), files.expand(FLAGS.out_dir)
+  out_dir = files.expand(FLAGS.out_dir)
+  if FLAGS.table_only:
+    write_table(json.loads((out_dir / "table.json").read_text()), out_dir)
+    print(f"Wrote {out_dir / 'table.md'}")
+    return
+  if FLAGS.work_dir is None:
+    raise app.UsageError("--work_dir is required to train (or pass --table_only).")
+  work = files.expand(FLAGS.work_dir)
   rows = {}
   for item in FLAGS.values:
     objective, value = item.split("=")
@@ -98,15 +126,7 @@ def main(argv):
     print(json.dumps({objective: rows[objective]}, indent=1), flush=True)
   out_dir.mkdir(parents=True, exist_ok=True)
   files.atomic_write(out_dir / "table.json", json.dumps(rows, indent=1) + "\n")
-  header = "| objective | model | test ELBO | rate | distortion | active | " + " | ".join(METRICS)
-  lines = [header + " |", "|---" + "|---:" * (5 + len(METRICS)) + "|"]
-  for name, r in rows.items():
-    scores = " | ".join(f"{r[m]:.3f}" for m in METRICS)
-    lines.append(
-      f"| {name} | {r['model']} | {r['test_elbo']:.1f} | {r['rate']:.1f} | "
-      f"{r['distortion']:.1f} | {r['active_units']} | {scores} |"
-    )
-  files.atomic_write(out_dir / "table.md", "\n".join(lines) + "\n")
+  write_table(rows, out_dir)
   print(f"Wrote {out_dir}")
 
 
