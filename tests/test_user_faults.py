@@ -200,6 +200,40 @@ def test_a_start_logs_what_a_reader_needs(tmp_path):
   assert "Preparing mnist from" in out
 
 
+# A failure inside vae_jax's own code (patched in, as a shape check or assertion would
+# raise it from the run) must keep its traceback; a UserError raised from the very same
+# frame is one line. The class decides, not the file the last frame is in.
+_RAISE_FROM_RUN = """
+import sys
+from absl import app
+from vae_jax import errors, main, models
+exc = {"user": errors.UserError, "bug": AssertionError}[sys.argv.pop(1)]
+def make_model(config, event_shape):  # Stands in for models.make_model failing inside.
+  raise exc("the message of a failure inside make_model")
+models.make_model = make_model
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+@pytest.mark.parametrize("kind", ["user", "bug"])
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(kind, tfds_dir, tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-c", _RAISE_FROM_RUN, kind, "--config=configs/mnist.py:smoke"]
+    + [f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tfds_dir}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=process_env(),
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "the message of a failure inside make_model" in result.stderr
+  if kind == "bug":
+    assert "Traceback" in result.stderr and "AssertionError" in result.stderr
+  else:
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------
 # 5. Paths.
 
