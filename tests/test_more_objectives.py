@@ -232,20 +232,31 @@ def test_factor_vae_resumes_bit_exactly_with_its_discriminator(smoke_config, tmp
   chex.assert_trees_all_equal(resumed.opt_state, straight.opt_state)
 
 
+def _assert_each_model_is_its_single_run(config, state, tmp_path):
+  """Model i of the sweep ``state`` (over ``config.sweep.field``) equals the single run of
+  ``config`` with that field at its i-th value."""
+  field = config.sweep.field
+  for i, value in enumerate(config.sweep.field_values):
+    single = config.copy_and_resolve_references()
+    single.sweep.field, single.sweep.field_values = None, ()
+    *parents, leaf = field.split(".")
+    section = single
+    for name in parents:
+      section = section[name]
+    section[leaf] = value
+    one = train.train_and_evaluate(single, tmp_path / f"single_{i}")
+    chex.assert_trees_all_close(
+      sweep.model_state(state, i).params, one.params, rtol=1e-5, atol=1e-6
+    )
+
+
 def test_a_sweep_over_gamma_is_the_separate_runs(smoke_config, tmp_path):
   """Model i of a sweep over factor_vae.gamma equals the single run with that gamma."""
   config = _factor_config(smoke_config)
   config.num_epochs = 1
   config.sweep.field, config.sweep.field_values = "factor_vae.gamma", (5.0, 40.0)
   state = sweep.train_sweep(config, tmp_path / "sweep")
-  for i, gamma in enumerate((5.0, 40.0)):
-    single = config.copy_and_resolve_references()
-    single.sweep.field, single.sweep.field_values = None, ()
-    single.factor_vae.gamma = gamma
-    one = train.train_and_evaluate(single, tmp_path / f"gamma_{gamma:g}")
-    chex.assert_trees_all_close(
-      sweep.model_state(state, i).params, one.params, rtol=1e-5, atol=1e-6
-    )
+  _assert_each_model_is_its_single_run(config, state, tmp_path)
   d = state.models.params["discriminator"]
   assert not np.allclose(jax.tree.leaves(d)[0][0], jax.tree.leaves(d)[0][1])
   assert (tmp_path / "sweep/models/gamma_40_seed_0/metrics.jsonl").is_file()
@@ -260,14 +271,7 @@ def test_a_sweep_over_the_learning_rate_is_the_separate_runs(smoke_config, tmp_p
   rates = (3e-4, 3e-3)
   config.sweep.field, config.sweep.field_values = "optimizer.learning_rate", rates
   state = sweep.train_sweep(config, tmp_path / "sweep")
-  for i, rate in enumerate(rates):
-    single = config.copy_and_resolve_references()
-    single.sweep.field, single.sweep.field_values = None, ()
-    single.optimizer.learning_rate = rate
-    one = train.train_and_evaluate(single, tmp_path / f"lr_{rate:g}")
-    chex.assert_trees_all_close(
-      sweep.model_state(state, i).params, one.params, rtol=1e-5, atol=1e-6
-    )
+  _assert_each_model_is_its_single_run(config, state, tmp_path)
   names = sorted(p.name for p in (tmp_path / "sweep/models").iterdir())
   assert names == ["learning_rate_0.0003_seed_0", "learning_rate_0.003_seed_0"]
 
