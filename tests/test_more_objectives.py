@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from vae_jax import config as config_lib
-from vae_jax import losses, objectives, sweep, train, trainer
+from vae_jax import evaluate, losses, models, objectives, sweep, train, trainer
 from vae_jax import step as step_lib
 
 
@@ -292,7 +292,8 @@ def test_other_sweep_fields_train_their_models_apart(objective, field, smoke_con
 @pytest.mark.parametrize(
   "field, objective, message",
   [
-    ("model.latents", "elbo", r"changes the shapes of the parameters.*own --workdir"),
+    ("model.latents", "elbo", r"may change the shapes of the parameters.*own --workdir"),
+    ("optimizer.weight_decay", "elbo", r"not traced into the train step.*own --workdir"),
     ("model.latentz", "elbo", "no such config field"),
     ("factor_vae.gamma", "elbo", r"read by objective factor_vae, not by config.objective='elbo'"),
   ],
@@ -303,3 +304,81 @@ def test_a_field_that_cannot_be_swept_is_one_clear_error(field, objective, messa
   config.sweep.field, config.sweep.field_values = field, (2.0, 10.0)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config)
+
+
+# Every model of a sweep is a single run the rules between fields allow: a sweep that
+# would silently drop a setting, or train identical models, is refused like that run.
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    (  # Capacity would win over free bits: every model the same.
+      {"sweep.field": "free_bits", "sweep.field_values": (0.5, 1.0), "capacity_nats": 5.0},
+      r"model with free_bits=0.5 would be refused as a single run: config.capacity_nats",
+    ),
+    (  # The warm-up would be dropped for the capacity objective.
+      {"sweep.field": "capacity_nats", "sweep.field_values": (5.0, 25.0), "kl_warmup_epochs": 1.0},
+      r"capacity_nats=5 would be refused.*kl_warmup_epochs=0",
+    ),
+    (  # A value of 0 still builds the capacity objective, without the warm-up.
+      {"sweep.field": "capacity_nats", "sweep.field_values": (0.0,), "kl_warmup_epochs": 1.0},
+      r"builds that shaping of the KL term for every model",
+    ),
+    (  # The VampPrior has no KL per dimension (it crashed in the loss before).
+      {"sweep.field": "free_bits", "sweep.field_values": (0.5, 1.0), "model.prior": "vampprior"},
+      r"free_bits=0.5 would be refused.*VampPrior",
+    ),
+    (  # The importance-weighted bounds have no KL weight: identical models.
+      {"objective": "miwae", "sweep.betas": (1.0, 4.0)},
+      r"beta=4 would be refused.*'miwae' is an importance-weighted bound",
+    ),
+    (
+      {"objective": "iwae", "sweep.field": "beta", "sweep.field_values": (1.0, 4.0)},
+      r"beta=4 would be refused.*'iwae' is an importance-weighted bound",
+    ),
+    (  # A field without values took the betas as its values.
+      {"objective": "factor_vae", "sweep.field": "factor_vae.gamma", "sweep.betas": (1.0, 4.0)},
+      r"sweep.field='factor_vae.gamma' has no values: give them in sweep.field_values",
+    ),
+    (  # Values without a field became a beta sweep.
+      {"sweep.field_values": (1.0, 4.0)},
+      r"sweep.field_values is set but config.sweep.field is not",
+    ),
+  ],
+)
+def test_a_sweep_whose_models_a_single_run_would_refuse_is_refused(changes, message):
+  config = config_lib.base_config()
+  for path, value in changes.items():
+    *parents, leaf = path.split(".")
+    section = config
+    for name in parents:
+      section = section[name]
+    section[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("objective", ["ciwae", "piwae"])
+def test_a_kl_weight_on_an_importance_weighted_bound_is_refused(objective):
+  config = config_lib.base_config()
+  config.objective, config.beta = objective, 4.0
+  with pytest.raises(config_lib.ConfigError, match="importance-weighted bound"):
+    config_lib.validate(config)
+
+
+def test_factor_vae_reads_one_sample_per_example():
+  config = config_lib.base_config()
+  config.objective, config.num_samples = "factor_vae", 5
+  with pytest.raises(config_lib.ConfigError, match="one posterior sample per example"):
+    config_lib.validate(config)
+
+
+def test_a_model_of_a_sweep_over_gamma_is_named_by_its_gamma(smoke_config):
+  """Titles, log lines and the evaluation JSON name the swept value, not beta=1."""
+  config = _factor_config(smoke_config)
+  config.sweep.field, config.sweep.field_values = "factor_vae.gamma", (5.0, 40.0)
+  names = [m.name for m in config_lib.sweep_models(config)]
+  assert config_lib.swept_value(config, names[1]) == ("factor_vae.gamma", 40.0)
+  assert config_lib.swept_value(config, "") is None
+  model = models.make_model(config, (28, 28, 1))
+  title = evaluate.model_title(config, model, 1.0, False, 0, ("factor_vae.gamma", 40.0))
+  assert title.startswith("FactorVAE (gamma=40, seed=0, ") and "beta" not in title

@@ -215,7 +215,7 @@ def test_kl_warmup_and_capacity_are_the_single_runs_step_with_each_models_beta()
   schedule), vmapped with each model's beta: warm-up and capacity over steps included."""
   model, optimizer, state, batch = _tiny_model_and_state()
   betas, eps = jnp.array([1.0, 4.0]), jax.random.split(jax.random.key(2), 2)
-  keys = sweep.SweepKeys(eps, betas)
+  keys = sweep.SweepKeys(eps, betas, {})
   specs = {
     "warmup": objectives.Spec(warmup_steps=4),
     "capacity": objectives.Spec(capacity_nats=3.0, capacity_steps=6),

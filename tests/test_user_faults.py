@@ -295,7 +295,8 @@ def test_models_of_one_beta_with_two_seeds_are_told_apart(tfds_dir, tmp_path):
   (line,) = [x for x in run.log if "test ELBO (nats) per model" in x]
   assert "beta_1_seed_0" in line and "beta_1_seed_1" in line
   config = type("C", (), {"objective": "elbo"})
-  model = type("M", (), {"latents": 2, "likelihood": type("L", (), {"name": "bernoulli"})})
+  likelihood = type("L", (), {"name": "bernoulli"})
+  model = type("M", (), {"latents": 2, "likelihood": likelihood, "num_classes": 0})
   titles = {evaluate.model_title(config, model, 1.0, False, seed) for seed in (0, 1)}
   assert titles == {
     "VAE (beta=1, seed=0, 2 latents, bernoulli)",

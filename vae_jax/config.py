@@ -88,6 +88,9 @@ AUXILIARY_OBJECTIVES = ("factor_vae",)
 # The fields a sweep may vary across the models of one compiled program (sweep.field; the
 # default axis, beta, is sweep.betas): scalars the loss reads, traced per model. Fields
 # that change the shapes of the parameters (model.latents) need one run each.
+# The bounds of importance weights (Burda et al. 2016; Rainforth et al. 2018): no KL weight.
+IMPORTANCE_WEIGHTED_OBJECTIVES = ("iwae", "miwae", "ciwae", "piwae")
+
 SWEEP_FIELDS = (
   "beta",
   "free_bits",
@@ -614,10 +617,17 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
   """Rules between fields: each written once, here."""
   c, m = config, config.model
   elbo = c.objective == "elbo"
-  if c.objective == "iwae" and (c.beta != 1.0 or any(b != 1.0 for b in c.sweep.betas)):
+  if c.objective in IMPORTANCE_WEIGHTED_OBJECTIVES and c.beta != 1.0:
     raise ConfigError(
-      f"config.beta={c.beta} (or config.sweep.betas), but the IWAE bound has no KL weight; "
-      "use beta=1, or objective='elbo' to sweep beta."
+      f"config.beta={c.beta} (or a value of a sweep over beta), but objective="
+      f"{c.objective!r} is an importance-weighted bound, which has no KL weight; use beta=1, "
+      "or objective='elbo' to sweep beta."
+    )
+  if c.objective in ("factor_vae", "dip_vae_i", "dip_vae_ii") and c.num_samples != 1:
+    raise ConfigError(
+      f"config.objective={c.objective!r} is trained on one posterior sample per example (as "
+      f"its paper and disentanglement_lib do); config.num_samples={c.num_samples} would be "
+      "ignored: set num_samples=1."
     )
   if c.objective == "beta_tcvae" and not (
     m.stochastic_layers == 1 and m.prior == "standard" and c.num_samples == 1
@@ -708,7 +718,8 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
   if field not in SWEEP_FIELDS:
     known = set(flat(base_config()))
     why = (
-      "it changes the shapes of the parameters (or what is built), so each value needs its "
+      "it is read when the program is built (it may change the shapes of the parameters, or "
+      "what is compiled), not traced into the train step as a number, so each value needs its "
       f"own run: give each its own --workdir and --config.{field}=<value>"
       if field in known
       else "no such config field"
@@ -716,6 +727,18 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.sweep.field={field!r} cannot be an axis of one compiled sweep: {why}. The "
       f"fields a sweep can vary: {', '.join(SWEEP_FIELDS)}."
+    )
+  if config.sweep.field and not config.sweep.field_values:
+    raise ConfigError(
+      f"config.sweep.field={config.sweep.field!r} has no values: give them in "
+      "sweep.field_values (sweep.betas holds the values of beta only), e.g. "
+      "--config.sweep.field_values='(10.0, 20.0)'."
+    )
+  if config.sweep.field_values and not config.sweep.field:
+    raise ConfigError(
+      "config.sweep.field_values is set but config.sweep.field is not: name the field the "
+      "values are for (e.g. --config.sweep.field=factor_vae.gamma), or give betas in "
+      "sweep.betas."
     )
   if config.sweep.betas and config.sweep.field_values:
     raise ConfigError(
@@ -745,12 +768,60 @@ def _check_sweep(config: ml_collections.ConfigDict) -> None:
         f"config.sweep: {field}={v!r} is out of range: every value of {field} must be "
         f"{_range_text(field)}."
       )
+  _check_each_model(config, field, values)
   names = [m.name for m in sweep_models(config)]
   if len(set(names)) != len(names):
     raise ConfigError(
       f"config.sweep has repeated (value, seed) pairs: {names} (values equal to 6 "
       "significant digits name one model); make them unique."
     )
+
+
+def single_run_config(
+  config: ml_collections.ConfigDict, field: str, value: float
+) -> ml_collections.ConfigDict:
+  """The config of the single run that a sweep's model with ``field = value`` is: a copy of
+  ``config`` with that value and no sweep."""
+  single = config.copy_and_resolve_references()
+  single.sweep.betas, single.sweep.field, single.sweep.field_values = (), None, ()
+  *parents, leaf = field.split(".")
+  section = single
+  for name in parents:
+    section = section[name]
+  section[leaf] = value
+  return single
+
+
+def _check_each_model(
+  config: ml_collections.ConfigDict, field: str, values: tuple[float, ...]
+) -> None:
+  """The rules between fields, for every model of a sweep: each must be a single run they
+  allow. A sweep over ``free_bits`` or ``capacity_nats`` builds that shaping of the KL for
+  every model, so the rules are checked with it on as well."""
+  for value in dict.fromkeys(values):
+    try:
+      _check_rules(single_run_config(config, field, value))
+    except ConfigError as e:
+      raise ConfigError(
+        f"config.sweep: the model with {field}={value:g} would be refused as a single run: {e}"
+      ) from None
+  if field in ("free_bits", "capacity_nats"):
+    try:
+      _check_rules(single_run_config(config, field, 1.0))
+    except ConfigError as e:
+      raise ConfigError(
+        f"config.sweep: a sweep over {field} builds that shaping of the KL term for every "
+        f"model (a value of 0 included): {e}"
+      ) from None
+
+
+def swept_value(config: ml_collections.ConfigDict, name: str) -> tuple[str, float] | None:
+  """``(field, value)`` of the sweep model ``name``, for a sweep over a field other than
+  beta; ``None`` for a single run (``name=""``) or a beta sweep."""
+  if not name or sweep_field(config) == "beta":
+    return None
+  model = {m.name: m for m in sweep_models(config)}[name]
+  return model.field, model.value
 
 
 def sweep_field(config: ml_collections.ConfigDict) -> str:

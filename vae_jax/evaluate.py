@@ -203,13 +203,23 @@ def model_title(
   beta: float,
   deterministic: bool,
   seed: int | None = None,
+  swept: tuple[str, float] | None = None,
 ) -> str:
   """What a figure's title calls the model: ``"VAE (beta=4, 10 latents, bernoulli)"``,
   with ``seed=1`` after the beta for a model of a sweep (two seeds of one beta are two
-  models)."""
-  seeded = f", seed={seed}" if seed is not None else ""
+  models), and the swept field's value first for a sweep over another field
+  (``swept=("factor_vae.gamma", 30.0)``: ``"FactorVAE (gamma=30, seed=0, ...)"``)."""
+  settings = []
+  if swept is not None:
+    field, value = swept
+    settings.append(f"{field.rsplit('.', 1)[-1]}={value:g}")
+  if not deterministic and (swept is None or beta != 1.0):
+    settings.append(f"beta={beta:g}")
+  if seed is not None:
+    settings.append(f"seed={seed}")
+  described = [f"{model.latents} latents", model.likelihood.name]
   if deterministic:
-    return f"AE ({model.latents} latents, {model.likelihood.name}{seeded})"
+    return f"AE ({', '.join(described + settings)})"
   name = {
     "iwae": "IWAE", "miwae": "MIWAE", "ciwae": "CIWAE", "piwae": "PIWAE",
     "beta_tcvae": "beta-TCVAE", "factor_vae": "FactorVAE",
@@ -217,7 +227,7 @@ def model_title(
   }.get(config.objective, "VAE")  # fmt: skip
   if model.num_classes:
     name = f"conditional {name}"
-  return f"{name} (beta={beta:g}{seeded}, {model.latents} latents, {model.likelihood.name})"
+  return f"{name} ({', '.join(settings + described)})"
 
 
 def traversal_rows(
@@ -269,6 +279,7 @@ def write_pictures(
   sample_key: Array,
   beta: float | None = None,
   seed: int | None = None,
+  swept: tuple[str, float] | None = None,
 ) -> tuple[list[pathlib.Path], dict[str, str]]:
   """Writes the evaluation's image grids and figures; returns their paths and what was
   skipped, with why.
@@ -276,7 +287,8 @@ def write_pictures(
   ``test_x`` is the test split as the model reads it (binarized once, for a binarized
   run); ``test_images`` its first images as data, levels scaled to [0, 1], which the
   reconstruction figure shows. ``beta``: the model's (default ``config.beta``); ``seed``:
-  a sweep model's seed, named in the titles.
+  a sweep model's seed, and ``swept``: the ``(field, value)`` of a sweep over another
+  field, named in the titles.
   """
   conditional = bool(model.num_classes)
   if conditional:  # (x, labels): the pictures decode with the label of test image 0.
@@ -287,7 +299,7 @@ def write_pictures(
   paths, skipped = [], {}
   model_name = "AE" if deterministic else "VAE"
   beta = config.beta if beta is None else beta
-  long_name = model_title(config, model, beta, deterministic, seed)
+  long_name = model_title(config, model, beta, deterministic, seed, swept)
   figure_dir = out_dir / "figures"
 
   def figure(name: str, fig) -> None:
@@ -587,6 +599,9 @@ def evaluate_target(
   }
   if target.name:
     header.update(model=target.name, beta=target.beta, seed=target.seed)
+    swept = config_lib.swept_value(config, target.name)
+    if swept is not None:
+      header.update(swept_field=swept[0], swept_value=swept[1])
   results = {**header, **results}
   t = time.perf_counter()
   pca, results["pca"] = _pca_results(config, model, data["train_x"], data["test_x"], results)
@@ -618,6 +633,7 @@ def evaluate_target(
       sample_key=keys[step_lib.KEY_SAMPLES],
       beta=target.beta,
       seed=target.seed if target.name else None,
+      swept=config_lib.swept_value(config, target.name),
     )
   finally:
     writer.close()

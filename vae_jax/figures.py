@@ -709,8 +709,7 @@ def metric_vs_beta_figure(
     title: above the panels.
     ncols: panels per row.
     panel_inches: width of each panel.
-
-  axis_label: the x axis's name (the swept field, beta by default).
+    axis_label: the x axis's name (the swept field, beta by default).
 
   Returns:
     A figure with one axes per metric (titled by its name, in the order of

@@ -8,8 +8,8 @@ Design, in short:
 
 * The per-model step is the single run's, unchanged: ``step.make_train_step``
   of ``objectives.make_loss_fn(model, spec, beta, hyper)`` with ``beta`` (or the
-  swept field's value in ``hyper``; a learning rate through
-  ``optax.inject_hyperparameters``) a traced scalar, mapped over the model axis by
+  swept field's value in ``hyper``; a learning rate by building the optimizer with
+  it, ``trainer.Trainer.optimizer_for``) a traced scalar, mapped over the model axis by
   ``jax.vmap``. Parameters,
   optimizer states and step counters are stacked along a leading model axis:
   ``SweepState(step, models)`` where ``models`` is a ``step.TrainState``
@@ -78,7 +78,7 @@ class SweepKeys(NamedTuple):
   beta: Array  # [M] float32.
   # The swept field's values when it is not beta: {objectives.Spec field: [M] float32}, or
   # {trainer.LEARNING_RATE: [M] float32} for a sweep over the learning rate.
-  hyper: dict[str, Array] = {}
+  hyper: dict[str, Array]
 
 
 def make_sweep_step(

@@ -391,7 +391,9 @@ class Program:
     if not self.stacked:
       return ""
     m = self.models[i]
-    return f" in model {m.name} (beta={m.beta:g}, seed={m.seed})"
+    swept = config_lib.swept_value(self.config, m.name)
+    value = f"beta={m.beta:g}" if swept is None else f"{swept[0]}={swept[1]:g}"
+    return f" in model {m.name} ({value}, seed={m.seed})"
 
   def bits_per_dim(self, elbo: float) -> float | None:
     """``-elbo`` (nats per example) in bits per dimension, where the likelihood makes it
