@@ -230,8 +230,11 @@ def _run(cmd: list[str], log_path: str) -> tuple[float, float]:
   return wall, peak
 
 
-def end_to_end_pairs(config_arg: str, overrides: list[str], epochs: int, pairs: int) -> dict:
-  """The project's command and the anchor, alternately, ``pairs`` times (see the docstring)."""
+def end_to_end_pairs(
+  config_arg: str, overrides: list[str], epochs: int, pairs: int, batch_size: int = 128
+) -> dict:
+  """The project's command and the anchor, alternately, ``pairs`` times (see the docstring).
+  The anchor runs at the config's ``batch_size`` (its own is the Flax example's 128)."""
   scratch = pathlib.Path(tempfile.mkdtemp(prefix="vae_jax_bench_"))
   project = [
     sys.executable, "-m", "vae_jax.main", f"--config={config_arg}",
@@ -242,6 +245,7 @@ def end_to_end_pairs(config_arg: str, overrides: list[str], epochs: int, pairs: 
     str(files.expand(FLAGS.anchor)),
     str(files.expand(FLAGS.anchor_idx_dir)),
     str(epochs),
+    *([str(batch_size)] if batch_size != 128 else []),
   ]
   runs = []
   for i in range(pairs):
@@ -351,7 +355,7 @@ def main(argv):
   }
   if FLAGS.end_to_end_epochs:
     results["end_to_end"] = end_to_end_pairs(
-      config_arg, overrides, FLAGS.end_to_end_epochs, FLAGS.pairs
+      config_arg, overrides, FLAGS.end_to_end_epochs, FLAGS.pairs, config.batch_size
     )
   out = files.expand(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)

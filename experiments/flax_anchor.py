@@ -1,7 +1,7 @@
 """The anchor of the speed comparisons: the VAE a user writes in an afternoon from the Flax
 example (google/flax, examples/vae), with its train step under ``jax.jit``.
 
-  python experiments/flax_anchor.py IDX_DIR [EPOCHS]
+  python experiments/flax_anchor.py IDX_DIR [EPOCHS [BATCH]]
 
 The example's recipe, written here from its public description (read, not copied): an MLP
 encoder 784-500-(20, 20) and decoder 20-500-784 with ReLU, one reparameterized sample
@@ -12,7 +12,8 @@ and handed to the step one at a time; the test ELBO over the whole test split is
 computed after each epoch. The data are the four IDX files of MNIST or Fashion-MNIST in
 ``IDX_DIR``, binarized by thresholding at 0.5 (train and test). The example as published
 runs its step eagerly, about ten times slower; only the ``jax.jit`` is added. Prints the
-final test negative ELBO in nats.
+final test negative ELBO in nats. ``BATCH`` (default 128, the example's) is for timing the
+same loop at other batch sizes (``experiments/accelerator_suite.py`` fills a GPU with 4096).
 
 It imports nothing of vae_jax: ``experiments/benchmark.py`` runs it beside the project's
 command, as whole processes, and reports the ratio of their wall times.
@@ -72,7 +73,7 @@ def train_step(params, opt_state, x, key):
 evaluate = jax.jit(negative_elbo)
 
 
-def main(idx_dir: str, epochs: int) -> float:
+def main(idx_dir: str, epochs: int, batch: int = BATCH) -> float:
   train = (read_images(pathlib.Path(idx_dir) / "train-images-idx3-ubyte.gz") > 0.5).astype(
     np.float32
   )
@@ -80,23 +81,27 @@ def main(idx_dir: str, epochs: int) -> float:
     (read_images(pathlib.Path(idx_dir) / "t10k-images-idx3-ubyte.gz") > 0.5).astype(np.float32)
   )
   key, init_key = jax.random.split(jax.random.key(0))
-  params = VAE().init(init_key, jnp.zeros((BATCH, PIXELS)), key)["params"]
+  params = VAE().init(init_key, jnp.zeros((batch, PIXELS)), key)["params"]
   opt_state = optimizer.init(params)
   order = np.random.default_rng(0)
   loss = float("nan")
   for _ in range(epochs):
     shuffled = order.permutation(len(train))
-    for start in range(0, len(train) - BATCH + 1, BATCH):
+    for start in range(0, len(train) - batch + 1, batch):
       key, step_key = jax.random.split(key)
-      batch = train[shuffled[start : start + BATCH]]
-      params, opt_state = train_step(params, opt_state, batch, step_key)
+      x = train[shuffled[start : start + batch]]
+      params, opt_state = train_step(params, opt_state, x, step_key)
     key, eval_key = jax.random.split(key)
     loss = float(evaluate(params, test, eval_key))
   return loss
 
 
 if __name__ == "__main__":
-  if len(sys.argv) not in (2, 3):
+  if len(sys.argv) not in (2, 3, 4):
     sys.exit(__doc__.split("\n\n")[1])
-  neg_elbo = main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 10)
+  neg_elbo = main(
+    sys.argv[1],
+    int(sys.argv[2]) if len(sys.argv) > 2 else 10,
+    int(sys.argv[3]) if len(sys.argv) > 3 else BATCH,
+  )
   print(f"final test neg-ELBO {neg_elbo:.2f}")

@@ -86,3 +86,25 @@ def test_benchmark_script_writes_its_json(tfds_dir, tmp_path):
   assert breakdown["total"] == pytest.approx(
     sum(v for k, v in breakdown.items() if k != "total"), rel=1e-6
   )
+
+
+def test_sweep_benchmark_betas_are_distinct_for_any_number_of_models():
+  """Log-spaced from 0.25 to 64 (2**k / 4 overflowed past a few dozen models); a range too
+  narrow for distinct model names is an error, not a silent collision."""
+  code = """
+import sweep_benchmark as s
+betas = s.log_spaced_betas(128, 0.25, 64.0)
+assert len(set(betas)) == 128 and betas[0] == 0.25 and abs(betas[-1] - 64) < 1e-9, betas
+assert sorted(betas) == list(betas)
+assert s.log_spaced_betas(1, 0.25, 64.0) == (0.25,)
+try:
+  s.log_spaced_betas(1000, 1.0, 1.0001)
+except ValueError as e:
+  print("refused:", e)
+"""
+  env = process_env(PYTHONPATH=str(REPO / "experiments"))
+  result = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "refused: 1000 log-spaced betas" in result.stdout

@@ -86,6 +86,7 @@ SKIPPED = {
   ".": "activates the virtual environment (a shell builtin)",
   "source": "activates the virtual environment (a shell builtin)",
   "sudo": "installs a system package (apt-get), which needs root",
+  "bash": "runs a shell script: experiments/accelerator_wheels.sh downloads wheels from PyPI",
   "apt-get": "installs a system package, which needs root",
   "tensorboard": "a viewer for the event files, not part of this project",
   "export": "sets an environment variable for the commands that follow",
@@ -238,7 +239,13 @@ def test_experiment_command_resolves(tokens):
     assert "config" in defined, f"{tokens[1]} has no --config flag"
   if spec is not None:
     config_lib.validate(_load_config(spec, overrides))
-  given = {_flag_name_value(a)[0] for a in others} | ({"config"} if spec else set())
+  booleans = set(re.findall(r"DEFINE_bool\(\s*\"(\w+)\"", source))
+
+  def name(arg: str) -> str:  # --noflag: the boolean flag set to False.
+    n, value = _flag_name_value(arg)
+    return n[2:] if value is None and n.startswith("no") and n[2:] in booleans else n
+
+  given = {name(a) for a in others} | ({"config"} if spec else set())
   assert given - defined == set(), f"{tokens[1]} defines no flag {sorted(given - defined)}"
   assert required <= given, f"{tokens[1]} requires {sorted(required - given)}"
 
