@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import runpy
+import signal
 import sys
 import threading
 import time
@@ -51,6 +52,10 @@ class _Hold(logging.Handler):
 
 
 def main() -> None:
+  # Ctrl-C as in an interactive terminal, whatever the test runner inherited: a process
+  # started in the background by a non-interactive shell (`pytest ... &`) ignores SIGINT,
+  # and so would this run, which a test of Ctrl-C would then never interrupt.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   pattern = os.environ.get("VAE_JAX_TEST_HOLD")
   if pattern:
     gate = pathlib.Path(os.environ["VAE_JAX_TEST_GATE"])

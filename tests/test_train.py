@@ -334,7 +334,7 @@ def test_iwae_trains_and_rejects_beta():
   assert float(m["loss"]) < first
   config = config_lib.base_config()
   config.objective, config.beta = "iwae", 4.0
-  with pytest.raises(ValueError, match="IWAE bound has no KL weight"):
+  with pytest.raises(ValueError, match="importance-weighted bound, which has no KL weight"):
     config_lib.validate(config)
 
 
