@@ -72,7 +72,7 @@ import traceback
 
 from absl import app, flags, logging
 
-from vae_jax import dsprites, files, locks
+from vae_jax import dsprites, files, locks, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "mnist_tiny"
@@ -496,16 +496,8 @@ def sweep_summary(results: dict) -> dict:
 
 
 def _metrics(workdir: pathlib.Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
-  if not path.is_file():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    try:
-      rows.append(json.loads(line))
-    except ValueError:
-      pass  # A torn last line.
-  return rows
+  """The rows of ``workdir``'s ``metrics.jsonl`` (none without one; a torn line dropped)."""
+  return writers.read_metrics(workdir / "metrics.jsonl")
 
 
 def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
